@@ -1,0 +1,206 @@
+"""The HF <-> Megatron mapping: one table per architecture, and the transforms it names.
+
+This is the only place the mapping lives. The offline converter, the in-memory loader and
+the live resharder all go through `rules_for(spec)` and the two transform functions:
+
+- `hf_to_mcore(rule, hf_tensors, spec, tp_rank, tp_size)`: the Megatron shard this TP rank
+  holds, from the full HF tensors the rule names.
+- `mcore_to_hf(rule, shards, spec)`: the full HF tensors, from every TP rank's shard (in TP
+  rank order).
+
+Transforms (`Rule.kind`):
+- `repl`:   same tensor on every TP rank (norms, row-parallel biases, position embeddings).
+- `col`:    column-parallel, split on dim 0.
+- `row`:    row-parallel, split on dim 1.
+- `vocab`:  vocab-parallel embedding / output layer: rows padded with zeros to
+            `spec.padded_vocab_size`, then split on dim 0; the padding is dropped on export.
+- `qkv`:    q, k, v fused as Megatron does, per query group: [q_g (heads/groups rows of
+            head_dim); k_g; v_g] for each group g, then split on dim 0 (whole groups per rank).
+- `gate_up`: gate and up projections fused per TP rank: rank r holds [gate_r; up_r].
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from mcore_rl.models.arch import ArchSpec
+
+LAYER = "{i}"
+
+
+@dataclass(frozen=True)
+class Rule:
+    mcore: str                 # Megatron (local spec) name; "{i}" is the global layer index
+    hf: tuple[str, ...]        # HF names, in the order the transform takes them
+    kind: str                  # repl | col | row | vocab | qkv | gate_up
+    te_mcore: str | None = None  # the name under the TransformerEngine spec, where different
+
+    @property
+    def per_layer(self) -> bool:
+        return LAYER in self.mcore
+
+    def mcore_name(self, layer: int | None = None, te: bool = False) -> str:
+        name = (self.te_mcore if te and self.te_mcore else self.mcore)
+        return name.replace(LAYER, str(layer)) if layer is not None else name
+
+    def hf_names(self, layer: int | None = None) -> list[str]:
+        return [n.replace(LAYER, str(layer)) if layer is not None else n for n in self.hf]
+
+
+def _llama_like(spec: ArchSpec) -> list[Rule]:
+    a, m = "decoder.layers.{i}.self_attention", "decoder.layers.{i}.mlp"
+    h = "model.layers.{i}"
+    rules = [
+        Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab"),
+        Rule("decoder.layers.{i}.input_layernorm.weight", (f"{h}.input_layernorm.weight",), "repl",
+             te_mcore=f"{a}.linear_qkv.layer_norm_weight"),
+        Rule(f"{a}.linear_qkv.weight", tuple(f"{h}.self_attn.{p}_proj.weight" for p in "qkv"), "qkv"),
+        Rule(f"{a}.linear_proj.weight", (f"{h}.self_attn.o_proj.weight",), "row"),
+        Rule("decoder.layers.{i}.pre_mlp_layernorm.weight", (f"{h}.post_attention_layernorm.weight",), "repl",
+             te_mcore=f"{m}.linear_fc1.layer_norm_weight"),
+        Rule(f"{m}.linear_fc1.weight", (f"{h}.mlp.gate_proj.weight", f"{h}.mlp.up_proj.weight"), "gate_up"),
+        Rule(f"{m}.linear_fc2.weight", (f"{h}.mlp.down_proj.weight",), "row"),
+        Rule("decoder.final_layernorm.weight", ("model.norm.weight",), "repl"),
+    ]
+    if spec.qkv_bias:
+        rules.append(Rule(f"{a}.linear_qkv.bias", tuple(f"{h}.self_attn.{p}_proj.bias" for p in "qkv"), "qkv"))
+    if spec.qk_layernorm:
+        rules += [Rule(f"{a}.q_layernorm.weight", (f"{h}.self_attn.q_norm.weight",), "repl"),
+                  Rule(f"{a}.k_layernorm.weight", (f"{h}.self_attn.k_norm.weight",), "repl")]
+    if not spec.tied_embeddings:
+        rules.append(Rule("output_layer.weight", ("lm_head.weight",), "vocab"))
+    return rules
+
+
+def _opt(spec: ArchSpec) -> list[Rule]:
+    a, m, h = "decoder.layers.{i}.self_attention", "decoder.layers.{i}.mlp", "model.decoder.layers.{i}"
+    rules = [
+        Rule("embedding.word_embeddings.weight", ("model.decoder.embed_tokens.weight",), "vocab"),
+        Rule("embedding.position_embeddings.weight", ("model.decoder.embed_positions.weight",), "repl"),
+        Rule(f"{a}.linear_qkv.weight", tuple(f"{h}.self_attn.{p}_proj.weight" for p in "qkv"), "qkv"),
+        Rule(f"{a}.linear_qkv.bias", tuple(f"{h}.self_attn.{p}_proj.bias" for p in "qkv"), "qkv"),
+        Rule(f"{a}.linear_proj.weight", (f"{h}.self_attn.out_proj.weight",), "row"),
+        Rule(f"{a}.linear_proj.bias", (f"{h}.self_attn.out_proj.bias",), "repl"),
+        Rule(f"{m}.linear_fc1.weight", (f"{h}.fc1.weight",), "col"),
+        Rule(f"{m}.linear_fc1.bias", (f"{h}.fc1.bias",), "col"),
+        Rule(f"{m}.linear_fc2.weight", (f"{h}.fc2.weight",), "row"),
+        Rule(f"{m}.linear_fc2.bias", (f"{h}.fc2.bias",), "repl"),
+        Rule("decoder.final_layernorm.weight", ("model.decoder.final_layer_norm.weight",), "repl"),
+        Rule("decoder.final_layernorm.bias", ("model.decoder.final_layer_norm.bias",), "repl"),
+    ]
+    for p in ("weight", "bias"):
+        rules += [
+            Rule(f"decoder.layers.{{i}}.input_layernorm.{p}", (f"{h}.self_attn_layer_norm.{p}",), "repl",
+                 te_mcore=f"{a}.linear_qkv.layer_norm_{p}"),
+            Rule(f"decoder.layers.{{i}}.pre_mlp_layernorm.{p}", (f"{h}.final_layer_norm.{p}",), "repl",
+                 te_mcore=f"{m}.linear_fc1.layer_norm_{p}"),
+        ]
+    if not spec.tied_embeddings:
+        rules.append(Rule("output_layer.weight", ("lm_head.weight",), "vocab"))
+    return rules
+
+
+TABLES = {"llama": _llama_like, "qwen2": _llama_like, "qwen3": _llama_like, "mistral": _llama_like, "opt": _opt}
+
+
+def rules_for(spec: ArchSpec) -> list[Rule]:
+    return TABLES[spec.family](spec)
+
+
+class NameIndex:
+    """Looks up the rule and global layer of a Megatron parameter name, and of an HF name."""
+
+    _layer = re.compile(r"(?<=layers\.)(\d+)(?=\.)")
+
+    def __init__(self, spec: ArchSpec, te: bool = False):
+        self.spec, self.te = spec, te
+        self.rules = rules_for(spec)
+        self._by_mcore = {r.mcore_name(te=te): r for r in self.rules}
+        self._by_hf = {n: r for r in self.rules for n in r.hf}
+
+    def _split(self, name: str) -> tuple[str, int | None]:
+        m = self._layer.search(name)
+        if not m:
+            return name, None
+        return name[: m.start()] + LAYER + name[m.end():], int(m.group(1))
+
+    def mcore(self, name: str) -> tuple[Rule, int | None]:
+        """Rule and layer index for a Megatron name whose layer index is already global."""
+        key, layer = self._split(name)
+        if key not in self._by_mcore:
+            raise KeyError(f"no {self.spec.family} mapping for Megatron parameter {name!r}")
+        return self._by_mcore[key], layer
+
+    def hf(self, name: str) -> tuple[Rule, int | None]:
+        key, layer = self._split(name)
+        if key not in self._by_hf:
+            raise KeyError(f"no {self.spec.family} mapping for HF tensor {name!r}")
+        return self._by_hf[key], layer
+
+    def all_hf_names(self) -> list[str]:
+        names = []
+        for r in self.rules:
+            for layer in (range(self.spec.num_layers) if r.per_layer else [None]):
+                names += r.hf_names(layer)
+        return names
+
+
+def _chunk(t: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
+    if t.size(dim) % size:
+        raise ValueError(f"dimension {dim} of size {t.size(dim)} is not divisible by TP={size}")
+    return t.chunk(size, dim=dim)[rank]
+
+
+def hf_to_mcore(rule: Rule, hf: list[torch.Tensor], spec: ArchSpec, tp_rank: int = 0, tp_size: int = 1) -> torch.Tensor:
+    kind = rule.kind
+    if kind == "repl":
+        return hf[0]
+    if kind == "col":
+        return _chunk(hf[0], 0, tp_rank, tp_size)
+    if kind == "row":
+        return _chunk(hf[0], 1, tp_rank, tp_size)
+    if kind == "vocab":
+        t = hf[0]
+        pad = spec.padded_vocab_size - t.size(0)
+        if pad:
+            t = torch.cat([t, t.new_zeros(pad, *t.shape[1:])])
+        return _chunk(t, 0, tp_rank, tp_size)
+    if kind == "qkv":
+        q, k, v = hf
+        g, d = spec.num_query_groups, spec.head_dim
+        per = spec.num_attention_heads // g
+        tail = q.shape[1:]
+        fused = torch.cat([q.reshape(g, per * d, *tail), k.reshape(g, d, *tail), v.reshape(g, d, *tail)], dim=1)
+        return _chunk(fused, 0, tp_rank, tp_size).reshape(-1, *tail)
+    if kind == "gate_up":
+        gate, up = hf
+        return torch.cat([_chunk(gate, 0, tp_rank, tp_size), _chunk(up, 0, tp_rank, tp_size)])
+    raise ValueError(f"unknown transform {kind!r}")
+
+
+def mcore_to_hf(rule: Rule, shards: list[torch.Tensor], spec: ArchSpec) -> list[torch.Tensor]:
+    """Inverse of `hf_to_mcore`: `shards` are the TP ranks' tensors in rank order."""
+    kind = rule.kind
+    if kind == "repl":
+        return [shards[0]]
+    if kind == "col":
+        return [torch.cat(shards, 0)]
+    if kind == "row":
+        return [torch.cat(shards, 1)]
+    if kind == "vocab":
+        return [torch.cat(shards, 0)[: spec.vocab_size]]
+    if kind == "qkv":
+        g, d = spec.num_query_groups, spec.head_dim
+        per = spec.num_attention_heads // g
+        full = torch.cat(shards, 0)
+        tail = full.shape[1:]
+        grouped = full.reshape(g, (per + 2) * d, *tail)
+        q, k, v = grouped.split([per * d, d, d], dim=1)
+        return [q.reshape(-1, *tail), k.reshape(-1, *tail), v.reshape(-1, *tail)]
+    if kind == "gate_up":
+        halves = [s.chunk(2, 0) for s in shards]
+        return [torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])]
+    raise ValueError(f"unknown transform {kind!r}")

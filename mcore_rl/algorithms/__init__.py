@@ -1,0 +1,51 @@
+"""RL algorithms in plain PyTorch: advantage estimators, PPO losses, KL estimators, DAPO filters.
+
+Nothing here knows about Megatron or vLLM: inputs are per-token `[B, T]` tensors plus a mask,
+so the same code serves the trainer and the unit tests.
+"""
+
+from mcore_rl.algorithms.advantages import (
+    ADV_ESTIMATORS,
+    compute_advantages,
+    gae,
+    grpo,
+    reinforce_plus_plus,
+    reinforce_plus_plus_baseline,
+    rloo,
+)
+from mcore_rl.algorithms.filters import filter_zero_variance_groups, overlong_penalty
+from mcore_rl.algorithms.losses import (
+    AGG_MODES,
+    KL_KINDS,
+    agg_loss,
+    apply_kl_in_reward,
+    entropy_from_logits,
+    kl_penalty,
+    policy_loss,
+    value_loss,
+)
+from mcore_rl.algorithms.utils import dense_group_ids, masked_mean, masked_sum, masked_whiten
+
+__all__ = [
+    "ADV_ESTIMATORS",
+    "AGG_MODES",
+    "KL_KINDS",
+    "agg_loss",
+    "apply_kl_in_reward",
+    "compute_advantages",
+    "dense_group_ids",
+    "entropy_from_logits",
+    "filter_zero_variance_groups",
+    "gae",
+    "grpo",
+    "kl_penalty",
+    "masked_mean",
+    "masked_sum",
+    "masked_whiten",
+    "overlong_penalty",
+    "policy_loss",
+    "reinforce_plus_plus",
+    "reinforce_plus_plus_baseline",
+    "rloo",
+    "value_loss",
+]

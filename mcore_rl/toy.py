@@ -1,0 +1,131 @@
+"""The built-in toy task: a new user's first run, built entirely locally (no hub download).
+
+Task: the prompt is a few random digits followed by ':' (e.g. ``"3907:"``); the policy should answer
+by repeating the prompt's *last* digit (``"77777777"``). The reward is the fraction of the first
+``TOY_RESPONSE_LEN`` response characters equal to that digit, so it is dense (partial credit per
+character), prompt-dependent (a constant answer scores ~0.1: each digit is the target of 1/10 of the
+prompts) and a random policy over the 15-token vocabulary scores ~1/15.
+
+The model is a tiny random Llama (head_dim 32: the smallest head size vLLM's CPU attention accepts)
+with a character-level tokenizer, so the whole task trains in seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+TOY_DIGITS = "0123456789"
+TOY_PROMPT_DIGITS = 4  # digits before ':'; only the last one matters for the reward
+TOY_RESPONSE_LEN = 8  # K: response characters scored (use it as the rollout's max_tokens)
+
+PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+SPECIAL_TOKENS = [PAD, BOS, EOS, UNK]
+TOY_VOCAB = SPECIAL_TOKENS + list(TOY_DIGITS) + [":"]
+
+# Tiny Llama. head_dim = hidden / heads = 32 (vLLM CPU attention's minimum).
+TOY_MODEL_CONFIG = dict(
+    hidden_size=64,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    initializer_range=0.02,  # near-uniform initial policy: random score ~1/15, lots of exploration
+)
+
+
+def build_toy_tokenizer(out_dir: str | os.PathLike):
+    """Write a character-level `PreTrainedTokenizerFast` to `out_dir` and return it.
+
+    WordLevel over single characters (each character is a word after a split on every char) with a
+    `Fuse` decoder, so decode(encode(s)) == s with no spaces inserted; a `<s>` is prepended to every
+    encoding (as Llama tokenizers do) so vLLM and `AutoTokenizer` see the same ids.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(TOY_VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
+        model_max_length=TOY_MODEL_CONFIG["max_position_embeddings"], padding_side="left",
+    )
+    os.makedirs(out_dir, exist_ok=True)
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def build_toy_model(out_dir: str | os.PathLike, seed: int = 0) -> str:
+    """Write the tiny random Llama (fp32 safetensors) and its tokenizer to `out_dir`; return the path.
+
+    Deterministic for a given seed, so two ranks (or a resumed run) building it get the same weights.
+    """
+    import torch
+    import transformers as tf
+
+    tokenizer = build_toy_tokenizer(out_dir)
+    cfg = tf.LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **TOY_MODEL_CONFIG,
+    )
+    cfg.torch_dtype = torch.float32
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = tf.LlamaForCausalLM(cfg).to(torch.float32)
+    finally:
+        torch.random.set_rng_state(state)
+    model.generation_config.max_new_tokens = TOY_RESPONSE_LEN
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    return str(out_dir)
+
+
+def toy_prompts(n: int, seed: int = 0, num_digits: int = TOY_PROMPT_DIGITS) -> list[dict]:
+    """`n` toy rows ``{"prompt": "3907:", "ground_truth": "7"}``, deterministic in `seed`."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        digits = "".join(rng.choice(TOY_DIGITS) for _ in range(num_digits))
+        rows.append({"prompt": digits + ":", "ground_truth": digits[-1]})
+    return rows
+
+
+def toy_target(prompt: str) -> str:
+    """The digit the answer must repeat: the last digit of the prompt (before the ':')."""
+    for ch in reversed(prompt):
+        if ch in TOY_DIGITS:
+            return ch
+    raise ValueError(f"toy prompt has no digit: {prompt!r}")
+
+
+def toy_reward(prompt: str, response: str, ground_truth=None, k: int = TOY_RESPONSE_LEN) -> float:
+    """Fraction of the first `k` response characters equal to the prompt's last digit (0..1).
+
+    The target comes from `ground_truth` when given, else from the prompt itself; a short response
+    counts its missing characters as wrong, so stopping early is never rewarded.
+    """
+    target = str(ground_truth).strip() if ground_truth not in (None, "") else toy_target(prompt)
+    head = response.strip()[:k]
+    return sum(ch == target for ch in head) / k
+
+
+def write_toy_files(out_dir: str | os.PathLike, n: int = 256, seed: int = 0) -> str:
+    """Write `n` toy rows as jsonl (verl layout) to `out_dir/toy.jsonl`; handy for trying the loaders."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(str(out_dir), "toy.jsonl")
+    with open(path, "w") as f:
+        for r in toy_prompts(n, seed):
+            f.write(json.dumps({"prompt": r["prompt"], "reward_model": {"ground_truth": r["ground_truth"]}}) + "\n")
+    return path
