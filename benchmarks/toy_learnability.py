@@ -52,7 +52,7 @@ def run(args) -> dict:
     torch.set_num_threads(args.threads)
     t0 = time.time()
     with tempfile.TemporaryDirectory() as d:
-        build_toy_model(d, seed=args.seed)
+        build_toy_model(d, seed=args.seed, **json.loads(args.model))
         tok = tf.AutoTokenizer.from_pretrained(d)
         model = tf.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
     t_build = time.time() - t0
@@ -61,7 +61,7 @@ def run(args) -> dict:
     history = []
     t_train = time.time()
     for step in range(args.steps):
-        rows = toy_prompts(args.prompts, seed=args.seed * 100003 + step, num_digits=args.digits)
+        rows = toy_prompts(args.prompts, seed=args.seed * 100003 + step, num_digits=args.digits, sep=args.sep)
         prompts = [r["prompt"] for r in rows for _ in range(args.samples)]
         gts = [r["ground_truth"] for r in rows for _ in range(args.samples)]
         enc = tok(prompts, return_tensors="pt")  # all prompts have the same length: no padding
@@ -110,6 +110,8 @@ def main(argv=None):
     p.add_argument("--ppo-epochs", type=int, default=1)
     p.add_argument("--minibatches", type=int, default=4, help="optimizer steps per PPO epoch")
     p.add_argument("--digits", type=int, default=None, help="prompt digits (default: the toy's)")
+    p.add_argument("--sep", default=":", help="text after the prompt digits")
+    p.add_argument("--model", default="{}", help="JSON overrides of the toy LlamaConfig")
     p.add_argument("--response-len", type=int, default=None)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)

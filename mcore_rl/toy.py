@@ -64,7 +64,7 @@ def build_toy_tokenizer(out_dir: str | os.PathLike):
     return fast
 
 
-def build_toy_model(out_dir: str | os.PathLike, seed: int = 0) -> str:
+def build_toy_model(out_dir: str | os.PathLike, seed: int = 0, **config_overrides) -> str:
     """Write the tiny random Llama (fp32 safetensors) and its tokenizer to `out_dir`; return the path.
 
     Deterministic for a given seed, so two ranks (or a resumed run) building it get the same weights.
@@ -78,7 +78,7 @@ def build_toy_model(out_dir: str | os.PathLike, seed: int = 0) -> str:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        **TOY_MODEL_CONFIG,
+        **{**TOY_MODEL_CONFIG, **config_overrides},
     )
     cfg.torch_dtype = torch.float32
     state = torch.random.get_rng_state()
@@ -92,13 +92,13 @@ def build_toy_model(out_dir: str | os.PathLike, seed: int = 0) -> str:
     return str(out_dir)
 
 
-def toy_prompts(n: int, seed: int = 0, num_digits: int = TOY_PROMPT_DIGITS) -> list[dict]:
+def toy_prompts(n: int, seed: int = 0, num_digits: int = TOY_PROMPT_DIGITS, sep: str = ":") -> list[dict]:
     """`n` toy rows ``{"prompt": "3907:", "ground_truth": "7"}``, deterministic in `seed`."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
         digits = "".join(rng.choice(TOY_DIGITS) for _ in range(num_digits))
-        rows.append({"prompt": digits + ":", "ground_truth": digits[-1]})
+        rows.append({"prompt": digits + sep, "ground_truth": digits[-1]})
     return rows
 
 

@@ -17,7 +17,10 @@ import torch.distributed as dist
 
 from mcore_rl.algorithms.utils import GroupIndex, dense_group_ids, masked_whiten
 
-def _group_stats(scores: torch.Tensor, group_index: GroupIndex):
+
+def _group_stats(
+    scores: torch.Tensor, group_index: GroupIndex
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sample (group size, group sum, group mean, unbiased group std)."""
     ids = dense_group_ids(group_index, scores.device)
     n_groups = int(ids.max()) + 1 if ids.numel() else 0
@@ -113,8 +116,10 @@ def reinforce_plus_plus(
 ) -> torch.Tensor:
     """REINFORCE++: discounted return-to-go at each token, whitened over the whole batch.
 
-    No critic and no per-prompt baseline: the global whitening plays the baseline's role. Rewards
-    on padding are ignored; unlike GAE, a masked position resets the return (it marks the end).
+    No critic and no per-prompt baseline: the global whitening plays the baseline's role. Masked
+    positions are skipped like in `gae`: their rewards are ignored and the return is carried
+    across them, so with multi-turn holes (tool output) earlier turns still see later rewards.
+    With right padding only, this is verl's recursion exactly.
     """
     m = mask.bool()
     zero = torch.zeros((), dtype=token_rewards.dtype, device=token_rewards.device)
@@ -122,7 +127,7 @@ def reinforce_plus_plus(
     returns = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.shape[1])):
-        running = torch.where(m[:, t], rewards[:, t] + gamma * running, torch.zeros_like(running))
+        running = torch.where(m[:, t], rewards[:, t] + gamma * running, running)
         returns[:, t] = running
     return masked_whiten(returns, m, group=group)
 

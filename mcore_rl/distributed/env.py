@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from dataclasses import dataclass, field
 from typing import Mapping, MutableMapping
 
@@ -268,18 +269,27 @@ def read_launch_env(environ: Mapping[str, str] = os.environ) -> LaunchEnv:
     """Read this process's rank, world and rendezvous point from the launcher's variables.
 
     Order: torchrun (RANK/WORLD_SIZE/LOCAL_RANK present) > Slurm srun task (SLURM_PROCID)
-    > a single process (rank 0 of 1; MASTER_ADDR/MASTER_PORT honoured when set).
+    > a single process (rank 0 of 1; MASTER_ADDR/MASTER_PORT honoured when set, else
+    127.0.0.1 and a free port).
     """
     if _is_torchrun(environ):
         return _read_torchrun(environ)
     if _is_slurm_task(environ):
         return _read_slurm(environ)
+    # A world of one has no peer to agree with, so a free port avoids clashes between
+    # independent single-process runs on one machine.
+    port = _int(environ, "MASTER_PORT") if _first(environ, "MASTER_PORT") else _free_port()
     return LaunchEnv(
         rank=0, world_size=1, local_rank=0, local_world_size=1, node_rank=0, num_nodes=1,
-        master_addr=_first(environ, "MASTER_ADDR") or "127.0.0.1",
-        master_port=_int(environ, "MASTER_PORT", default=DEFAULT_MASTER_PORT),
+        master_addr=_first(environ, "MASTER_ADDR") or "127.0.0.1", master_port=port,
         launcher="single", job_id=_first(environ, "SLURM_JOB_ID", "SLURM_JOBID"),
     )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def export_for_torch(env: LaunchEnv, environ: MutableMapping[str, str] = os.environ) -> dict[str, str]:

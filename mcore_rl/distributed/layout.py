@@ -190,7 +190,7 @@ def describe_layout(layout: Layout, env: "LaunchEnv") -> list[str]:
     lines = [
         f"layout: world={layout.world_size} = tp {layout.tp} x cp {layout.cp} x dp {layout.dp} x pp {layout.pp} "
         f"(order {layout.order}); rollout: {layout.rollout_dp} engine(s) of tp {layout.rollout_tp}; "
-        f"{env.num_nodes} node(s) x {layout.world_size // max(1, env.num_nodes)} rank(s); launcher {env.launcher}"
+        f"{env.num_nodes} node(s) x {layout.world_size // max(1, env.num_nodes)} rank(s)"
     ]
     warn = []
     for n, ranks in enumerate(_node_of_ranks(layout, env)):

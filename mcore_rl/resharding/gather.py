@@ -1,0 +1,90 @@
+"""Megatron layout (TP x PP shards, any DP) -> full HF-named tensors, on every rank.
+
+SPMD: every rank walks the same global list of parameters (all PP stages, in order). For a
+parameter of stage p, the ranks of stage p all-gather its TP shards, the result is
+broadcast over the PP group, and every rank turns the shards into HF tensors with the
+converter's table (`converters.mapping.mcore_to_hf`, the only copy of the mapping).
+
+Tensors are produced one Megatron parameter at a time and handed to the consumer before
+the next is gathered, so extra memory is bounded by the largest parameter (its TP shards
+plus its HF form), never by the model. The plan (names, shapes, owners) is computed once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from converters.hf_io import global_layer_offset, local_to_global
+from converters.mapping import NameIndex, mcore_to_hf
+
+
+@dataclass
+class Entry:
+    stage: int
+    global_name: str
+    local_name: str  # only meaningful on ranks of `stage`
+    shape: tuple
+    dtype: torch.dtype
+
+
+def _skip(name: str, model) -> bool:
+    role = getattr(model, "mcore_rl_role", "actor")
+    if role == "critic" and name.startswith("output_layer."):
+        return True  # the value head has no HF counterpart
+    return name == "output_layer.weight" and model.mcore_rl_spec.tied_embeddings  # PP copy of the tied embedding
+
+
+def build_plan(model) -> list[Entry]:
+    """The global, ordered parameter list, identical on every rank."""
+    from megatron.core import parallel_state as ps
+
+    stage = ps.get_pipeline_model_parallel_rank()
+    offset = global_layer_offset(model)
+    mine = [(local_to_global(n, offset), n, tuple(p.shape), p.dtype)
+            for n, p in model.named_parameters() if not _skip(n, model)]
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        stages = [mine]
+    else:
+        stages = [None] * ps.get_pipeline_model_parallel_world_size()
+        dist.all_gather_object(stages, mine, group=ps.get_pipeline_model_parallel_group())
+    return [Entry(s, g, loc, shape, dtype) for s, items in enumerate(stages) for g, loc, shape, dtype in items]
+
+
+def iter_hf_tensors(model, source: str = "param", plan: list[Entry] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (hf_name, full tensor) for every HF tensor of `model` (unwrapped GPTModel or DDP).
+
+    `source="grad"` yields the accumulated gradients (`main_grad`) in HF layout instead.
+    """
+    from megatron.core import parallel_state as ps
+
+    inner = model.module if hasattr(model, "module") else model
+    spec = inner.mcore_rl_spec
+    index = NameIndex(spec)
+    plan = plan if plan is not None else build_plan(inner)
+    params = dict(inner.named_parameters())
+    my_stage = ps.get_pipeline_model_parallel_rank()
+    tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+    tp_group, pp_group = ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group()
+    device = next(inner.parameters()).device
+    for e in plan:
+        if e.stage == my_stage:
+            p = params[e.local_name]
+            t = (p.main_grad if source == "grad" and hasattr(p, "main_grad") else p.grad if source == "grad" else p).detach()
+            if tp > 1:
+                flat = torch.empty((tp * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=device)
+                dist.all_gather_into_tensor(flat, t.contiguous(), group=tp_group)
+                stacked = flat.view(tp, *t.shape)
+            else:
+                stacked = t.unsqueeze(0)
+        else:
+            dtype = torch.float32 if source == "grad" else e.dtype
+            stacked = torch.empty((tp, *e.shape), dtype=dtype, device=device)
+        if pp > 1:
+            dist.broadcast(stacked, src=dist.get_global_rank(pp_group, e.stage), group=pp_group)
+        rule, layer = index.mcore(e.global_name)
+        for name, tensor in zip(rule.hf_names(layer), mcore_to_hf(rule, list(stacked.unbind(0)), spec)):
+            yield name, tensor

