@@ -16,7 +16,7 @@ CONF_DIR=/etc/slurm
 CONF=$CONF_DIR/slurm.conf
 LOG_DIR=/var/log/slurm
 TIMEOUT=${SLURM_UP_TIMEOUT:-120}
-MARK="# written by mcore_rl .ci/slurm_up.sh"
+MARK="# written by mcore_rl .ci/slurm_up.sh, config v2"
 
 log() { echo "[slurm_up] $*" >&2; }
 
@@ -27,7 +27,7 @@ is_up() {
     case "$(node_state)" in idle|mixed|allocated|completing) return 0 ;; *) return 1 ;; esac
 }
 
-if is_up; then
+if is_up && grep -qF "$MARK" "$CONF" 2>/dev/null; then
     log "already up: $(sinfo -h -o '%P %D %T %C' | head -n1)"
     exit 0
 fi
@@ -106,6 +106,8 @@ SchedulerType=sched/backfill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 ReturnToService=2
+# A requeued job may start again after cred_expire seconds (default 120): short for tests.
+AuthInfo=cred_expire=10
 # Let the node advertise more CPUs/memory than slurmd detects (small CI boxes).
 SlurmdParameters=config_overrides
 SlurmdTimeout=300
@@ -115,6 +117,13 @@ MinJobAge=300
 NodeName=localhost NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 CONF
+    # Daemons running on an older config: stop them (only via their own pid files).
+    for pidf in /run/slurmd.pid /run/slurmctld.pid; do
+        if [ -f "$pidf" ] && kill -0 "$(cat "$pidf")" 2>/dev/null; then
+            pid=$(cat "$pidf"); log "stopping $(basename "$pidf" .pid) ($pid) to apply the new config"
+            kill "$pid"; for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+        fi
+    done
     # A stale state dir from another config would keep the old node definition.
     rm -rf /var/spool/slurmctld/* /var/spool/slurmd/*
 fi

@@ -73,7 +73,10 @@ def run(args) -> dict:
         texts = [tok.decode(r[: int(m.sum())], skip_special_tokens=True) for r, m in zip(resp, mask)]
         rewards = torch.tensor([toy_reward(p, t, g, k=k) for p, t, g in zip(prompts, texts, gts)])
         grp = rewards.view(args.prompts, args.samples)
-        adv = ((grp - grp.mean(1, keepdim=True)) / (grp.std(1, keepdim=True) + 1e-6)).view(-1)
+        if args.adv == "grpo":  # group-relative: baseline and scale from the same prompt's samples
+            adv = ((grp - grp.mean(1, keepdim=True)) / (grp.std(1, keepdim=True) + 1e-6)).view(-1)
+        else:  # "batch": whitened over the batch, no per-prompt baseline (a PPO critic that knows nothing yet)
+            adv = (rewards - rewards.mean()) / (rewards.std() + 1e-6)
         model.train()
         n = pids.shape[0]
         mb = n // args.minibatches
@@ -106,6 +109,7 @@ def main(argv=None):
     p.add_argument("--prompts", type=int, default=16, help="prompts per step")
     p.add_argument("--samples", type=int, default=8, help="samples per prompt (GRPO group size)")
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--adv", choices=["grpo", "batch"], default="grpo")
     p.add_argument("--clip", type=float, default=0.2)
     p.add_argument("--ppo-epochs", type=int, default=1)
     p.add_argument("--minibatches", type=int, default=4, help="optimizer steps per PPO epoch")

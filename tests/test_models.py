@@ -7,7 +7,9 @@ import torch
 from dist_utils import run_ranks
 
 pytestmark = pytest.mark.convert
-ARCHS = ["llama", "qwen2", "qwen3", "mistral", "opt"]
+ARCHS = ["llama", "qwen2", "qwen3", "mistral", "opt", "llama3-rope"]
+LLAMA3_ROPE = dict(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
 
 
 def _mcore(hf_path, tp=1, pp=1, role="actor"):
@@ -40,7 +42,7 @@ def _logits_worker(hf_path, ids):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_hf_vs_megatron_logits(arch, tiny_model_factory):
-    path = tiny_model_factory(arch)
+    path = tiny_model_factory("llama", **LLAMA3_ROPE) if arch == "llama3-rope" else tiny_model_factory(arch)
     ids = torch.randint(0, 250, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = _hf(path)(ids).logits

@@ -67,9 +67,10 @@ class HFEngine(RolloutEngine):
             seed = sampling.request_seed(i)
             if seed is not None:
                 torch.manual_seed(seed)
+            knobs = {} if sampling.greedy else dict(temperature=sampling.temperature, top_k=max(sampling.top_k, 0),
+                                                     top_p=sampling.top_p)
             cfg = self._gen_cfg_cls(
-                do_sample=not sampling.greedy, temperature=sampling.temperature if not sampling.greedy else 1.0,
-                top_k=max(sampling.top_k, 0), top_p=sampling.top_p, max_new_tokens=budget,
+                do_sample=not sampling.greedy, **knobs, max_new_tokens=budget,
                 num_return_sequences=sampling.n, eos_token_id=sorted(stop) or None,
                 pad_token_id=min(stop) if stop else 0, return_dict_in_generate=True,
                 output_logits=sampling.logprobs and self.logprobs_mode == "raw",

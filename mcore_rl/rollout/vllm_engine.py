@@ -140,8 +140,9 @@ class VLLMEngine(RolloutEngine):
         else:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
             kwargs["enable_sleep_mode"] = self.sleep_enabled
-        dist_world = (torch.distributed.get_world_size()
-                      if torch.distributed.is_available() and torch.distributed.is_initialized() else 1)
+        # A process group that exists now belongs to the caller (the trainer); close() keeps it.
+        self._caller_owns_world = torch.distributed.is_available() and torch.distributed.is_initialized()
+        dist_world = torch.distributed.get_world_size() if self._caller_owns_world else 1
         if tensor_parallel_size > 1 or dist_world > 1:
             kwargs["distributed_executor_backend"] = "external_launcher"
         kwargs.update(engine_kwargs)
@@ -256,16 +257,34 @@ class VLLMEngine(RolloutEngine):
             self.llm.reset_prefix_cache()
 
     def close(self) -> None:
+        """Shut the engine down and free its memory.
+
+        vLLM's shutdown also tears down its distributed state, ending with
+        ``torch.distributed.destroy_process_group()``; when the process group was the caller's
+        (created before this engine) it is kept alive. vLLM's model-parallel state is global to
+        the process: close an engine only when no other engine of this process is used again.
+        Call close() explicitly: the engine's garbage-collection finalizer has no such guard.
+        """
         llm = getattr(self, "llm", None)
         if llm is None:
             return
         self.llm = None
+        destroy = torch.distributed.destroy_process_group
+
+        def keep_default_group(group=None):
+            if group is not None:
+                destroy(group)
+
+        if self._caller_owns_world:
+            torch.distributed.destroy_process_group = keep_default_group
         try:
             engine_core = getattr(llm.llm_engine, "engine_core", None)
             if engine_core is not None and hasattr(engine_core, "shutdown"):
                 engine_core.shutdown()
         except Exception as e:  # shutting down is best effort; memory is released below anyway
             logger.warning("vLLM engine shutdown: %s", e)
+        finally:
+            torch.distributed.destroy_process_group = destroy
         del llm
         gc.collect()
         if torch.cuda.is_available():

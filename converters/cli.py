@@ -1,0 +1,77 @@
+"""`mcore-rl convert hf-to-mcore | mcore-to-hf`.
+
+Run as one process it spawns TP x PP local gloo workers for hf-to-mcore; under torchrun or
+srun it uses the ranks it is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mcore-rl convert", description=__doc__)
+    sub = p.add_subparsers(dest="direction", required=True)
+    a = sub.add_parser("hf-to-mcore", help="HF safetensors -> megatron dist_checkpointing")
+    a.add_argument("--hf-path", required=True)
+    a.add_argument("--out", required=True)
+    a.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks doing the conversion")
+    a.add_argument("--pp", type=int, default=1, help="pipeline stages doing the conversion")
+    a.add_argument("--dtype", default="auto", help="auto (from config.json) | bf16 | fp16 | fp32")
+    a.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    b = sub.add_parser("mcore-to-hf", help="megatron dist_checkpointing -> HF safetensors")
+    b.add_argument("--mcore-path", required=True)
+    b.add_argument("--out", required=True)
+    b.add_argument("--shard-mb", type=int, default=2048, help="size of each safetensors file")
+    b.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    return p
+
+
+def _worker(rank: int, world: int, port: int, args) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    _run(args)
+
+
+def _run(args) -> None:
+    from converters.checkpoint import hf_to_mcore, mcore_to_hf
+
+    if args.direction == "hf-to-mcore":
+        hf_to_mcore(args.hf_path, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype, force=args.force)
+    else:
+        mcore_to_hf(args.mcore_path, args.out, force=args.force, shard_mb=args.shard_mb)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from converters.checkpoint import check_output_dir
+    from converters.hf_io import CheckpointError, HFReader
+    from mcore_rl.models.arch import UnsupportedModelError, arch_from_hf_config
+
+    try:  # every input check before any process or process group exists
+        check_output_dir(args.out, args.force)
+        if args.direction == "hf-to-mcore":
+            arch_from_hf_config(args.hf_path).check_parallel(args.tp, args.pp)
+            HFReader(args.hf_path)
+    except (FileExistsError, FileNotFoundError, ValueError, UnsupportedModelError, CheckpointError) as e:
+        print(f"mcore-rl convert: error: {e}", file=sys.stderr)
+        return 2
+    world = args.tp * args.pp if args.direction == "hf-to-mcore" else 1
+    if world > 1 and "WORLD_SIZE" not in os.environ and "SLURM_NTASKS" not in os.environ:
+        import torch.multiprocessing as mp
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.start_processes(_worker, args=(world, port, args), nprocs=world, start_method="spawn")
+    else:
+        _run(args)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""Against a real Slurm (single node `localhost`, brought up by `.ci/slurm_up.sh`): jobs
+whose ranks read their position with mcore_rl.distributed.env, and the sbatch scripts in
+slurm/ (both launchers, SIGTERM -> checkpoint -> requeue -> resume).
+
+The `slurm_cluster` fixture is reusable: `slurm_cluster.run(script, args, env=..., opts=...)`
+submits, polls `scontrol show job` (no accounting, so no sacct) and returns a `JobResult`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slurm
+
+REPO = Path(__file__).resolve().parents[1]
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+@dataclass
+class JobResult:
+    job_id: str
+    state: str  # final Slurm JobState, e.g. COMPLETED
+    exit_code: str  # "rc:signal" as Slurm reports it
+    restarts: int
+    stdout: Path
+    fields: dict
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "COMPLETED" and self.exit_code == "0:0"
+
+    def log(self) -> str:
+        return self.stdout.read_text(errors="replace") if self.stdout.exists() else f"(no log at {self.stdout})"
+
+
+class SlurmCluster:
+    """Submit jobs to the local test cluster and wait for them."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+
+    def env(self, extra: dict | None = None) -> dict:
+        """The submitting environment: ours, minus any SLURM_* of an enclosing job, plus the
+        repo on PYTHONPATH and this interpreter as PYTHON (sbatch exports it to the job)."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(k, None)
+        env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env["PYTHON"] = sys.executable
+        env["MCORE_RL_ROOT"] = str(REPO)
+        env.update(extra or {})
+        return env
+
+    def submit(self, script: str | Path, args: list[str] = (), env: dict | None = None, opts: list[str] = ()) -> str:
+        """sbatch `script` (a path, or the text of a script) and return the job id."""
+        if not Path(str(script)).is_file():
+            path = self.workdir / f"job_{time.monotonic_ns()}.sbatch"
+            path.write_text(str(script))
+            script = path
+        cmd = ["sbatch", "--parsable", f"--output={self.workdir}/slurm-%j.out", f"--chdir={self.workdir}",
+               *opts, str(script), *args]
+        out = subprocess.run(cmd, env=self.env(env), capture_output=True, text=True, timeout=30)
+        if out.returncode != 0:
+            raise RuntimeError(f"sbatch failed ({out.returncode}): {out.stderr.strip()}")
+        return out.stdout.strip().split(";")[0]
+
+    def show(self, job_id: str) -> dict:
+        out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30)
+        if out.returncode != 0:
+            return {}
+        return dict(re.findall(r"(\w+)=(\S*)", out.stdout))
+
+    def wait(self, job_id: str, timeout: float = 120, until=None) -> JobResult:
+        """Poll until the job reaches a terminal state (or `until(fields)` is true)."""
+        deadline = time.monotonic() + timeout
+        fields: dict = {}
+        while time.monotonic() < deadline:
+            fields = self.show(job_id) or fields
+            state = fields.get("JobState", "")
+            if (until is not None and until(fields)) or (until is None and state in TERMINAL):
+                return self._result(job_id, fields)
+            time.sleep(0.3)
+        subprocess.run(["scancel", job_id], capture_output=True)
+        res = self._result(job_id, fields)
+        raise TimeoutError(f"job {job_id} still {fields.get('JobState')} after {timeout}s; log:\n{res.log()}")
+
+    def _result(self, job_id: str, fields: dict) -> JobResult:
+        return JobResult(job_id=job_id, state=fields.get("JobState", "UNKNOWN"), exit_code=fields.get("ExitCode", ""),
+                         restarts=int(fields.get("Restarts", 0) or 0),
+                         stdout=Path(fields.get("StdOut") or self.workdir / f"slurm-{job_id}.out"), fields=fields)
+
+    def run(self, script, args=(), env=None, opts=(), timeout: float = 120) -> JobResult:
+        return self.wait(self.submit(script, args, env, opts), timeout=timeout)
+
+
+def _cluster_up() -> str | None:
+    """None when usable, else why not."""
+    if shutil.which("sbatch") is None or shutil.which("scontrol") is None:
+        return "Slurm client tools (sbatch) not on PATH: run `bash .ci/slurm_up.sh` as root"
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=15)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"sinfo failed ({e}): run `bash .ci/slurm_up.sh`"
+    states = {s.strip().rstrip("*~#!%$@^-") for s in out.stdout.split()}
+    if out.returncode != 0 or not states & {"idle", "mixed", "allocated", "completing"}:
+        return f"no Slurm node is up (sinfo: {out.stdout.strip() or out.stderr.strip()}): run `bash .ci/slurm_up.sh`"
+    return None
+
+
+@pytest.fixture
+def slurm_cluster(tmp_path):
+    why = _cluster_up()
+    if why:
+        pytest.skip(why)
+    return SlurmCluster(tmp_path)
+
+
+# A rank that reports where it is; with PROBE_ALLREDUCE=1 it also joins a gloo group through
+# export_for_torch, proving the rendezvous point works; with PROBE_WAIT_TERM=1 the first start
+# waits for SIGTERM and "checkpoints" (a marker file), the next start exits at once.
+PROBE = r'''
+import json, os, signal, sys, time
+from mcore_rl.distributed.env import read_launch_env, export_for_torch
+out = os.environ["PROBE_OUT"]
+env = read_launch_env()
+restart = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+rec = {"env": env.__dict__ | {"hostnames": list(env.hostnames)}, "argv": sys.argv[1:], "restart": restart,
+       "device": os.environ.get("MCORE_RL_DEVICE")}
+if os.environ.get("PROBE_ALLREDUCE") == "1":
+    import torch, torch.distributed as dist
+    export_for_torch(env)
+    dist.init_process_group("gloo", init_method="env://")
+    t = torch.tensor([float(env.rank)])
+    dist.all_reduce(t)
+    rec["allreduce"] = t.item()
+    dist.destroy_process_group()
+if os.environ.get("PROBE_WAIT_TERM") == "1" and restart == 0:
+    def on_term(*_):
+        open(f"{out}/saved.rank{env.rank}", "w").write("checkpoint")
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, on_term)
+    open(f"{out}/waiting.rank{env.rank}", "w").close()
+    time.sleep(120)
+    sys.exit(3)
+json.dump(rec, open(f"{out}/rank{env.rank}.restart{restart}.json", "w"))
+'''
+
+
+def _records(out: Path, restart: int = 0) -> dict[int, dict]:
+    recs = {}
+    for f in out.glob(f"rank*.restart{restart}.json"):
+        r = json.loads(f.read_text())
+        recs[r["env"]["rank"]] = r
+    return recs
+
+
+@pytest.fixture
+def probe(tmp_path):
+    path = tmp_path / "probe.py"
+    path.write_text(PROBE)
+    out = tmp_path / "out"
+    out.mkdir()
+    return path, out
+
+
+def test_srun_two_tasks_read_launch_env(slurm_cluster, tmp_path):
+    """srun without torchrun: each task's env.py view is rank i of world 2 on node localhost."""
+    out = tmp_path / "ranks"
+    out.mkdir()
+    script = f"""#!/bin/bash
+#SBATCH --ntasks=2
+#SBATCH --time=2
+srun "$PYTHON" -c '
+import json
+from mcore_rl.distributed.env import read_launch_env
+e = read_launch_env()
+json.dump(dict(e.__dict__, hostnames=list(e.hostnames)), open("{out}/rank%d.json" % e.rank, "w"))
+'
+"""
+    res = slurm_cluster.run(script, timeout=60)
+    assert res.ok, f"{res.state} {res.exit_code}\n{res.log()}"
+    recs = {int(f.stem[4:]): json.loads(f.read_text()) for f in out.glob("rank*.json")}
+    assert sorted(recs) == [0, 1], res.log()
+    port = 20000 + int(res.job_id) % 10000
+    for rank, e in recs.items():
+        assert (e["rank"], e["world_size"], e["local_rank"], e["local_world_size"]) == (rank, 2, rank, 2)
+        assert (e["node_rank"], e["num_nodes"], e["launcher"]) == (0, 1, "slurm")
+        assert (e["master_addr"], e["master_port"], e["hostnames"], e["job_id"]) == ("localhost", port, ["localhost"], res.job_id)
+
+
+@pytest.mark.parametrize("launcher", ["srun", "torchrun"])
+def test_train_sbatch_launches_ranks_that_rendezvous(slurm_cluster, probe, launcher):
+    """slurm/train.sbatch with either launcher: 2 CPU ranks, a gloo all-reduce across them,
+    the overrides reach every rank and trainer.resume=auto is appended."""
+    path, out = probe
+    env = {"MCORE_RL_LAUNCHER": launcher, "MCORE_RL_NPROC_PER_NODE": "2", "MCORE_RL_DEVICE": "cpu",
+           "MCORE_RL_ENTRY": str(path), "PROBE_OUT": str(out), "PROBE_ALLREDUCE": "1"}
+    opts = ["--gpus-per-node=0", "--time=3"] + (["--ntasks-per-node=2"] if launcher == "srun" else [])
+    res = slurm_cluster.run(REPO / "slurm/train.sbatch", ["algorithm.adv_estimator=grpo", "data.seed=7"],
+                            env=env, opts=opts, timeout=120)
+    assert res.ok, f"{res.state} {res.exit_code}\n{res.log()}"
+    recs = _records(out)
+    assert sorted(recs) == [0, 1], res.log()
+    for rank, r in recs.items():
+        e = r["env"]
+        assert (e["world_size"], e["local_rank"], e["num_nodes"]) == (2, rank, 1)
+        assert e["launcher"] == {"srun": "slurm", "torchrun": "torchrun"}[launcher]
+        assert r["allreduce"] == 1.0  # 0 + 1
+        assert r["argv"] == ["algorithm.adv_estimator=grpo", "data.seed=7", "trainer.resume=auto"]
+        assert r["device"] == "cpu"
+    assert f"via {launcher}" in res.log()
+
+
+def test_train_sbatch_sigterm_checkpoints_requeues_and_resumes(slurm_cluster, probe):
+    """The --signal=B:TERM path: the batch shell gets SIGTERM, every rank is told to
+    checkpoint, the job is requeued under the same id and the next start resumes."""
+    path, out = probe
+    env = {"MCORE_RL_LAUNCHER": "srun", "MCORE_RL_NPROC_PER_NODE": "2", "MCORE_RL_ENTRY": str(path),
+           "PROBE_OUT": str(out), "PROBE_WAIT_TERM": "1", "MCORE_RL_DEVICE": "cpu"}
+    job = slurm_cluster.submit(REPO / "slurm/train.sbatch", ["trainer.total_steps=3"], env=env,
+                               opts=["--gpus-per-node=0", "--ntasks-per-node=2", "--time=5"])
+    deadline = time.monotonic() + 60
+    while len(list(out.glob("waiting.rank*"))) < 2:
+        assert time.monotonic() < deadline, "ranks never started"
+        time.sleep(0.2)
+    # What Slurm does 120 s before the time limit with --signal=B:TERM@120:
+    subprocess.run(["scancel", "--batch", "--signal=TERM", job], check=True, timeout=30)
+    res = slurm_cluster.wait(job, timeout=120)
+    assert res.ok and res.restarts == 1, f"{res.state} {res.exit_code} restarts={res.restarts}\n{res.log()}"
+    assert sorted(p.name for p in out.glob("saved.rank*")) == ["saved.rank0", "saved.rank1"]
+    recs = _records(out, restart=1)
+    assert sorted(recs) == [0, 1], res.log()
+    assert all(r["argv"] == ["trainer.total_steps=3", "trainer.resume=auto"] for r in recs.values())
+    assert "requeueing job" in res.log()
+
+
+def test_multinode_tp_pp_sbatch_on_one_node(slurm_cluster, probe):
+    """The TP-in-node script, shrunk to one node of 2 CPU ranks: it checks the sizes and
+    passes TP/PP overrides through train.sbatch."""
+    path, out = probe
+    env = {"MCORE_RL_NPROC_PER_NODE": "2", "MCORE_RL_DEVICE": "cpu", "MCORE_RL_ENTRY": str(path),
+           "PROBE_OUT": str(out), "TP": "2", "PP": "1"}
+    res = slurm_cluster.run(REPO / "slurm/multinode_tp_pp.sbatch", ["data.seed=1"], env=env,
+                            opts=["--nodes=1", "--gpus-per-node=0", "--time=3"], timeout=120)
+    assert res.ok, f"{res.state} {res.exit_code}\n{res.log()}"
+    recs = _records(out)
+    assert sorted(recs) == [0, 1], res.log()
+    argv = recs[0]["argv"]
+    assert "actor_rollout_ref.actor.megatron.tensor_model_parallel_size=2" in argv
+    assert "actor_rollout_ref.actor.megatron.pipeline_model_parallel_size=1" in argv
+    assert "actor_rollout_ref.rollout.tensor_model_parallel_size=2" in argv
+    assert argv[-2:] == ["data.seed=1", "trainer.resume=auto"]
+
+
+def test_multinode_tp_pp_sbatch_rejects_bad_sizes(slurm_cluster, probe):
+    path, out = probe
+    env = {"MCORE_RL_NPROC_PER_NODE": "2", "MCORE_RL_DEVICE": "cpu", "MCORE_RL_ENTRY": str(path),
+           "PROBE_OUT": str(out), "TP": "4", "PP": "1"}
+    res = slurm_cluster.run(REPO / "slurm/multinode_tp_pp.sbatch", env=env,
+                            opts=["--nodes=1", "--gpus-per-node=0", "--time=3"], timeout=60)
+    assert res.state == "FAILED" and "TP=4" in res.log(), res.log()
+    assert not list(out.iterdir())
+
+
+def test_convert_sbatch_runs_the_converter_cli(slurm_cluster, tmp_path):
+    """convert.sbatch runs `mcore-rl convert <args>`; here with a stand-in CLI module so the
+    test does not depend on the converter itself."""
+    fake = tmp_path / "fakecli"
+    fake.mkdir()
+    (fake / "fake_mcore_rl_cli.py").write_text(
+        "import sys, json; json.dump(sys.argv[1:], open(sys.argv[0] + '.args.json', 'w'))\n")
+    env = {"MCORE_RL_CLI": f"{fake / 'fake_mcore_rl_cli.py'}"}
+    res = slurm_cluster.run(REPO / "slurm/convert.sbatch", ["--hf", "/models/x", "--out", "/ckpt/y", "--tp", "2"],
+                            env=env, opts=["--time=2", "--cpus-per-task=1", "--mem=1G"], timeout=60)
+    assert res.ok, f"{res.state} {res.exit_code}\n{res.log()}"
+    args = json.loads((fake / "fake_mcore_rl_cli.py.args.json").read_text())
+    assert args == ["convert", "hf-to-mcore", "--hf", "/models/x", "--out", "/ckpt/y", "--tp", "2"]
+
+
+def test_sbatch_scripts_parse():
+    for script in sorted((REPO / "slurm").glob("*.sbatch")):
+        subprocess.run(["bash", "-n", str(script)], check=True)
+        text = script.read_text()
+        assert text.startswith("#!/bin/bash") and "#SBATCH" in text
