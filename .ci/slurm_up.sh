@@ -16,7 +16,7 @@ CONF_DIR=/etc/slurm
 CONF=$CONF_DIR/slurm.conf
 LOG_DIR=/var/log/slurm
 TIMEOUT=${SLURM_UP_TIMEOUT:-120}
-MARK="# written by mcore_rl .ci/slurm_up.sh, config v2"
+MARK="# written by mcore_rl .ci/slurm_up.sh, config v3"
 
 log() { echo "[slurm_up] $*" >&2; }
 
@@ -103,11 +103,13 @@ JobCompType=jobcomp/none
 MpiDefault=none
 SwitchType=switch/none
 SchedulerType=sched/backfill
+# Look at pending jobs every second (defaults 60 s / 30 s): requeued test jobs restart quickly.
+SchedulerParameters=sched_interval=1,bf_interval=1
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 ReturnToService=2
 # A requeued job may start again after cred_expire seconds (default 120): short for tests.
-AuthInfo=cred_expire=10
+AuthInfo=cred_expire=5
 # Let the node advertise more CPUs/memory than slurmd detects (small CI boxes).
 SlurmdParameters=config_overrides
 SlurmdTimeout=300

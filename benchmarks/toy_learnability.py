@@ -43,6 +43,23 @@ def token_logp(model, prompt_ids, resp_ids, temperature=1.0):
     return F.log_softmax(logits, -1).gather(2, resp_ids[..., None]).squeeze(2)
 
 
+class Critic(torch.nn.Module):
+    """Value model: the policy's trunk (a copy) + a zero-initialized scalar head (starts at V = 0)."""
+
+    def __init__(self, trunk):
+        super().__init__()
+        self.trunk = trunk
+        self.head = torch.nn.Linear(trunk.config.hidden_size, 1)
+        torch.nn.init.zeros_(self.head.weight)
+        torch.nn.init.zeros_(self.head.bias)
+
+    def forward(self, prompt_ids, resp_ids):
+        """V at each response token's input position (the state before that token is chosen)."""
+        full = torch.cat([prompt_ids, resp_ids], 1)
+        h = self.trunk(full).last_hidden_state[:, prompt_ids.shape[1] - 1 : -1]
+        return self.head(h).squeeze(-1)
+
+
 def run(args) -> dict:
     import transformers as tf
 
@@ -51,12 +68,17 @@ def run(args) -> dict:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    with tempfile.TemporaryDirectory() as d:
-        build_toy_model(d, seed=args.seed, **json.loads(args.model))
-        tok = tf.AutoTokenizer.from_pretrained(d)
-        model = tf.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    tmp = tempfile.TemporaryDirectory()
+    d_model = tmp.name
+    build_toy_model(d_model, seed=args.seed, **json.loads(args.model))
+    tok = tf.AutoTokenizer.from_pretrained(d_model)
+    model = tf.AutoModelForCausalLM.from_pretrained(d_model, dtype=torch.float32)
     t_build = time.time() - t0
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
+    critic = critic_opt = None
+    if args.adv == "gae":  # PPO: a critic from the same checkpoint with a zero-initialized value head
+        critic = Critic(tf.AutoModelForCausalLM.from_pretrained(d_model, dtype=torch.float32).model)
+        critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
     k = args.response_len or TOY_RESPONSE_LEN
     history = []
     t_train = time.time()
@@ -75,8 +97,16 @@ def run(args) -> dict:
         grp = rewards.view(args.prompts, args.samples)
         if args.adv == "grpo":  # group-relative: baseline and scale from the same prompt's samples
             adv = ((grp - grp.mean(1, keepdim=True)) / (grp.std(1, keepdim=True) + 1e-6)).view(-1)
-        else:  # "batch": whitened over the batch, no per-prompt baseline (a PPO critic that knows nothing yet)
+        elif args.adv == "batch":  # whitened over the batch, no per-prompt baseline
             adv = (rewards - rewards.mean()) / (rewards.std() + 1e-6)
+        else:  # "gae" with gamma = lambda = 1: A_t = R - V_t, whitened over valid tokens
+            with torch.no_grad():
+                old_v = critic(pids, resp)
+            ret = rewards[:, None].expand_as(old_v)
+            adv_tok = ret - old_v
+            mu = (adv_tok * mask).sum() / mask.sum()
+            var = (((adv_tok - mu) ** 2) * mask).sum() / mask.sum()
+            adv_tok = (adv_tok - mu) / (var.sqrt() + 1e-6)
         model.train()
         n = pids.shape[0]
         mb = n // args.minibatches
@@ -86,7 +116,7 @@ def run(args) -> dict:
                 idx = perm[i * mb : (i + 1) * mb]
                 lp = token_logp(model, pids[idx], resp[idx])
                 ratio = (lp - old_lp[idx]).exp()
-                a = adv[idx][:, None]
+                a = adv_tok[idx] if args.adv == "gae" else adv[idx][:, None]
                 loss_tok = -torch.min(ratio * a, ratio.clamp(1 - args.clip, 1 + args.clip) * a)
                 m = mask[idx]
                 loss = (loss_tok * m).sum() / m.sum().clamp(min=1)
@@ -94,10 +124,20 @@ def run(args) -> dict:
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
+                if critic is not None:
+                    v = critic(pids[idx], resp[idx])
+                    v_clip = old_v[idx] + (v - old_v[idx]).clamp(-args.clip_value, args.clip_value)
+                    vl = torch.max((v - ret[idx]) ** 2, (v_clip - ret[idx]) ** 2)
+                    vloss = 0.5 * (vl * m).sum() / m.sum().clamp(min=1)
+                    critic_opt.zero_grad()
+                    vloss.backward()
+                    torch.nn.utils.clip_grad_norm_(critic.parameters(), 1.0)
+                    critic_opt.step()
         history.append(round(rewards.mean().item(), 4))
         if args.verbose:
             print(f"step {step:3d} reward {history[-1]:.3f}  e.g. {prompts[0]!r} -> {texts[0]!r}", flush=True)
     t_train = time.time() - t_train
+    tmp.cleanup()
     first, last = statistics.mean(history[:3]), statistics.mean(history[-3:])
     return dict(args=vars(args), rewards=history, first3=round(first, 4), last3=round(last, 4),
                 gain=round(last - first, 4), build_s=round(t_build, 2), train_s=round(t_train, 2))
@@ -109,7 +149,10 @@ def main(argv=None):
     p.add_argument("--prompts", type=int, default=16, help="prompts per step")
     p.add_argument("--samples", type=int, default=8, help="samples per prompt (GRPO group size)")
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--adv", choices=["grpo", "batch"], default="grpo")
+    p.add_argument("--adv", choices=["grpo", "batch", "gae"], default="grpo",
+                   help="grpo: group-relative; batch: batch-whitened; gae: PPO with a critic (gamma=lambda=1)")
+    p.add_argument("--critic-lr", type=float, default=1e-3)
+    p.add_argument("--clip-value", type=float, default=0.5)
     p.add_argument("--clip", type=float, default=0.2)
     p.add_argument("--ppo-epochs", type=int, default=1)
     p.add_argument("--minibatches", type=int, default=4, help="optimizer steps per PPO epoch")

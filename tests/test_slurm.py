@@ -221,14 +221,15 @@ def test_train_sbatch_launches_ranks_that_rendezvous(slurm_cluster, probe, launc
     assert f"via {launcher}" in res.log()
 
 
-def test_train_sbatch_sigterm_checkpoints_requeues_and_resumes(slurm_cluster, probe):
+@pytest.mark.parametrize("launcher", ["srun", "torchrun"])
+def test_train_sbatch_sigterm_checkpoints_requeues_and_resumes(slurm_cluster, probe, launcher):
     """The --signal=B:TERM path: the batch shell gets SIGTERM, every rank is told to
     checkpoint, the job is requeued under the same id and the next start resumes."""
     path, out = probe
-    env = {"MCORE_RL_LAUNCHER": "srun", "MCORE_RL_NPROC_PER_NODE": "2", "MCORE_RL_ENTRY": str(path),
+    env = {"MCORE_RL_LAUNCHER": launcher, "MCORE_RL_NPROC_PER_NODE": "2", "MCORE_RL_ENTRY": str(path),
            "PROBE_OUT": str(out), "PROBE_WAIT_TERM": "1", "MCORE_RL_DEVICE": "cpu"}
-    job = slurm_cluster.submit(REPO / "slurm/train.sbatch", ["trainer.total_steps=3"], env=env,
-                               opts=["--gpus-per-node=0", "--ntasks-per-node=2", "--time=5"])
+    opts = ["--gpus-per-node=0", "--time=5"] + (["--ntasks-per-node=2"] if launcher == "srun" else [])
+    job = slurm_cluster.submit(REPO / "slurm/train.sbatch", ["trainer.total_steps=3"], env=env, opts=opts)
     deadline = time.monotonic() + 60
     while len(list(out.glob("waiting.rank*"))) < 2:
         assert time.monotonic() < deadline, "ranks never started"

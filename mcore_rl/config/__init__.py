@@ -1,0 +1,103 @@
+"""Configuration: `configs/defaults.yaml` is the schema, presets and `key=value` overrides go on top.
+
+Validation happens here, before any process group, model or engine exists:
+- an unknown key fails and names the closest valid keys;
+- sizes that cannot work fail with the numbers (`check_sizes`, given the world size).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+DEFAULTS = CONFIG_DIR / "defaults.yaml"
+TOY = CONFIG_DIR / "toy.yaml"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _flat_keys(cfg, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in cfg.items():
+        full = f"{prefix}{k}"
+        keys.append(full)
+        if isinstance(v, DictConfig):
+            keys += _flat_keys(v, full + ".")
+    return keys
+
+
+def _check_keys(schema: DictConfig, cfg: DictConfig, where: str) -> None:
+    valid = set(_flat_keys(schema))
+    for key in _flat_keys(cfg):
+        if key not in valid:
+            parent = key.rsplit(".", 1)[0] if "." in key else ""
+            if parent and parent not in valid:
+                continue  # reported at the parent
+            close = difflib.get_close_matches(key, sorted(valid), n=3, cutoff=0.5)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            if not close and not parent:
+                hint = f"; valid sections: {', '.join(schema.keys())}"
+            raise ConfigError(f"unknown config key {key!r} (from {where}){hint}")
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> DictConfig:
+    """defaults.yaml <- preset/user YAML (`path`, default the toy config) <- overrides."""
+    schema = OmegaConf.load(DEFAULTS)
+    cfg = schema
+    layers = [(TOY if path is None else Path(path), None)]
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"overrides must be key=value, got {bad}")
+        layers.append((None, OmegaConf.from_dotlist(list(overrides))))
+    for file, layer in layers:
+        if file is not None:
+            if not file.exists():
+                raise ConfigError(f"config file {file} not found (presets: {', '.join(p.name for p in CONFIG_DIR.glob('*.yaml'))})")
+            layer = OmegaConf.load(file)
+        _check_keys(schema, layer, str(file) if file else "command line")
+        cfg = OmegaConf.merge(cfg, layer)
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def check_sizes(cfg: DictConfig, world_size: int, spec=None) -> None:
+    """Fail early, with the numbers, on sizes that cannot work."""
+    a = cfg.actor_rollout_ref
+    tp, pp = a.actor.megatron.tensor_model_parallel_size, a.actor.megatron.pipeline_model_parallel_size
+    rtp = a.rollout.tensor_model_parallel_size
+    problems = []
+    if world_size % (tp * pp):
+        problems.append(f"world size {world_size} is not divisible by TP={tp} x PP={pp}")
+    if world_size % rtp:
+        problems.append(f"world size {world_size} is not divisible by rollout TP={rtp}")
+    dp = max(world_size // (tp * pp), 1)
+    n = a.rollout.n
+    if a.actor.ppo_mini_batch_size > cfg.data.train_batch_size or cfg.data.train_batch_size % a.actor.ppo_mini_batch_size:
+        problems.append(f"data.train_batch_size={cfg.data.train_batch_size} is not a multiple of "
+                        f"actor.ppo_mini_batch_size={a.actor.ppo_mini_batch_size}")
+    mini = a.actor.ppo_mini_batch_size * n
+    for name, micro in (("actor.ppo_micro_batch_size_per_gpu", a.actor.ppo_micro_batch_size_per_gpu),
+                        ("critic.ppo_micro_batch_size_per_gpu", cfg.critic.ppo_micro_batch_size_per_gpu)):
+        if mini % (dp * micro):
+            problems.append(f"mini-batch of {mini} sequences (ppo_mini_batch_size={a.actor.ppo_mini_batch_size} x "
+                            f"rollout.n={n}) is not divisible by DP={dp} x {name}={micro}")
+    if cfg.algorithm.adv_estimator in ("grpo", "rloo", "reinforce_plus_plus_baseline") and n < 2:
+        problems.append(f"algorithm.adv_estimator={cfg.algorithm.adv_estimator} needs rollout.n >= 2 (got {n})")
+    if spec is not None:
+        try:
+            spec.check_parallel(tp, pp)
+        except ValueError as e:
+            problems.append(str(e))
+    if problems:
+        raise ConfigError("impossible sizes: " + "; ".join(problems))
+
+
+def to_plain(cfg) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, (DictConfig, ListConfig)) else cfg
