@@ -1,0 +1,43 @@
+"""`mcore-rl train [CONFIG.yaml] [key=value ...]` == `python -m mcore_rl.trainer.main_ppo [...]`.
+
+With no arguments it runs the built-in toy task. Under torchrun or srun every rank runs this.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        print("presets: configs/ppo.yaml, configs/grpo.yaml, configs/toy.yaml (default); keys: configs/defaults.yaml")
+        raise SystemExit(0)
+    config = None
+    if argv and "=" not in argv[0]:
+        config, argv = argv[0], argv[1:]
+    return config, argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mcore_rl.config import ConfigError, load_config
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config, overrides = parse_args(argv)
+    try:
+        cfg = load_config(config, overrides)
+        from mcore_rl.trainer.ppo_trainer import PPOTrainer
+
+        trainer = PPOTrainer(cfg)
+    except ConfigError as e:
+        print(f"mcore-rl train: config error: {e}", file=sys.stderr)
+        return 2
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

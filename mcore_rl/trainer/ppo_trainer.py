@@ -1,0 +1,300 @@
+"""The RL loop, SPMD and colocated: every rank runs this same code on its own shards.
+
+One step (ARCHITECTURE.md):
+  prompts -> reshard actor into the rollout engine -> generate (rollout DP slices) ->
+  rewards -> gather samples on every rank -> old / reference log-probs, values (Megatron,
+  DP-sliced, all-gathered) -> advantages on the global batch -> PPO epochs over mini-batches
+  (actor, critic) -> metrics, checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from mcore_rl.algorithms import apply_kl_in_reward, compute_advantages, filter_zero_variance_groups, overlong_penalty
+from mcore_rl.config import check_sizes, to_plain
+from mcore_rl.trainer.batch import Sample, last_token_rewards, pad_batch
+from mcore_rl.trainer.tracking import Tracker, console_line
+from mcore_rl.trainer.workers import compute_logprobs, compute_values, update_actor, update_critic
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _say(msg: str) -> None:
+    if _rank0():
+        print(msg, flush=True)
+
+
+def default_output_dir(cfg: DictConfig) -> str:
+    return os.path.join(os.getcwd(), "outputs", cfg.trainer.project_name, cfg.trainer.experiment_name)
+
+
+class PPOTrainer:
+    def __init__(self, cfg: DictConfig):
+        from mcore_rl.distributed import init_distributed
+
+        self.cfg = cfg
+        a = cfg.actor_rollout_ref
+        tp, pp = a.actor.megatron.tensor_model_parallel_size, a.actor.megatron.pipeline_model_parallel_size
+        if cfg.trainer.device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("trainer.device=cuda but CUDA is not available")
+        world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+        check_sizes(cfg, world)  # before any process group forms
+        self.output_dir = cfg.trainer.output_dir or default_output_dir(cfg)
+        torch.manual_seed(cfg.trainer.seed)
+        init_distributed(tp, pp, seed=cfg.trainer.seed)
+        self.world, self.rank = dist.get_world_size(), dist.get_rank()
+        _say(f"mcore_rl: output dir {self.output_dir}")
+        self._describe_layout(tp, pp)
+        self.model_path = self._model_path()
+        self._build()
+
+    # ---------------------------------------------------------------- setup
+    def _describe_layout(self, tp: int, pp: int) -> None:
+        try:
+            from mcore_rl.distributed.env import read_launch_env
+            from mcore_rl.distributed.layout import describe_layout, rank_layout
+
+            layout = rank_layout(self.world, tp, pp, rollout_tp=self.cfg.actor_rollout_ref.rollout.tensor_model_parallel_size)
+            env = read_launch_env()
+            if env.local_rank == 0:
+                for line in describe_layout(layout, env):
+                    print(line, flush=True)
+        except ImportError:
+            pass
+
+    def _model_path(self) -> str:
+        path = self.cfg.actor_rollout_ref.model.path
+        if path:
+            return str(path)
+        if self.cfg.data.dataset_name != "toy":
+            raise ValueError("actor_rollout_ref.model.path is required (only the toy dataset builds its own model)")
+        from mcore_rl.toy import build_toy_model
+
+        path = os.path.join(self.output_dir, "toy_model")
+        if _rank0() and not os.path.exists(os.path.join(path, "config.json")):
+            build_toy_model(path, seed=self.cfg.trainer.seed)
+        dist.barrier()
+        return path
+
+    def _build(self) -> None:
+        from transformers import AutoTokenizer
+
+        from converters.hf_io import load_hf_into_model
+        from mcore_rl.data import PromptLoader, load_prompts
+        from mcore_rl.models.arch import arch_from_hf_config
+        from mcore_rl.models.build import build_model
+        from mcore_rl.models.optim import wrap_for_training
+        from mcore_rl.resharding import Resharder
+        from mcore_rl.rewards import get_reward_fn
+        from megatron.core import parallel_state as ps
+
+        cfg, a = self.cfg, self.cfg.actor_rollout_ref
+        self.spec = arch_from_hf_config(self.model_path)
+        check_sizes(cfg, self.world, self.spec)
+        dtype = DTYPES[a.model.dtype]
+        impl = a.model.transformer_impl
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (self.tokenizer.eos_token_id or 0)
+
+        def model(role, optim=None):
+            m = build_model(self.spec, role=role, dtype=dtype, transformer_impl=impl)
+            load_hf_into_model(m, self.spec, self.model_path)
+            if optim is None:
+                return m, None
+            return wrap_for_training(m, lr=optim.lr, weight_decay=optim.weight_decay, clip_grad=optim.clip_grad,
+                                     betas=tuple(optim.betas), use_distributed_optimizer=a.actor.use_distributed_optimizer)
+
+        t0 = time.perf_counter()
+        self.actor, self.actor_opt = model("actor", a.actor.optim)
+        self.use_critic = cfg.algorithm.adv_estimator == "gae"
+        self.critic, self.critic_opt = model("critic", cfg.critic.optim) if self.use_critic else (None, None)
+        self.need_ref = a.actor.use_kl_loss or cfg.algorithm.use_kl_in_reward
+        self.ref = model("reference")[0] if self.need_ref else None
+        _say(f"mcore_rl: models ready in {time.perf_counter() - t0:.1f}s "
+             f"({self.spec.hf_architecture}, {self.spec.num_params() / 1e6:.2f}M params, "
+             f"TP={ps.get_tensor_model_parallel_world_size()} PP={ps.get_pipeline_model_parallel_world_size()} "
+             f"DP={ps.get_data_parallel_world_size()}, critic={'yes' if self.use_critic else 'no'}, "
+             f"reference={'yes' if self.need_ref else 'no'})")
+
+        self.resharder = Resharder(self.actor, bucket_mb=a.rollout.sync_bucket_mb)
+        self.engine = self._make_engine(dtype)
+        rows = load_prompts(cfg.data, self.tokenizer)
+        self.loader = PromptLoader(rows, batch_size=cfg.data.train_batch_size, seed=cfg.data.seed,
+                                   shuffle=cfg.data.shuffle)
+        self.reward_fn = get_reward_fn(cfg.reward.name)
+        self.step = 0
+
+    def _make_engine(self, dtype):
+        from mcore_rl.rollout import make_engine
+
+        r = self.cfg.actor_rollout_ref.rollout
+        t0 = time.perf_counter()
+        engine = make_engine(
+            r.name, model_path=self.model_path, tensor_parallel_size=r.tensor_model_parallel_size,
+            dtype=self.cfg.actor_rollout_ref.model.dtype, seed=self.cfg.trainer.seed,
+            gpu_memory_utilization=r.gpu_memory_utilization,
+            max_model_len=self.cfg.data.max_prompt_length + self.cfg.data.max_response_length,
+            enforce_eager=r.enforce_eager, kv_cache_gib_cpu=r.kv_cache_gib_cpu)
+        _say(f"mcore_rl: rollout engine {type(engine).__name__} ready in {time.perf_counter() - t0:.1f}s")
+        return engine
+
+    # ---------------------------------------------------------------- one step
+    def _rollout(self, rows: list[dict], timing: dict) -> list[Sample]:
+        from mcore_rl.rewards import score_batch
+        from mcore_rl.rollout import Sampling
+
+        r = self.cfg.actor_rollout_ref.rollout
+        rtp = r.tensor_model_parallel_size
+        rollout_dp, rollout_rank = self.world // rtp, self.rank // rtp
+        per = math.ceil(len(rows) / rollout_dp)
+        first = rollout_rank * per
+        mine = rows[first:first + per]
+        t = time.perf_counter()
+        sampling = Sampling(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                            max_tokens=self.cfg.data.max_response_length,
+                            seed=self.cfg.trainer.seed * 1_000_003 + self.step * 100_003 + first * r.n)
+        outs = self.engine.generate([row["prompt_ids"] for row in mine], sampling) if mine else []
+        timing["timing/generate"] = time.perf_counter() - t
+        t = time.perf_counter()
+        samples = []
+        texts = self.tokenizer.batch_decode([o.token_ids for o in outs], skip_special_tokens=True)
+        scores, errors = score_batch(self.reward_fn, [mine[o.prompt_index]["prompt_text"] for o in outs], texts,
+                                     [mine[o.prompt_index].get("ground_truth") for o in outs], strict=self.cfg.reward.strict)
+        for o, s, e in zip(outs, scores, errors):
+            samples.append(Sample(first + o.prompt_index, o.sample_index, list(mine[o.prompt_index]["prompt_ids"]),
+                                  list(o.token_ids), list(o.logprobs), o.finish_reason, float(s), e))
+        timing["timing/reward"] = time.perf_counter() - t
+        # every rank gets every sample (only the first rank of each rollout TP group contributes)
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, samples if self.rank % rtp == 0 else [])
+        allsamples = sorted((s for part in gathered for s in part), key=lambda s: (s.prompt_index, s.sample_index))
+        for s in allsamples:
+            if s.reward_error and _rank0():
+                print(f"mcore_rl: reward error (prompt {s.prompt_index}, sample {s.sample_index}): {s.reward_error}", flush=True)
+        return allsamples
+
+    def train_step(self) -> dict:
+        cfg, a = self.cfg, self.cfg.actor_rollout_ref
+        timing, t_step = {}, time.perf_counter()
+        rows = self.loader.next_batch()
+        t = time.perf_counter()
+        timing.update({k: v for k, v in self.resharder.sync(self.engine).items()})
+        timing["timing/sync"] = time.perf_counter() - t
+        samples = self._rollout(rows, timing)
+        metrics: dict = {}
+        scores = torch.tensor([s.score for s in samples])
+        metrics["reward/mean"] = float(scores.mean())
+        metrics["reward/max"], metrics["reward/min"] = float(scores.max()), float(scores.min())
+        if cfg.algorithm.overlong_buffer.enable:
+            lengths = torch.tensor([len(s.response_ids) for s in samples], dtype=torch.float32)
+            pen = overlong_penalty(lengths, cfg.data.max_response_length, cfg.algorithm.overlong_buffer.len,
+                                   cfg.algorithm.overlong_buffer.penalty_factor)
+            for s, p in zip(samples, pen.tolist()):
+                s.score += p
+        if cfg.algorithm.filter_groups.enable:
+            keep = filter_zero_variance_groups(torch.tensor([s.score for s in samples]),
+                                               torch.tensor([s.prompt_index for s in samples]))
+            metrics["filter/kept_fraction"] = float(keep.float().mean())
+            kept = [s for s, k in zip(samples, keep.tolist()) if k]
+            samples = self._trim(kept)
+        batch = pad_batch(samples, cfg.data.max_prompt_length, cfg.data.max_response_length, self.pad_id)
+        mask = batch["mask"]
+        metrics["response/length_mean"] = float(batch["response_length"].mean())
+        metrics["response/clip_ratio"] = sum(s.finish_reason == "length" for s in samples) / len(samples)
+
+        t = time.perf_counter()
+        old_logp, _ = compute_logprobs(self.actor, batch, a.rollout.log_prob_micro_batch_size_per_gpu)
+        batch["old_logp"] = old_logp.cpu()
+        if self.need_ref:
+            batch["ref_logp"] = compute_logprobs(self.ref, batch, a.ref.log_prob_micro_batch_size_per_gpu)[0].cpu()
+            metrics["actor/kl"] = float(((batch["old_logp"] - batch["ref_logp"]) * mask).sum() / mask.sum().clamp(min=1))
+        if self.use_critic:
+            batch["old_values"] = compute_values(self.critic, batch, cfg.critic.ppo_micro_batch_size_per_gpu).cpu()
+        diff = (batch["old_logp"] - batch["rollout_logprobs"]).abs()[mask]
+        metrics["rollout/logprob_diff_max"] = float(diff.max()) if diff.numel() else 0.0
+        timing["timing/logprob"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        token_rewards = last_token_rewards(batch["scores"], mask)
+        if cfg.algorithm.use_kl_in_reward:
+            token_rewards, kl = apply_kl_in_reward(token_rewards, batch["old_logp"], batch["ref_logp"], mask,
+                                                   cfg.algorithm.kl_ctrl.kl_coef, cfg.algorithm.kl_penalty)
+        adv, returns = compute_advantages(
+            cfg.algorithm.adv_estimator, mask=mask, token_rewards=token_rewards, scores=batch["scores"],
+            values=batch.get("old_values"), group_index=batch["group_index"], gamma=cfg.algorithm.gamma,
+            lam=cfg.algorithm.lam, norm_by_std=cfg.algorithm.norm_adv_by_std_in_grpo)
+        batch["advantages"] = adv
+        if returns is not None:
+            batch["returns"] = returns
+        timing["timing/advantage"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        n = len(samples)
+        mini = a.actor.ppo_mini_batch_size * a.rollout.n
+        mini_rows = [range(i, min(i + mini, n)) for i in range(0, n, mini)]
+        if self.use_critic:
+            metrics.update(update_critic(self.critic, self.critic_opt, batch, cfg, mini_rows))
+        metrics.update(update_actor(self.actor, self.actor_opt, batch, cfg, mini_rows))
+        if not self.need_ref:
+            metrics["actor/kl"] = metrics.get("actor/ppo_kl", float("nan"))
+        timing["timing/train"] = time.perf_counter() - t
+        timing["timing/step"] = time.perf_counter() - t_step
+        accounted = sum(timing[k] for k in ("timing/sync", "timing/generate", "timing/reward", "timing/logprob",
+                                            "timing/advantage", "timing/train"))
+        timing["timing/other"] = timing["timing/step"] - accounted
+        tokens = float(batch["response_length"].sum() + sum(len(s.prompt_ids) for s in samples))
+        metrics["perf/tokens_per_s"] = tokens / timing["timing/step"]
+        metrics.update(timing)
+        return metrics
+
+    def _trim(self, samples: list[Sample]) -> list[Sample]:
+        """After dynamic sampling, keep whole mini-batches (sizes must stay divisible)."""
+        a = self.cfg.actor_rollout_ref
+        unit = a.actor.ppo_mini_batch_size * a.rollout.n
+        keep = (len(samples) // unit) * unit
+        if keep == 0:
+            raise RuntimeError("dynamic sampling dropped every group this step (all rewards equal per prompt)")
+        return samples[:keep]
+
+    # ---------------------------------------------------------------- loop
+    def fit(self) -> list[dict]:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        tracker = Tracker(self.output_dir, list(cfg.trainer.logger) if _rank0() else [], to_plain(cfg),
+                          cfg.trainer.project_name, cfg.trainer.experiment_name, resume_step=self.step)
+        if _rank0():
+            OmegaConf.save(cfg, os.path.join(self.output_dir, "config.yaml"))
+        t0 = time.perf_counter()
+        history = []
+        bar = tqdm(total=cfg.trainer.max_steps, initial=self.step, desc="train", unit="step",
+                   disable=not _rank0(), leave=False)
+        while self.step < cfg.trainer.max_steps:
+            self.step += 1
+            m = self.train_step()
+            history.append({"step": self.step, **m})
+            if _rank0():
+                tracker.log(self.step, m)
+                bar.write(console_line(self.step, m))
+                bar.update(1)
+        bar.close()
+        tracker.close()
+        _say(f"Training completed in {time.perf_counter() - t0:.1f}s ({self.step} steps); metrics: "
+             f"{os.path.join(self.output_dir, 'metrics.jsonl')}")
+        return history
+
+    def close(self) -> None:
+        if getattr(self, "engine", None) is not None:
+            self.engine.close()
+            self.engine = None
