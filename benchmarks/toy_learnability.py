@@ -1,10 +1,12 @@
-"""Is the toy task learnable in ~20 RL steps on a CPU? A plain-PyTorch GRPO loop on the toy HF model.
+"""Is the toy task learnable in ~20 RL steps on a CPU? A plain-PyTorch GRPO/PPO loop on the toy HF model.
 
-Samples with a manual loop (full recompute: sequences are ~13 tokens), group-relative advantages,
-PPO-clipped policy loss, Adam. Prints the reward per step and the wall time, so the toy config
+Samples with a manual loop (full recompute: sequences are 11 tokens), group-relative advantages
+(or PPO's with a critic, `--adv gae`), PPO-clipped policy loss, Adam. Prints the reward per step and the wall time, so the toy config
 defaults of the real trainer can be chosen from measured numbers.
 
-    python benchmarks/toy_learnability.py [--steps 20 --prompts 16 --samples 8 --lr 3e-3 ...]
+    python benchmarks/toy_learnability.py [--seeds 5] [--adv gae --prompts 128 --samples 1] [--verbose]
+
+Defaults are `mcore_rl.toy.TOY_TRAIN_DEFAULTS`.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ class Critic(torch.nn.Module):
 def run(args) -> dict:
     import transformers as tf
 
-    from mcore_rl.toy import TOY_RESPONSE_LEN, build_toy_model, toy_prompts, toy_reward
+    from mcore_rl.toy import build_toy_model, toy_prompts, toy_reward
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -79,7 +81,7 @@ def run(args) -> dict:
     if args.adv == "gae":  # PPO: a critic from the same checkpoint with a zero-initialized value head
         critic = Critic(tf.AutoModelForCausalLM.from_pretrained(d_model, dtype=torch.float32).model)
         critic_opt = torch.optim.Adam(critic.parameters(), lr=args.critic_lr)
-    k = args.response_len or TOY_RESPONSE_LEN
+    k = args.response_len
     history = []
     t_train = time.time()
     for step in range(args.steps):
@@ -90,8 +92,7 @@ def run(args) -> dict:
         pids = enc.input_ids
         model.eval()
         resp, mask, old_lp = sample(model, pids, k, tok.eos_token_id)
-        texts = tok.batch_decode(resp, skip_special_tokens=True)
-        # truncate at eos (decode drops it, but tokens after it must not count)
+        # cut at eos: tokens sampled after it are not part of the response
         texts = [tok.decode(r[: int(m.sum())], skip_special_tokens=True) for r, m in zip(resp, mask)]
         rewards = torch.tensor([toy_reward(p, t, g, k=k) for p, t, g in zip(prompts, texts, gts)])
         grp = rewards.view(args.prompts, args.samples)
@@ -143,32 +144,37 @@ def run(args) -> dict:
                 gain=round(last - first, 4), build_s=round(t_build, 2), train_s=round(t_train, 2))
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    from mcore_rl.toy import TOY_PROMPT_DIGITS, TOY_TRAIN_DEFAULTS as D
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--prompts", type=int, default=16, help="prompts per step")
-    p.add_argument("--samples", type=int, default=8, help="samples per prompt (GRPO group size)")
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--steps", type=int, default=D["steps"])
+    p.add_argument("--prompts", type=int, default=D["prompts_per_step"], help="prompts per step")
+    p.add_argument("--samples", type=int, default=D["samples_per_prompt"], help="samples per prompt (group size)")
+    p.add_argument("--lr", type=float, default=D["actor_lr"])
     p.add_argument("--adv", choices=["grpo", "batch", "gae"], default="grpo",
                    help="grpo: group-relative; batch: batch-whitened; gae: PPO with a critic (gamma=lambda=1)")
-    p.add_argument("--critic-lr", type=float, default=1e-3)
-    p.add_argument("--clip-value", type=float, default=0.5)
-    p.add_argument("--clip", type=float, default=0.2)
-    p.add_argument("--ppo-epochs", type=int, default=1)
-    p.add_argument("--minibatches", type=int, default=4, help="optimizer steps per PPO epoch")
-    p.add_argument("--digits", type=int, default=None, help="prompt digits (default: the toy's)")
+    p.add_argument("--critic-lr", type=float, default=D["critic_lr"])
+    p.add_argument("--clip", type=float, default=D["clip_ratio"])
+    p.add_argument("--clip-value", type=float, default=D["value_clip"])
+    p.add_argument("--ppo-epochs", type=int, default=D["ppo_epochs"])
+    p.add_argument("--minibatches", type=int, default=D["ppo_mini_batches"], help="optimizer steps per PPO epoch")
+    p.add_argument("--digits", type=int, default=TOY_PROMPT_DIGITS, help="prompt digits")
     p.add_argument("--sep", default=":", help="text after the prompt digits")
     p.add_argument("--model", default="{}", help="JSON overrides of the toy LlamaConfig")
-    p.add_argument("--response-len", type=int, default=None)
+    p.add_argument("--response-len", type=int, default=D["response_length"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, default=1, help="repeat with seeds seed..seed+N-1")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
-    if args.digits is None:
-        from mcore_rl.toy import TOY_PROMPT_DIGITS
+    if args.adv == "grpo" and args.samples < 2:
+        p.error("grpo needs --samples >= 2 (group-relative advantages)")
+    return args
 
-        args.digits = TOY_PROMPT_DIGITS
+
+def main(argv=None):
+    args = parse_args(argv)
     base = args.seed
     for s in range(args.seeds):
         args.seed = base + s

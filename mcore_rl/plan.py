@@ -191,10 +191,7 @@ def params_per_gpu(pc: ParamCounts, s: ModelShape, tp: int, pp: int, value_head:
     stage_layers = math.ceil(pc.layers / pp)
     emb = vp * s.e / tp
     out = s.hidden if value_head else (vp * s.e / tp)
-    if value_head:
-        needs_out = True
-    else:
-        needs_out = not s.tied or pp > 1
+    needs_out = value_head or not s.tied or pp > 1
     if pp == 1:
         return round(stage_layers * per_layer + emb + pc.first_extra + pc.last_extra + (out if needs_out else 0))
     first = stage_layers * per_layer + emb + pc.first_extra
@@ -306,7 +303,6 @@ def estimate_memory(shape: ModelShape, p: PlanInputs) -> MemoryEstimate:
     """
     b = p.dtype_bytes
     pc = count_params(shape)
-    dp = p.world_size // (p.tp * p.pp * p.cp)
     s = p.max_prompt_length + p.max_response_length
     opt_per_param = 8 + (4 if b < 4 else 0)
 

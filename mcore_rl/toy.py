@@ -84,10 +84,18 @@ def build_toy_tokenizer(out_dir: str | os.PathLike):
     )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
-        model_max_length=TOY_MODEL_CONFIG["max_position_embeddings"], padding_side="left",
+        model_max_length=TOY_MODEL_CONFIG["max_position_embeddings"],
+        padding_side="left",  # batched prompts end where generation starts
     )
     os.makedirs(out_dir, exist_ok=True)
     fast.save_pretrained(str(out_dir))
+    # transformers 5 writes its own class name, which 4.x cannot resolve; this name loads in both.
+    cfg_path = os.path.join(str(out_dir), "tokenizer_config.json")
+    with open(cfg_path) as f:
+        tok_cfg = json.load(f)
+    tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    with open(cfg_path, "w") as f:
+        json.dump(tok_cfg, f, indent=2)
     return fast
 
 
@@ -107,7 +115,6 @@ def build_toy_model(out_dir: str | os.PathLike, seed: int = 0, **config_override
         pad_token_id=tokenizer.pad_token_id,
         **{**TOY_MODEL_CONFIG, **config_overrides},
     )
-    cfg.torch_dtype = torch.float32
     state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
@@ -120,7 +127,10 @@ def build_toy_model(out_dir: str | os.PathLike, seed: int = 0, **config_override
 
 
 def toy_prompts(n: int, seed: int = 0, num_digits: int = TOY_PROMPT_DIGITS, sep: str = ":") -> list[dict]:
-    """`n` toy rows ``{"prompt": "3907:", "ground_truth": "7"}``, deterministic in `seed`."""
+    """`n` toy rows ``{"prompt": "7:", "ground_truth": "7"}``, deterministic in `seed`.
+
+    `num_digits` > 1 makes the harder variant (``"3907:"`` -> repeat the last digit, ``"7"``).
+    """
     rng = random.Random(seed)
     rows = []
     for _ in range(n):

@@ -160,7 +160,7 @@ def test_export_for_torch_roundtrip():
 
 def test_export_for_torch_defaults_to_os_environ(monkeypatch):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(k, raising=False)
+        monkeypatch.setenv(k, "0")  # setenv records the original state, so teardown removes what we add
     export_for_torch(LaunchEnv(0, 1, 0, 1, 0, 1, "127.0.0.1", 30123, "single"))
     assert os.environ["MASTER_PORT"] == "30123" and os.environ["WORLD_SIZE"] == "1"
 

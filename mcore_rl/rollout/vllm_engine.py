@@ -62,6 +62,12 @@ def _prepare_env() -> None:
         os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
 
 
+def _drop_tokenizerless_warmup_warning(record: logging.LogRecord) -> bool:
+    """vLLM warms up a chat template at start and logs a traceback when there is no tokenizer,
+    which is always the case here (token ids in and out): drop that one record."""
+    return not str(record.msg).startswith("Chat template warmup failed")
+
+
 def _sampled_logprobs(lps, token_ids: Sequence[int]) -> list[float]:
     """Log-prob of each sampled token from a completion's `logprobs` (list of dicts or FlatLogprobs)."""
     if lps is None:
@@ -91,7 +97,9 @@ class VLLMEngine(RolloutEngine):
         tensor_parallel_size: rollout TP (GPU; uses the external launcher, see module doc).
         dtype: vLLM dtype; ``"auto"`` loads fp32 checkpoints as bf16 on CPU, so pass
             ``"float32"`` for exact comparisons.
-        seed: the engine's sampling seed (identical on the ranks of one TP group).
+        seed: the engine's sampling seed (identical on the ranks of one TP group). vLLM seeds
+            the process-global RNGs (python, numpy, torch) with it when the engine is built, and
+            requests without their own seed draw from torch's global generator.
         gpu_memory_utilization: fraction of GPU memory for weights + KV cache (GPU only).
         max_model_len: context length (prompt + completion); default: the checkpoint's.
         enforce_eager: None -> True on CPU (compilation costs ~25 s and gains nothing there),
@@ -147,10 +155,14 @@ class VLLMEngine(RolloutEngine):
             kwargs["distributed_executor_backend"] = "external_launcher"
         kwargs.update(engine_kwargs)
 
+        warmup_logger = logging.getLogger("vllm.renderers.base")
+        if _drop_tokenizerless_warmup_warning not in warmup_logger.filters:
+            warmup_logger.addFilter(_drop_tokenizerless_warmup_warning)
         t0 = time.perf_counter()
         self.llm = vllm.LLM(**kwargs)
         self.start_time_s = time.perf_counter() - t0
         self._asleep = False
+        self._awake_tags: set[str] = set()
         self._sampling_params_cls = vllm.SamplingParams
         self.max_model_len = self.llm.llm_engine.vllm_config.model_config.max_model_len
         self._tied = bool(getattr(self.llm.llm_engine.vllm_config.model_config.hf_text_config,
@@ -240,7 +252,7 @@ class VLLMEngine(RolloutEngine):
             return
         self.llm.sleep(level=level)
         self._asleep = True
-        self._awake_tags: set[str] = set()
+        self._awake_tags = set()
 
     def wake_up(self, tags: list[str] | None = None) -> None:
         """Re-allocate ``"weights"`` and/or ``"kv_cache"`` (None: both). Waking the weights first,
@@ -264,6 +276,7 @@ class VLLMEngine(RolloutEngine):
         (created before this engine) it is kept alive. vLLM's model-parallel state is global to
         the process: close an engine only when no other engine of this process is used again.
         Call close() explicitly: the engine's garbage-collection finalizer has no such guard.
+        Memory comes back only if nothing else still references the model (e.g. from `model()`).
         """
         llm = getattr(self, "llm", None)
         if llm is None:

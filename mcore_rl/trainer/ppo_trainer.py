@@ -129,9 +129,16 @@ class PPOTrainer:
 
         self.resharder = Resharder(self.actor, bucket_mb=a.rollout.sync_bucket_mb)
         self.engine = self._make_engine(dtype)
-        rows = load_prompts(cfg.data, self.tokenizer)
-        self.loader = PromptLoader(rows, batch_size=cfg.data.train_batch_size, seed=cfg.data.seed,
-                                   shuffle=cfg.data.shuffle)
+        d = cfg.data
+        template = {"auto": None, True: True, False: False, "true": True, "false": False}[d.apply_chat_template]
+        self.dataset = load_prompts(d.dataset_name, prompt_key=d.prompt_key, answer_key=d.answer_key,
+                                    tokenizer=self.tokenizer, max_prompt_length=d.max_prompt_length,
+                                    apply_chat_template=template, on_bad_row=d.on_bad_row, toy_size=d.toy_size,
+                                    seed=d.seed)
+        for bad in getattr(self.dataset, "bad_rows", [])[:20]:
+            _say(f"mcore_rl: skipped bad data row: {bad}")
+        # every rank sees the global batch; rollout and training slice it themselves
+        self.loader = PromptLoader(self.dataset, train_batch_size=d.train_batch_size, seed=d.seed, shuffle=d.shuffle)
         self.reward_fn = get_reward_fn(cfg.reward.name)
         self.step = 0
 
@@ -164,16 +171,19 @@ class PPOTrainer:
         sampling = Sampling(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                             max_tokens=self.cfg.data.max_response_length,
                             seed=self.cfg.trainer.seed * 1_000_003 + self.step * 100_003 + first * r.n)
-        outs = self.engine.generate([row["prompt_ids"] for row in mine], sampling) if mine else []
+        outs = self.engine.generate([row.input_ids for row in mine], sampling) if mine else []
         timing["timing/generate"] = time.perf_counter() - t
         t = time.perf_counter()
         samples = []
         texts = self.tokenizer.batch_decode([o.token_ids for o in outs], skip_special_tokens=True)
-        scores, errors = score_batch(self.reward_fn, [mine[o.prompt_index]["prompt_text"] for o in outs], texts,
-                                     [mine[o.prompt_index].get("ground_truth") for o in outs], strict=self.cfg.reward.strict)
-        for o, s, e in zip(outs, scores, errors):
-            samples.append(Sample(first + o.prompt_index, o.sample_index, list(mine[o.prompt_index]["prompt_ids"]),
-                                  list(o.token_ids), list(o.logprobs), o.finish_reason, float(s), e))
+        scores, errors = score_batch(self.reward_fn, [mine[o.prompt_index].prompt for o in outs], texts,
+                                     [mine[o.prompt_index].ground_truth for o in outs], strict=self.cfg.reward.strict)
+        err_at = {e.index: str(e) for e in errors}
+        for i, (o, s) in enumerate(zip(outs, scores)):
+            row = mine[o.prompt_index]
+            samples.append(Sample(first + o.prompt_index, o.sample_index, list(row.input_ids), list(o.token_ids),
+                                  list(o.logprobs), o.finish_reason, float(s),
+                                  f"{row.where}: {err_at[i]}" if i in err_at else None))
         timing["timing/reward"] = time.perf_counter() - t
         # every rank gets every sample (only the first rank of each rollout TP group contributes)
         gathered = [None] * self.world
