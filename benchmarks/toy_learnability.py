@@ -1,8 +1,9 @@
 """Is the toy task learnable in ~20 RL steps on a CPU? A plain-PyTorch GRPO/PPO loop on the toy HF model.
 
 Samples with a manual loop (full recompute: sequences are 11 tokens), group-relative advantages
-(or PPO's with a critic, `--adv gae`), PPO-clipped policy loss, Adam. Prints the reward per step and the wall time, so the toy config
-defaults of the real trainer can be chosen from measured numbers.
+(or PPO's with a critic, `--adv gae`), PPO-clipped policy loss, Adam. Prints the reward per step
+and the wall time, so the toy config defaults of the real trainer can be chosen from measured
+numbers.
 
     python benchmarks/toy_learnability.py [--seeds 5] [--adv gae --prompts 128 --samples 1] [--verbose]
 
@@ -163,7 +164,8 @@ def parse_args(argv=None):
     p.add_argument("--sep", default=":", help="text after the prompt digits")
     p.add_argument("--model", default="{}", help="JSON overrides of the toy LlamaConfig")
     p.add_argument("--response-len", type=int, default=D["response_length"])
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads; the matrices are tiny, and more threads than free cores is much slower")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, default=1, help="repeat with seeds seed..seed+N-1")
     p.add_argument("--verbose", action="store_true")

@@ -25,8 +25,9 @@ TOY_DIGITS = "0123456789"
 TOY_PROMPT_DIGITS = 1  # digits before the ":"; the answer repeats the last one
 TOY_RESPONSE_LEN = 8  # K: response characters scored (use it as the rollout's max_tokens)
 
-# Training settings measured to lift the reward from ~0.07 to ~0.9 in 20 steps (GRPO and PPO with a
-# critic alike) with ~2-4 s of pure training compute on 2 CPU cores; see benchmarks/toy_learnability.py.
+# Training settings measured to lift the reward from ~0.07 to ~0.85 in 20 steps (GRPO and PPO with a
+# critic alike, 5 seeds each) with 2-4 s of pure training compute on one CPU thread (more threads
+# than free cores is far slower on such tiny matrices); see benchmarks/toy_learnability.py.
 TOY_TRAIN_DEFAULTS = dict(
     steps=20,
     prompts_per_step=16,  # GRPO: 16 prompts x 8 samples; PPO with a critic: 128 prompts x 1 sample

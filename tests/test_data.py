@@ -164,7 +164,21 @@ def test_bad_rows_in_parquet_name_the_row(tmp_path, tok):
     with pytest.raises(BadRowError, match=r"p\.parquet row 1: empty prompt"):
         load_prompts(path, on_bad_row="error")
     ds = load_prompts(path)
-    assert [s.prompt for s in ds] == ["1:", "3:"] and str(ds.bad_rows[0]) == f"{path} row 1: empty prompt in column 'prompt'"
+    assert [s.prompt for s in ds] == ["1:", "3:"]
+    assert str(ds.bad_rows[0]) == f"{path} row 1: empty prompt in column 'prompt'"
+
+
+def test_chat_template_failure_is_bad_row(tmp_path, tok):
+    import copy
+
+    strict = copy.deepcopy(tok)
+    strict.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                            "{{ raise_exception('no system role') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    path = write_parquet(tmp_path / "v.parquet", VERL_ROWS)
+    ds = load_prompts(path, tokenizer=strict)
+    assert [s.prompt for s in ds] == ["12"]
+    msg = str(ds.bad_rows[0])
+    assert msg.startswith(f"{path} row 1: chat template failed") and "no system role" in msg
 
 
 def test_explicit_answer_key_missing_is_bad_row(tmp_path):

@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 
 from conftest import make_tiny_hf_model
+from dist_utils import run_ranks
 from mcore_rl.rollout import Sampling, make_engine, model_eos_token_ids, vllm_available
 from mcore_rl.rollout.base import RolloutOutput
 
@@ -104,6 +105,7 @@ def engines(ckpts):
     """vLLM engines A (seed 0) and B (seed 1), with their greedy outputs before any update."""
     _, paths = ckpts
     kw = dict(dtype="float32", kv_cache_gib_cpu=0.0625, max_model_len=MAX_MODEL_LEN, seed=0)
+    dist_before = torch.distributed.is_initialized()
     a = make_engine("vllm", model_path=paths[0], **kw)
     b = make_engine("vllm", model_path=paths[1], **kw)
     print(f"\nvLLM engine start: {a.start_time_s:.1f} s (first), {b.start_time_s:.1f} s (second)")
@@ -111,8 +113,8 @@ def engines(ckpts):
     yield a, b, refs
     a.close()
     b.close()
-    # vLLM created the process group (none existed before): closing must not leave it behind
-    assert not torch.distributed.is_initialized()
+    # a process group vLLM created is gone after close(), one that existed before is kept
+    assert torch.distributed.is_initialized() == dist_before
 
 
 @pytest.fixture(scope="module")
@@ -221,6 +223,39 @@ def test_finish_reasons(ckpts, engines, hf):
         full = eng.generate([(PROMPTS[2] * 2)[:MAX_MODEL_LEN - 6]],
                             Sampling(temperature=0, max_tokens=16, ignore_eos=True))[0]
         assert full.finish_reason == "length" and len(full.token_ids) == 6
+
+
+def _spmd_rank(paths):
+    """One rank of an SPMD job: the trainer's gloo world exists before the engine is built."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    eng = make_engine("vllm", model_path=paths[0], dtype="float32", kv_cache_gib_cpu=0.0625,
+                      max_model_len=MAX_MODEL_LEN, seed=rank)
+    backend = eng.llm.llm_engine.vllm_config.parallel_config.distributed_executor_backend
+    before = eng.generate([PROMPTS[rank]], GREEDY)
+    eng.load_weights(_stream(paths[1]))
+    after = eng.generate([PROMPTS[rank]], GREEDY)
+    eng.close()
+    x = torch.ones(1)
+    dist.all_reduce(x)  # the caller's process group survives close()
+    dist.destroy_process_group()
+    return backend, [(o.token_ids, o.finish_reason) for o in before + after], x.item()
+
+
+@needs_vllm
+def test_spmd_ranks_with_own_engines(ckpts, engines):
+    """Two gloo ranks (as under torchrun), each with an in-process engine on its own prompts: vLLM
+    joins the existing world (external launcher), updates in place, and leaves the world intact."""
+    arch, paths = ckpts
+    if arch != "llama":
+        pytest.skip("one architecture is enough for the distributed path")
+    _, _, refs = engines
+    results = run_ranks(_spmd_rank, 2, paths)
+    for rank, (backend, outs, total) in enumerate(results):
+        assert backend == "external_launcher" and total == 2
+        assert outs == [(refs[s][rank].token_ids, refs[s][rank].finish_reason) for s in (0, 1)]
 
 
 def test_hf_processed_logprobs(tiny_model_factory):

