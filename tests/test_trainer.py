@@ -15,9 +15,17 @@ SMALL = ["data.train_batch_size=32", "actor_rollout_ref.actor.ppo_mini_batch_siz
          "trainer.logger=[console]"]
 
 
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def train(tmp, args, nproc=1, timeout=420):
     out = os.path.join(tmp, "run")
-    launcher = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0",
+    launcher = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}",
                  "-m", "mcore_rl.trainer.main_ppo"] if nproc > 1 else [sys.executable, "-m", "mcore_rl.cli", "train"])
     r = subprocess.run(launcher + list(args) + [f"trainer.output_dir={out}"], capture_output=True, text=True,
                        timeout=timeout, env={**ENV, "TMPDIR": str(tmp)})

@@ -76,12 +76,14 @@ class ValueHead(torch.nn.Linear):
 
     Its input (the final norm's output) is replicated across TP, so every rank computes the
     same value and the same gradient for it: no TP communication is needed. Called with the
-    output layer's signature and return convention.
+    output layer's signature and return convention. Zero-initialised: the initial values are
+    0 whatever the layout (a random init would depend on how much of the RNG stream the rank
+    consumed building its pipeline stage), and the weight still gets a gradient at step one.
     """
 
     def __init__(self, hidden_size: int, dtype: torch.dtype):
         super().__init__(hidden_size, 1, bias=True, dtype=dtype)
-        torch.nn.init.normal_(self.weight, std=1.0 / math.sqrt(hidden_size))
+        torch.nn.init.zeros_(self.weight)
         torch.nn.init.zeros_(self.bias)
 
     def forward(self, x, weight=None, runtime_gather_output=None):
