@@ -24,7 +24,7 @@ def _resharded(hf_path, tp, pp, bucket_mb):
 
     init_distributed(tp, pp)
     spec = arch_from_hf_config(hf_path)
-    model = build_model(spec)
+    model = build_model(spec, dtype=torch.bfloat16)
     load_hf_into_model(model, spec, hf_path)
     out = {}
 
