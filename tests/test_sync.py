@@ -141,3 +141,18 @@ def _live_sync_worker(path, tmp):
     finally:
         for e in engines:  # close only at the end: vLLM's parallel state is per process
             e.close()
+
+
+def test_generate_cli_end_to_end(tmp_path):
+    import subprocess
+    import sys
+
+    from mcore_rl.toy import build_toy_model
+
+    model = build_toy_model(tmp_path / "toy")
+    (tmp_path / "prompts.txt").write_text("7:\n3:\n")
+    r = subprocess.run([sys.executable, "-m", "mcore_rl.cli", "generate", "--hf-path", model, "--prompts",
+                        str(tmp_path / "prompts.txt"), "--max-tokens", "8"], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "synced 21 tensors" in r.stdout and "--- '7:'" in r.stdout and "--- '3:'" in r.stdout
