@@ -45,6 +45,10 @@ def test_toy_default_reward_rises(tmp_path):
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert last - first >= 0.3, rewards
     assert "Training completed in" in stdout and "step   20 |" in stdout and "reward" in stdout
+    # Log-prob parity on the sampled tokens: vLLM's rollout log-probs vs the Megatron actor's
+    # forward on the same tokens and weights, fp32. Measured ~1.4e-6 (reduction-order noise);
+    # a bf16 slip (~1e-2) or temperature-processed log-probs (~1e-1) would fail this.
+    assert max(r["rollout/logprob_diff_max"] for r in rows) < 1e-4
 
 
 @pytest.fixture(scope="module")
