@@ -35,6 +35,7 @@ class CheckpointError(RuntimeError):
 class HFReader:
     def __init__(self, path: str):
         self.path = path
+        self._handles: dict[str, object] = {}  # one open file per shard, reused across tensors
         index, single = os.path.join(path, INDEX), os.path.join(path, SINGLE)
         if os.path.exists(index):
             with open(index) as f:
@@ -43,10 +44,9 @@ class HFReader:
             self.files = {k: SINGLE for k in self._open(SINGLE).keys()}
         else:
             raise CheckpointError(f"no safetensors weights in {path} (expected {SINGLE} or {INDEX})")
-        self._handles: dict[str, object] = {}
 
     def _open(self, fname: str):
-        if fname not in getattr(self, "_handles", {}):
+        if fname not in self._handles:
             full = os.path.join(self.path, fname)
             if not os.path.exists(full):
                 raise CheckpointError(f"missing safetensors file {full} (named in {INDEX})")
@@ -54,8 +54,6 @@ class HFReader:
                 handle = safe_open(full, framework="pt")
             except (SafetensorError, OSError, ValueError) as e:
                 raise CheckpointError(f"corrupt safetensors file {full}: {e}") from e
-            if not hasattr(self, "_handles"):
-                return handle
             self._handles[fname] = handle
         return self._handles[fname]
 

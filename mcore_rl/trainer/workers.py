@@ -97,10 +97,20 @@ def _mean_metrics(out: list[dict]) -> dict[str, float]:
     return local
 
 
-def _step(opt) -> tuple[bool, float]:
+def _step(model, opt) -> tuple[bool, float]:
+    """Optimizer step, then clear the DDP grad buffers; returns (finite update, grad norm)."""
     ok, grad_norm, _ = opt.step()
+    model.zero_grad_buffer()
+    opt.zero_grad()
     grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
     return bool(ok) and math.isfinite(grad_norm), grad_norm
+
+
+def _dp_slice(rows: range) -> range:
+    """This DP rank's contiguous share of a mini-batch."""
+    dp, rank, _ = _dp()
+    per = len(rows) // dp
+    return range(rows.start + rank * per, rows.start + (rank + 1) * per)
 
 
 def update_actor(actor, opt, batch: dict, cfg, mini_rows: list[range]) -> dict[str, float]:
@@ -111,14 +121,13 @@ def update_actor(actor, opt, batch: dict, cfg, mini_rows: list[range]) -> dict[s
     use_kl = a.use_kl_loss and "ref_logp" in batch
     want_ent = a.entropy_coeff != 0
     keys = ["input_ids", "old_logp", "advantages", "mask"] + (["ref_logp"] if use_kl else [])
-    dp, _, _ = _dp()
+    dp, _, group = _dp()
     history, bad = [], 0
     norm_len = batch["mask"].shape[1]
     for _ in range(a.ppo_epochs):
         for rows in mini_rows:
             denom = _denominator(batch, rows, agg)
-            per = len(rows) // dp
-            mine = range(rows.start + _dp()[1] * per, rows.start + (_dp()[1] + 1) * per)
+            mine = _dp_slice(rows)
 
             def fn(logits, mb):
                 logp, ent = vocab_parallel_logprobs(logits[:, :-1], mb["input_ids"][:, 1:], spec.vocab_size, True)
@@ -141,16 +150,14 @@ def update_actor(actor, opt, batch: dict, cfg, mini_rows: list[range]) -> dict[s
                 return loss, metrics
 
             out = run_microbatches(actor, _micro_batches(batch, mine, a.ppo_micro_batch_size_per_gpu, keys), fn)
-            ok, grad_norm = _step(opt)
-            actor.zero_grad_buffer()
-            opt.zero_grad()
+            ok, grad_norm = _step(actor, opt)
             bad += not ok
             summed = {k: float(torch.stack([torch.as_tensor(o[k]) for o in out]).sum())
                       for k in ("actor/loss", "actor/pg_loss", "actor/entropy") + (("actor/kl_loss",) if use_kl else ())}
             m = _mean_metrics([{k: v for k, v in o.items() if k not in summed} for o in out])
             if dp > 1:
                 t = torch.tensor(list(summed.values()), dtype=torch.float64)
-                dist.all_reduce(t, group=_dp()[2])
+                dist.all_reduce(t, group=group)
                 summed = dict(zip(summed, t.tolist()))
             history.append({**summed, **m, "actor/grad_norm": grad_norm})
     result = {k: sum(h[k] for h in history) / len(history) for k in history[0]}
@@ -161,14 +168,13 @@ def update_actor(actor, opt, batch: dict, cfg, mini_rows: list[range]) -> dict[s
 def update_critic(critic, opt, batch: dict, cfg, mini_rows: list[range]) -> dict[str, float]:
     c = cfg.critic
     agg = c.loss_agg_mode
-    dp, rank, group = _dp()
+    dp, _, group = _dp()
     history, bad = [], 0
     norm_len = batch["mask"].shape[1]
     for _ in range(c.ppo_epochs):
         for rows in mini_rows:
             denom = _denominator(batch, rows, agg)
-            per = len(rows) // dp
-            mine = range(rows.start + rank * per, rows.start + (rank + 1) * per)
+            mine = _dp_slice(rows)
 
             def fn(v, mb):
                 vl, m = value_loss(v[:, :-1, 0].float(), mb["old_values"], mb["returns"], mb["mask"],
@@ -177,9 +183,7 @@ def update_critic(critic, opt, batch: dict, cfg, mini_rows: list[range]) -> dict
 
             out = run_microbatches(critic, _micro_batches(batch, mine, c.ppo_micro_batch_size_per_gpu,
                                                           ["input_ids", "old_values", "returns", "mask"]), fn)
-            ok, grad_norm = _step(opt)
-            critic.zero_grad_buffer()
-            opt.zero_grad()
+            ok, grad_norm = _step(critic, opt)
             bad += not ok
             loss = torch.tensor(float(torch.stack([o["critic/loss"] for o in out]).sum()), dtype=torch.float64)
             if dp > 1:
