@@ -1,6 +1,10 @@
 """`mcore-rl train [CONFIG.yaml] [key=value ...]` == `python -m mcore_rl.trainer.main_ppo [...]`.
 
 With no arguments it runs the built-in toy task. Under torchrun or srun every rank runs this.
+
+Exit codes: 0 done, or stopped by SIGTERM after writing a checkpoint (resume with
+trainer.resume=auto, the default); 2 bad configuration or input; 3 stopped after
+trainer.max_bad_steps steps in a row with a non-finite loss or gradient norm.
 """
 
 from __future__ import annotations
@@ -29,11 +33,16 @@ def main(argv: list[str] | None = None) -> int:
         from mcore_rl.trainer.ppo_trainer import PPOTrainer
 
         trainer = PPOTrainer(cfg)
-    except (ConfigError, ValueError) as e:
-        print(f"mcore-rl train: config error: {e}", file=sys.stderr)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"mcore-rl train: error: {e}", file=sys.stderr)
         return 2
+    from mcore_rl.trainer.ppo_trainer import NonFiniteError
+
     try:
         trainer.fit()
+    except NonFiniteError as e:
+        print(f"mcore-rl train: {e}", file=sys.stderr)
+        return 3
     finally:
         trainer.close()
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import time
 import warnings
 
@@ -31,6 +32,12 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engin
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
 def _rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
@@ -42,6 +49,10 @@ def _say(msg: str) -> None:
 
 def default_output_dir(cfg: DictConfig) -> str:
     return os.path.join(os.getcwd(), "outputs", cfg.trainer.project_name, cfg.trainer.experiment_name)
+
+
+class NonFiniteError(RuntimeError):
+    """Too many steps in a row with a non-finite loss or gradient norm (exit code 3)."""
 
 
 class PPOTrainer:
@@ -56,6 +67,10 @@ class PPOTrainer:
         world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
         check_sizes(cfg, world)  # before any process group forms
         self.output_dir = cfg.trainer.output_dir or default_output_dir(cfg)
+        from mcore_rl.trainer.checkpointing import resolve_resume
+
+        self.checkpoint_root = os.path.join(self.output_dir, "checkpoints")
+        self.resume_from = resolve_resume(cfg.trainer.resume, self.checkpoint_root)  # a bad path fails here, early
         self.model_path = self._model_path()
         from mcore_rl.models.arch import arch_from_hf_config
 
@@ -156,6 +171,58 @@ class PPOTrainer:
         self.loader = PromptLoader(self.dataset, train_batch_size=d.train_batch_size, seed=d.seed, shuffle=d.shuffle)
         self.reward_fn = get_reward_fn(cfg.reward.name)
         self.step = 0
+        self.bad_steps = 0  # consecutive steps with a skipped (non-finite) update
+        self.last_saved_step = None
+        self.layout = {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
+                       "dp": ps.get_data_parallel_world_size(), "world": self.world}
+        self._resume()
+
+    # ---------------------------------------------------------------- checkpoints
+    def _resume(self) -> None:
+        from mcore_rl.trainer.checkpointing import load_checkpoint
+
+        ckpt = self.resume_from
+        if ckpt is None:
+            if str(self.cfg.trainer.resume) == "auto":
+                _say(f"mcore_rl: no checkpoint under {self.checkpoint_root}: starting at step 0")
+            return
+        t0 = time.perf_counter()
+        state = load_checkpoint(ckpt, actor=self.actor, actor_opt=self.actor_opt, critic=self.critic,
+                                critic_opt=self.critic_opt, layout=self.layout)
+        self.loader.load_state_dict(state["loader"])
+        self.step = self.last_saved_step = int(state["step"])
+        self.bad_steps = int(state.get("bad_steps", 0))
+        saved = state.get("layout", {})
+        _say(f"mcore_rl: resumed from {ckpt} (step {self.step}, saved at TP={saved.get('tp')} PP={saved.get('pp')} "
+             f"DP={saved.get('dp')}; RNG {'restored' if state['rng_restored'] else 'not restored: layout differs'}) "
+             f"in {time.perf_counter() - t0:.1f}s")
+
+    def save_checkpoint(self) -> str:
+        """Collective: actor, critic, optimizers, RNG, data position -> checkpoints/step_N (atomic)."""
+        from mcore_rl.trainer.checkpointing import all_finite, save_checkpoint
+
+        if not all_finite(self.actor, self.critic):
+            raise NonFiniteError(f"step {self.step}: the model has non-finite weights; not checkpointing it "
+                                 f"(the last good checkpoint is in {self.checkpoint_root})")
+        t0 = time.perf_counter()
+        path = save_checkpoint(
+            self.checkpoint_root, self.step, actor=self.actor, actor_opt=self.actor_opt, critic=self.critic,
+            critic_opt=self.critic_opt, hf_side_dir=self.model_path, keep=self.cfg.trainer.max_ckpt_to_keep,
+            trainer_state={"loader": self.loader.state_dict(), "layout": self.layout, "bad_steps": self.bad_steps,
+                           "config": to_plain(self.cfg)})
+        self.last_saved_step = self.step
+        _say(f"mcore_rl: checkpoint {path} saved in {time.perf_counter() - t0:.1f}s")
+        return path
+
+    def export_hf(self, out: str | None = None) -> str:
+        """The actor as an HF checkpoint (transformers / vLLM), default <output_dir>/hf_model."""
+        from converters.checkpoint import export_hf
+
+        out = out or os.path.join(self.output_dir, "hf_model")
+        t0 = time.perf_counter()
+        export_hf(self.actor, self.model_path, out, force=True, progress=False)
+        _say(f"mcore_rl: HF export of the actor at step {self.step}: {out} ({time.perf_counter() - t0:.1f}s)")
+        return out
 
     def _make_engine(self, dtype):
         from mcore_rl.rollout import make_engine
@@ -167,8 +234,14 @@ class PPOTrainer:
             dtype=self.cfg.actor_rollout_ref.model.dtype, seed=self.cfg.trainer.seed,
             gpu_memory_utilization=r.gpu_memory_utilization,
             max_model_len=self.cfg.data.max_prompt_length + self.cfg.data.max_response_length,
-            enforce_eager=r.enforce_eager, kv_cache_gib_cpu=r.kv_cache_gib_cpu)
-        _say(f"mcore_rl: rollout engine {type(engine).__name__} ready in {time.perf_counter() - t0:.1f}s")
+            enforce_eager=r.enforce_eager, kv_cache_gib_cpu=r.kv_cache_gib_cpu,
+            enable_sleep_mode=bool(r.free_cache_engine))
+        # free_cache_engine: the engine sleeps after generating (level 2: weights and KV cache
+        # dropped; the next step's sync rewrites every weight) and wakes before the sync.
+        self._engine_sleeps = bool(r.free_cache_engine) and bool(getattr(engine, "sleep_enabled", False))
+        self.resharder.set_fast_path(r.sync_fast_path)
+        _say(f"mcore_rl: rollout engine {type(engine).__name__} ready in {time.perf_counter() - t0:.1f}s"
+             f"{' (sleeps during training)' if self._engine_sleeps else ''}")
         return engine
 
     # ---------------------------------------------------------------- one step
@@ -188,6 +261,10 @@ class PPOTrainer:
                             seed=self.cfg.trainer.seed * 1_000_003 + self.step * 100_003 + first * r.n)
         outs = self.engine.generate([row.input_ids for row in mine], sampling) if mine else []
         timing["timing/generate"] = time.perf_counter() - t
+        if self._engine_sleeps:
+            t = time.perf_counter()
+            self.engine.sleep(level=2)
+            timing["timing/sleep"] = time.perf_counter() - t
         t = time.perf_counter()
         samples = []
         texts = self.tokenizer.batch_decode([o.token_ids for o in outs], skip_special_tokens=True)
@@ -213,9 +290,17 @@ class PPOTrainer:
         cfg, a = self.cfg, self.cfg.actor_rollout_ref
         timing, t_step = {}, time.perf_counter()
         rows = self.loader.next_batch()
+        if self._engine_sleeps:  # weights first, sync, then the KV cache: lowest peak memory
+            t = time.perf_counter()
+            self.engine.wake_up(tags=["weights"])
+            timing["timing/wake"] = time.perf_counter() - t
         t = time.perf_counter()
         timing.update({k: v for k, v in self.resharder.sync(self.engine).items()})
         timing["timing/sync"] = time.perf_counter() - t
+        if self._engine_sleeps:
+            t = time.perf_counter()
+            self.engine.wake_up(tags=["kv_cache"])
+            timing["timing/wake"] += time.perf_counter() - t
         samples = self._rollout(rows, timing)
         metrics: dict = {}
         scores = torch.tensor([s.score for s in samples])
@@ -294,30 +379,82 @@ class PPOTrainer:
 
     # ---------------------------------------------------------------- loop
     def fit(self) -> list[dict]:
+        """Train to `trainer.max_steps`, checkpointing every `save_freq` steps and at the end.
+
+        SIGTERM (Slurm's warning before preemption or the time limit) finishes the current
+        step, saves a checkpoint and returns; `self.stopped_by_signal` is then True.
+        """
         from tqdm import tqdm
 
-        cfg = self.cfg
-        tracker = Tracker(self.output_dir, list(cfg.trainer.logger) if _rank0() else [], to_plain(cfg),
-                          cfg.trainer.project_name, cfg.trainer.experiment_name, resume_step=self.step)
+        cfg, t = self.cfg, self.cfg.trainer
+        tracker = Tracker(self.output_dir, list(t.logger) if _rank0() else [], to_plain(cfg),
+                          t.project_name, t.experiment_name, resume_step=self.step)
         if _rank0():
             OmegaConf.save(cfg, os.path.join(self.output_dir, "config.yaml"))
+        self.stopped_by_signal = False
+        self._term_requested = False
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _in_main_thread() else None
         t0 = time.perf_counter()
         history = []
-        bar = tqdm(total=cfg.trainer.max_steps, initial=self.step, desc="train", unit="step",
-                   disable=not _rank0(), leave=False)
-        while self.step < cfg.trainer.max_steps:
-            self.step += 1
-            m = self.train_step()
-            history.append({"step": self.step, **m})
-            if _rank0():
-                tracker.log(self.step, m)
-                bar.write(console_line(self.step, m))
-                bar.update(1)
-        bar.close()
-        tracker.close()
+        bar = tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step", disable=not _rank0(), leave=False)
+        try:
+            while self.step < t.max_steps:
+                self.step += 1
+                m = self.train_step()
+                history.append({"step": self.step, **m})
+                skipped = m.get("actor/skipped_updates", 0) + m.get("critic/skipped_updates", 0)
+                self.bad_steps = self.bad_steps + 1 if skipped else 0
+                if _rank0():
+                    tracker.log(self.step, m)
+                    bar.write(console_line(self.step, m))
+                    bar.update(1)
+                if skipped:
+                    _say(f"mcore_rl: step {self.step}: non-finite loss or gradient norm (actor loss "
+                         f"{m.get('actor/loss', float('nan')):.4g}, grad norm {m.get('actor/grad_norm', float('nan')):.4g}"
+                         + (f", critic loss {m['critic/loss']:.4g}" if "critic/loss" in m else "")
+                         + f"): {int(skipped)} update(s) skipped, {self.bad_steps} bad step(s) in a row "
+                         f"(trainer.max_bad_steps={t.max_bad_steps})")
+                    if self.bad_steps >= t.max_bad_steps:
+                        raise NonFiniteError(
+                            f"stopping: {self.bad_steps} steps in a row with a non-finite loss or gradient norm "
+                            f"(trainer.max_bad_steps={t.max_bad_steps}); nothing was checkpointed from them. "
+                            f"Last checkpoint: {self.checkpoint_root}. Usual causes: learning rate, a reward "
+                            f"that returns inf/NaN, fp16 overflow")
+                if self._agree(self._term_requested):
+                    self.save_checkpoint()
+                    self.stopped_by_signal = True
+                    _say(f"mcore_rl: SIGTERM: stopped after step {self.step} with a checkpoint; "
+                         f"rerun with trainer.resume=auto to continue")
+                    return history
+                if t.save_freq > 0 and self.step % t.save_freq == 0 and not skipped:
+                    self.save_checkpoint()  # not after a skipped update: the last good one stays newest
+            if self.last_saved_step != self.step:
+                self.save_checkpoint()
+            if t.export_hf_at_end:
+                self.export_hf()
+        finally:
+            bar.close()
+            tracker.close()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
         _say(f"Training completed in {time.perf_counter() - t0:.1f}s ({self.step} steps); metrics: "
              f"{os.path.join(self.output_dir, 'metrics.jsonl')}")
         return history
+
+    def _on_sigterm(self, signum, frame) -> None:
+        if not self._term_requested:
+            print(f"mcore_rl: rank {self.rank}: SIGTERM received; checkpointing after step {self.step}", flush=True)
+        self._term_requested = True
+
+    def _agree(self, flag: bool) -> bool:
+        """True on every rank when it is True on any (ranks see signals at different times)."""
+        if self.world == 1:
+            return flag
+        from mcore_rl.distributed import device
+
+        t = torch.tensor([1.0 if flag else 0.0], device=device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t) > 0
 
     def close(self) -> None:
         if getattr(self, "engine", None) is not None:

@@ -32,7 +32,7 @@ class Tracker:
             keep = [ln for ln in open(self.path) if ln.strip() and json.loads(ln)["step"] <= resume_step]
             with open(self.path, "w") as f:
                 f.writelines(keep)
-        self.file = open(self.path, "a")
+        self.file = open(self.path, "a" if resume_step else "w")  # a fresh run starts a fresh file
         self.tb = self.wandb = None
         if "tensorboard" in loggers:
             from torch.utils.tensorboard import SummaryWriter

@@ -97,13 +97,31 @@ def _mean_metrics(out: list[dict]) -> dict[str, float]:
     return local
 
 
-def _step(model, opt) -> tuple[bool, float]:
-    """Optimizer step, then clear the DDP grad buffers; returns (finite update, grad norm)."""
-    ok, grad_norm, _ = opt.step()
+def _step(model, opt, loss_finite: bool = True) -> tuple[bool, float]:
+    """Optimizer step unless the loss or the gradient norm is non-finite on any rank, then clear
+    the DDP grad buffers; returns (update applied, grad norm).
+
+    The check comes first because megatron only looks for inf/NaN when a loss scaler is in use
+    (fp16): in fp32 and bf16 it would clip by a NaN norm and write NaN into every weight.
+    """
+    opt.prepare_grads()
+    grad_norm = opt.get_grad_norm()  # reduced over the model-parallel group; DP grads are reduced
+    grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+    bad = torch.tensor([0.0 if loss_finite and math.isfinite(grad_norm) else 1.0], device=_device())
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    ok = float(bad) == 0.0
+    if ok:
+        ok, norm, _ = opt.step()
+        ok = bool(ok)
+        grad_norm = float(norm) if norm is not None else grad_norm
     model.zero_grad_buffer()
     opt.zero_grad()
-    grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-    return bool(ok) and math.isfinite(grad_norm), grad_norm
+    return ok, grad_norm
+
+
+def _finite(out: list[dict], key: str) -> bool:
+    return all(math.isfinite(float(o[key])) for o in out)
 
 
 def _dp_slice(rows: range) -> range:
@@ -150,7 +168,7 @@ def update_actor(actor, opt, batch: dict, cfg, mini_rows: list[range]) -> dict[s
                 return loss, metrics
 
             out = run_microbatches(actor, _micro_batches(batch, mine, a.ppo_micro_batch_size_per_gpu, keys), fn)
-            ok, grad_norm = _step(actor, opt)
+            ok, grad_norm = _step(actor, opt, _finite(out, "actor/loss"))
             bad += not ok
             summed = {k: float(torch.stack([torch.as_tensor(o[k]) for o in out]).sum())
                       for k in ("actor/loss", "actor/pg_loss", "actor/entropy") + (("actor/kl_loss",) if use_kl else ())}
@@ -183,7 +201,7 @@ def update_critic(critic, opt, batch: dict, cfg, mini_rows: list[range]) -> dict
 
             out = run_microbatches(critic, _micro_batches(batch, mine, c.ppo_micro_batch_size_per_gpu,
                                                           ["input_ids", "old_values", "returns", "mask"]), fn)
-            ok, grad_norm = _step(critic, opt)
+            ok, grad_norm = _step(critic, opt, _finite(out, "critic/loss"))
             bad += not ok
             loss = torch.tensor(float(torch.stack([o["critic/loss"] for o in out]).sum()), dtype=torch.float64)
             if dp > 1:

@@ -1,0 +1,232 @@
+"""Training checkpoints: written atomically, found again after a crash, loadable at another layout.
+
+    <output_dir>/checkpoints/
+        step_00000004/
+            actor/model/        megatron dist_checkpointing (any TP/PP/DP can load it)
+            actor/optim/        the optimizer's sharded state (Adam moments, fp32 master weights)
+            actor/hf/           HF config + tokenizer: with mcore_rl.json, `actor/` is also a
+            actor/mcore_rl.json   converter checkpoint (`mcore-rl convert mcore-to-hf`)
+            critic/model/, critic/optim/      (PPO with a critic)
+            rng/rank_00000.pt   per-rank RNG states
+            trainer_state.json  step, data loader position, layout, config
+        latest                  "step_00000004", written last
+
+A save goes to a hidden temp sibling (`.step_00000004.tmp`) which is renamed into place only
+when every rank has finished writing; `latest` is then replaced atomically. A crash at any
+point leaves the previous checkpoint and pointer untouched; leftover temp dirs are ignored
+and removed by the next save. Old checkpoints are pruned only after the new one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+STEP_RE = re.compile(r"^step_(\d{8})$")
+LATEST = "latest"
+STATE = "trainer_state.json"
+# optimizer state in a format every TP/PP/DP layout can load (megatron's metadata keys)
+OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space", "chained_optim_avoid_prefix": True}
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def list_checkpoints(root: str) -> list[tuple[int, str]]:
+    """Complete checkpoints under `root` as (step, path), oldest first (temp dirs are not listed)."""
+    if not os.path.isdir(root):
+        return []
+    found = [(int(m.group(1)), os.path.join(root, d)) for d in os.listdir(root) if (m := STEP_RE.match(d))]
+    return sorted(p for p in found if os.path.exists(os.path.join(p[1], STATE)))
+
+
+def find_checkpoint(root: str) -> str | None:
+    """The checkpoint `latest` names, else the newest complete one, else None."""
+    pointer = os.path.join(root, LATEST)
+    if os.path.exists(pointer):
+        name = open(pointer).read().strip()
+        path = os.path.join(root, name)
+        if STEP_RE.match(name) and os.path.exists(os.path.join(path, STATE)):
+            return path
+    found = list_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def resolve_resume(resume: str, root: str) -> str | None:
+    """`trainer.resume`: auto -> newest under `root` (or None: fresh start); off -> None;
+    a path -> that checkpoint (a step dir, or a checkpoints root whose newest is taken)."""
+    resume = str(resume)
+    if resume == "off":
+        return None
+    if resume == "auto":
+        return find_checkpoint(root)
+    path = os.path.abspath(os.path.expanduser(resume))
+    if os.path.exists(os.path.join(path, STATE)):
+        return path
+    for candidate in (path, os.path.join(path, "checkpoints")):
+        found = find_checkpoint(candidate)
+        if found:
+            return found
+    raise FileNotFoundError(f"trainer.resume={resume}: no complete checkpoint there (expected {STATE} in a "
+                            f"step_NNNNNNNN directory, or a checkpoints directory holding some)")
+
+
+def read_state(ckpt: str) -> dict:
+    with open(os.path.join(ckpt, STATE)) as f:
+        return json.load(f)
+
+
+# ------------------------------------------------------------------------------ model + optimizer
+def _inner(model):
+    return model.module if hasattr(model, "module") else model
+
+
+def save_model_and_optimizer(model, opt, where: str) -> None:
+    """Collective: this rank's shards of the model and of its optimizer state."""
+    from megatron.core import dist_checkpointing
+
+    from converters.checkpoint import save_model
+
+    save_model(_inner(model), os.path.join(where, "model"))
+    if opt is not None:
+        optim_dir = os.path.join(where, "optim")
+        if _rank() == 0:
+            os.makedirs(optim_dir, exist_ok=True)
+        _barrier()
+        sd = opt.sharded_state_dict(_inner(model).sharded_state_dict(), metadata=OPTIM_METADATA)
+        dist_checkpointing.save(sd, optim_dir)
+
+
+def load_model_and_optimizer(model, opt, where: str) -> None:
+    from megatron.core import dist_checkpointing
+
+    from converters.checkpoint import load_model
+
+    load_model(_inner(model), os.path.join(where, "model"))
+    if opt is not None:
+        # after the model: the optimizer's fp32 master weights are loaded from the checkpoint too
+        sd = opt.sharded_state_dict(_inner(model).sharded_state_dict(), is_loading=True, metadata=OPTIM_METADATA)
+        opt.load_state_dict(dist_checkpointing.load(sd, os.path.join(where, "optim")))
+
+
+# ------------------------------------------------------------------------------ RNG
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    try:
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+        state["megatron_tracker"] = get_cuda_rng_tracker().get_states()
+    except Exception:  # tracker not initialised: nothing to keep
+        pass
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    if "megatron_tracker" in state:
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+        get_cuda_rng_tracker().set_states(state["megatron_tracker"])
+
+
+# ------------------------------------------------------------------------------ save / load
+def all_finite(*models) -> bool:
+    """True when every parameter of every model is finite on every rank (collective)."""
+    ok = all(bool(torch.isfinite(p).all()) for m in models if m is not None for p in _inner(m).parameters())
+    flag = torch.tensor([0.0 if ok else 1.0])
+    if dist.is_initialized():
+        from mcore_rl.distributed import device
+
+        flag = flag.to(device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return float(flag) == 0.0
+
+
+def save_checkpoint(root: str, step: int, *, actor, actor_opt, critic=None, critic_opt=None,
+                    hf_side_dir: str, trainer_state: dict, keep: int | None = None) -> str:
+    """Collective. Returns the published checkpoint path."""
+    from converters.checkpoint import META
+    from converters.hf_io import copy_side_files
+
+    final = os.path.join(root, step_dir_name(step))
+    tmp = os.path.join(root, f".{step_dir_name(step)}.tmp")
+    if _rank() == 0:
+        os.makedirs(root, exist_ok=True)
+        for d in os.listdir(root):  # temp dirs of interrupted saves
+            if d.startswith(".step_") and d.endswith(".tmp"):
+                shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+        os.makedirs(os.path.join(tmp, "rng"))
+    _barrier()
+    t0 = time.perf_counter()
+    save_model_and_optimizer(actor, actor_opt, os.path.join(tmp, "actor"))
+    if critic is not None:
+        save_model_and_optimizer(critic, critic_opt, os.path.join(tmp, "critic"))
+    torch.save(rng_state(), os.path.join(tmp, "rng", f"rank_{_rank():05d}.pt"))
+    _barrier()
+    if _rank() == 0:
+        spec = _inner(actor).mcore_rl_spec
+        dtype = str(_inner(actor).config.params_dtype).replace("torch.", "")
+        os.makedirs(os.path.join(tmp, "actor", "hf"))
+        copy_side_files(hf_side_dir, os.path.join(tmp, "actor", "hf"))
+        with open(os.path.join(tmp, "actor", META), "w") as f:
+            json.dump({"format": "mcore_rl/dist_checkpoint/v1", "hf_architecture": spec.hf_architecture,
+                       "dtype": dtype, "written_at": trainer_state.get("layout", {})}, f, indent=2)
+        with open(os.path.join(tmp, STATE), "w") as f:  # last file inside: marks the dir complete
+            json.dump({**trainer_state, "step": step, "saved_at": time.time(),
+                       "save_seconds": time.perf_counter() - t0}, f, indent=2)
+        if os.path.exists(final):  # the same step saved again (e.g. SIGTERM right after a resume)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        pointer_tmp = os.path.join(root, f".{LATEST}.tmp")
+        with open(pointer_tmp, "w") as f:
+            f.write(step_dir_name(step) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(pointer_tmp, os.path.join(root, LATEST))
+        if keep is not None and keep > 0:
+            for _, old in list_checkpoints(root)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_checkpoint(ckpt: str, *, actor, actor_opt, critic=None, critic_opt=None, layout: dict) -> dict:
+    """Collective. Loads weights and optimizer states (any saved layout), and RNG states when the
+    layout is the one saved; returns the trainer state."""
+    state = read_state(ckpt)
+    load_model_and_optimizer(actor, actor_opt, os.path.join(ckpt, "actor"))
+    if critic is not None:
+        if not os.path.isdir(os.path.join(ckpt, "critic")):
+            raise FileNotFoundError(f"{ckpt} has no critic (saved by a run without one) but this run trains a critic")
+        load_model_and_optimizer(critic, critic_opt, os.path.join(ckpt, "critic"))
+    rng = os.path.join(ckpt, "rng", f"rank_{_rank():05d}.pt")
+    if state.get("layout") == layout and os.path.exists(rng):
+        set_rng_state(torch.load(rng, weights_only=False))
+        state["rng_restored"] = True
+    else:
+        state["rng_restored"] = False
+    return state

@@ -1,0 +1,51 @@
+"""`mcore-rl export --ckpt DIR --out DIR`: a training checkpoint's actor as a HuggingFace model.
+
+--ckpt may be a step directory (checkpoints/step_00000020), a checkpoints directory or a run's
+output directory (its newest complete checkpoint is taken). A checkpoint's `actor/` is a
+converter checkpoint, so this is `mcore-rl convert mcore-to-hf` on it; the result loads with
+transformers' `from_pretrained` and with vLLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def find_actor(ckpt: str) -> str:
+    from converters.checkpoint import META
+    from mcore_rl.trainer.checkpointing import resolve_resume
+
+    if os.path.exists(os.path.join(ckpt, META)):  # already an actor dir
+        return ckpt
+    step_dir = resolve_resume(ckpt, os.path.join(ckpt, "checkpoints"))
+    actor = os.path.join(step_dir, "actor")
+    if not os.path.exists(os.path.join(actor, META)):
+        raise FileNotFoundError(f"{step_dir} has no actor checkpoint ({actor}/{META} missing)")
+    return actor
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="mcore-rl export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="step dir, checkpoints dir, or run output dir")
+    p.add_argument("--out", required=True, help="where the HF model goes (must not exist or be empty)")
+    p.add_argument("--shard-mb", type=int, default=2048, help="size of each safetensors file")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    args = p.parse_args(argv)
+    from converters.checkpoint import check_output_dir, mcore_to_hf
+
+    try:
+        check_output_dir(args.out, args.force)
+        actor = find_actor(args.ckpt)
+    except (FileExistsError, FileNotFoundError) as e:
+        print(f"mcore-rl export: error: {e}", file=sys.stderr)
+        return 2
+    mcore_to_hf(actor, args.out, force=args.force, shard_mb=args.shard_mb)
+    print(f"exported {actor} -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""Checkpoints, resume and faults, on the real toy run (`python -m mcore_rl.trainer.main_ppo`).
+
+Every run is a separate process, killed for real (SIGKILL / SIGTERM). The reference is one
+uninterrupted run with the same seed; a resumed run must reproduce its later steps exactly
+(same layout) or to float tolerance (another TP/PP layout).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.resume
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 4
+# every metric that depends on the model, the data and the samples (not timings)
+COMPARED = ("reward/mean", "reward/max", "actor/loss", "actor/pg_loss", "actor/kl", "actor/grad_norm",
+            "critic/loss", "critic/grad_norm", "actor/entropy", "response/length_mean")
+
+
+def _args(out: Path, *extra: str) -> list[str]:
+    return [f"trainer.output_dir={out}", f"trainer.max_steps={STEPS}", "trainer.logger=[console]",
+            "data.train_batch_size=64", "trainer.export_hf_at_end=false", *extra]
+
+
+def _env() -> dict:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def _cmd(script: Path | None = None) -> list[str]:
+    return [sys.executable, str(script)] if script else [sys.executable, "-m", "mcore_rl.trainer.main_ppo"]
+
+
+def _run(args, script=None, timeout=300, cmd=None) -> subprocess.CompletedProcess:
+    """Run to the end in its own session; output goes to files, not pipes: after a SIGKILL,
+    megatron's checkpoint-writer helper process would hold pipes open. Leftovers are killed."""
+    cmd = cmd or _cmd(script) + args
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=out, stderr=err, text=True, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        finally:
+            _kill_group(proc)
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(cmd, rc, out.read(), err.read())
+
+
+def _kill_group(proc, sig=signal.SIGKILL) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _torchrun(args, timeout=300) -> subprocess.CompletedProcess:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return _run(None, timeout=timeout, cmd=[sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                                            f"--master-port={port}", "-m", "mcore_rl.trainer.main_ppo", *args])
+
+
+def _metrics(out: Path) -> dict[int, dict]:
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(set(steps)), f"metrics.jsonl steps repeat or go back: {steps}"
+    return {r["step"]: r for r in rows}
+
+
+def _assert_same(got: dict, ref: dict, steps, tol: float) -> None:
+    for s in steps:
+        for k in COMPARED:
+            if k in ref[s]:
+                assert math.isclose(got[s][k], ref[s][k], rel_tol=0, abs_tol=tol), (s, k, got[s][k], ref[s][k])
+
+
+def _latest(out: Path) -> str | None:
+    p = out / "checkpoints" / "latest"
+    return p.read_text().strip() if p.exists() else None
+
+
+def _log(p) -> str:
+    return f"--- stdout\n{p.stdout[-4000:]}\n--- stderr\n{p.stderr[-4000:]}"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[Path, dict]:
+    """The uninterrupted run, checkpointing every 2 steps."""
+    out = tmp_path_factory.mktemp("reference")
+    p = _run(_args(out, "trainer.save_freq=2"))
+    assert p.returncode == 0, _log(p)
+    assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step_00000002", "step_00000004"]
+    return out, _metrics(out)
+
+
+def _popen(args, log: Path) -> subprocess.Popen:
+    proc = subprocess.Popen(_cmd() + args, env=_env(), cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    proc.log = log
+    return proc
+
+
+def _wait_for(cond, proc, timeout=240, what="") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if proc.poll() is not None:
+            raise AssertionError(f"run exited ({proc.returncode}) before {what}:\n{proc.log.read_text()[-4000:]}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_sigkill_after_step_k_resume_equals_uninterrupted(reference, tmp_path):
+    ref_out, ref = reference
+    out = tmp_path / "run"
+    proc = _popen(_args(out, "trainer.save_freq=1"), tmp_path / "killed.log")
+    _wait_for(lambda: _latest(out) == "step_00000002", proc, what="the step-2 checkpoint")
+    _kill_group(proc)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    p = _run(_args(out, "trainer.save_freq=1"))  # trainer.resume=auto is the default
+    assert p.returncode == 0, _log(p)
+    assert "resumed from" in p.stdout and "RNG restored" in p.stdout, _log(p)
+    got = _metrics(out)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    _assert_same(got, ref, range(1, STEPS + 1), tol=1e-6)
+    # the final actor weights equal the uninterrupted run's, bit for bit (through `mcore-rl export`)
+    x, y = tmp_path / "x", tmp_path / "y"
+    for ckpt, dst in ((out, x), (ref_out, y)):
+        e = subprocess.run([sys.executable, "-m", "mcore_rl.cli", "export", "--ckpt", str(ckpt), "--out", str(dst)],
+                           env=_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert e.returncode == 0, _log(e)
+    from safetensors.torch import load_file
+
+    tx, ty = load_file(next(x.glob("*.safetensors"))), load_file(next(y.glob("*.safetensors")))
+    assert sorted(tx) == sorted(ty) and all(torch.equal(tx[k], ty[k]) for k in tx)
+
+
+KILL_MID_SAVE = r'''
+import os, signal, sys
+import mcore_rl.trainer.checkpointing as ck
+original = ck.save_model_and_optimizer
+def save_then_die(model, opt, where):
+    # the actor of step 4 is on disk, the critic not yet: die between the two shard writes
+    if "step_00000004" in where and where.endswith("critic"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(model, opt, where)
+ck.save_model_and_optimizer = save_then_die
+if __name__ == "__main__":  # megatron's checkpoint writer spawns a helper process that imports this file
+    from mcore_rl.trainer.main_ppo import main
+    sys.exit(main(sys.argv[1:]))
+'''
+
+
+def test_sigkill_during_save_keeps_previous_checkpoint(reference, tmp_path):
+    _, ref = reference
+    script = tmp_path / "kill_mid_save.py"
+    script.write_text(KILL_MID_SAVE)
+    out = tmp_path / "run"
+    p = _run(_args(out, "trainer.save_freq=2"), script=script)
+    assert p.returncode == -signal.SIGKILL, _log(p)
+    ckpts = out / "checkpoints"
+    assert _latest(out) == "step_00000002"
+    assert (ckpts / ".step_00000004.tmp" / "actor" / "model").is_dir()  # the half-written save
+    assert not (ckpts / "step_00000004").exists()
+    p = _run(_args(out, "trainer.save_freq=2"))
+    assert p.returncode == 0, _log(p)
+    assert f"resumed from {ckpts / 'step_00000002'}" in p.stdout, _log(p)
+    assert not (ckpts / ".step_00000004.tmp").exists() and _latest(out) == "step_00000004"
+    _assert_same(_metrics(out), ref, range(1, STEPS + 1), tol=1e-6)
+
+
+def test_sigterm_saves_exits_zero_and_resumes(reference, tmp_path):
+    _, ref = reference
+    out = tmp_path / "run"
+    log = tmp_path / "terminated.log"
+    proc = _popen(_args(out), log)  # save_freq=-1: the only checkpoint is the one SIGTERM asks for
+    _wait_for(lambda: (out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 1,
+              proc, what="step 1")
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=120)
+    _kill_group(proc)
+    text = log.read_text()
+    assert proc.returncode == 0, text[-4000:]
+    assert "SIGTERM: stopped after step" in text
+    stopped = int(_latest(out).split("_")[1])
+    assert 1 <= stopped < STEPS, text[-2000:]
+    assert sorted(_metrics(out)) == list(range(1, stopped + 1))
+    p = _run(_args(out))
+    assert p.returncode == 0, _log(p)
+    assert f"step {stopped}, saved at" in p.stdout
+    _assert_same(_metrics(out), ref, range(1, STEPS + 1), tol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_resume_at_another_layout(reference, tmp_path, layout):
+    """A TP=1 checkpoint continued at TP=2 or PP=2 (2 gloo ranks): same losses to float noise.
+    Rewards are equal: sampling seeds are per prompt and the weights agree to rounding."""
+    ref_out, ref = reference
+    out = tmp_path / "run"
+    key = {"tp2": "tensor", "pp2": "pipeline"}[layout]
+    p = _torchrun(_args(out, f"trainer.resume={ref_out / 'checkpoints' / 'step_00000002'}",
+                        f"actor_rollout_ref.actor.megatron.{key}_model_parallel_size=2"))
+    assert p.returncode == 0, _log(p)
+    assert "saved at TP=1 PP=1 DP=1; RNG not restored: layout differs" in p.stdout, _log(p)
+    got = _metrics(out)
+    assert sorted(got) == [3, 4]
+    _assert_same(got, ref, [3, 4], tol=1e-4)
+
+
+NAN_LOSS = r'''
+import sys
+import torch
+import mcore_rl.trainer.workers as workers
+from mcore_rl.trainer.ppo_trainer import PPOTrainer
+original_loss, original_step = workers.policy_loss, PPOTrainer.train_step
+state = {"step": 0}
+def nan_loss(*args, **kwargs):
+    loss, metrics = original_loss(*args, **kwargs)
+    return (loss * float("nan") if state["step"] >= 2 else loss), metrics
+def train_step(self):
+    state["step"] = self.step
+    return original_step(self)
+workers.policy_loss, PPOTrainer.train_step = nan_loss, train_step
+if __name__ == "__main__":  # megatron's checkpoint writer spawns a helper process that imports this file
+    from mcore_rl.trainer.main_ppo import main
+    sys.exit(main(sys.argv[1:]))
+'''
+
+
+def test_nan_loss_skips_reports_and_stops(tmp_path):
+    script = tmp_path / "nan_loss.py"
+    script.write_text(NAN_LOSS)
+    out = tmp_path / "run"
+    p = _run(_args(out, "trainer.save_freq=1", "trainer.max_steps=6", "trainer.max_bad_steps=2"), script=script)
+    assert p.returncode == 3, _log(p)
+    assert "step 2: non-finite loss or gradient norm" in p.stdout and "update(s) skipped" in p.stdout, _log(p)
+    assert "stopping: 2 steps in a row with a non-finite loss" in p.stderr, _log(p)
+    m = _metrics(out)
+    assert sorted(m) == [1, 2, 3] and m[1]["actor/skipped_updates"] == 0
+    assert m[2]["actor/skipped_updates"] > 0 and m[3]["actor/skipped_updates"] > 0
+    # only the good step was checkpointed, and its weights are finite
+    assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step_00000001"]
+    from safetensors.torch import load_file
+
+    e = subprocess.run([sys.executable, "-m", "mcore_rl.cli", "export", "--ckpt", str(out), "--out", str(tmp_path / "hf")],
+                       env=_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert e.returncode == 0, _log(e)
+    assert all(torch.isfinite(t).all() for t in load_file(next((tmp_path / "hf").glob("*.safetensors"))).values())
+
+
+def test_resume_path_errors(tmp_path):
+    p = _run(_args(tmp_path / "run", f"trainer.resume={tmp_path / 'nowhere'}"))
+    assert p.returncode == 2 and "no complete checkpoint there" in p.stderr, _log(p)
