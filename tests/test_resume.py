@@ -104,7 +104,7 @@ def _log(p) -> str:
 def reference(tmp_path_factory) -> tuple[Path, dict]:
     """The uninterrupted run, checkpointing every 2 steps."""
     out = tmp_path_factory.mktemp("reference")
-    p = _run(_args(out, "trainer.save_freq=2"))
+    p = _run(_args(out, "trainer.save_freq=2", "trainer.export_hf_at_end=true"))
     assert p.returncode == 0, _log(p)
     assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step_00000002", "step_00000004"]
     return out, _metrics(out)
@@ -265,6 +265,74 @@ def test_nan_loss_skips_reports_and_stops(tmp_path):
     assert all(torch.isfinite(t).all() for t in load_file(next((tmp_path / "hf").glob("*.safetensors"))).values())
 
 
+def test_hf_export_at_end_loads_in_transformers_and_vllm(reference):
+    """The run's final actor, exported: transformers and vLLM load it and agree on greedy output."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mcore_rl.rollout import Sampling, make_engine
+
+    out, _ = reference
+    hf = out / "hf_model"
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(hf)
+    prompts = [tok(f"{d}:")["input_ids"] for d in "0369"]
+    want = [model.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, eos_token_id=None,
+                           pad_token_id=tok.pad_token_id)[0, len(p):].tolist() for p in prompts]
+    engine = make_engine("vllm", model_path=str(hf), dtype="float32", max_model_len=32)
+    try:
+        got = [o.token_ids for o in engine.generate(prompts, Sampling(temperature=0.0, max_tokens=8, ignore_eos=True))]
+    finally:
+        engine.close()
+    assert got == want
+
+
 def test_resume_path_errors(tmp_path):
     p = _run(_args(tmp_path / "run", f"trainer.resume={tmp_path / 'nowhere'}"))
     assert p.returncode == 2 and "no complete checkpoint there" in p.stderr, _log(p)
+
+
+REWARD_THAT_RAISES = r'''
+def reward(prompt, response, ground_truth):
+    if prompt.startswith("3"):
+        raise ZeroDivisionError("this reward cannot score prompts about 3")
+    return float(response.startswith(prompt[0]))
+'''
+
+
+def _data_run(tmp_path, *extra):
+    from mcore_rl.toy import build_toy_model
+
+    model = build_toy_model(tmp_path / "model", seed=1)
+    rows = [{"prompt": f"{i % 10}:", "answer": str(i % 10)} for i in range(16)]
+    rows[2] = {"text": "2:"}                      # no prompt column
+    rows[5] = {"prompt": "  "}                    # empty prompt
+    rows[7] = {"prompt": "1234567890123:"}        # longer than max_prompt_length=8
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "my_reward.py").write_text(REWARD_THAT_RAISES)
+    return _run([f"actor_rollout_ref.model.path={model}", f"data.dataset_name={data}", "data.train_batch_size=8",
+                 "data.max_prompt_length=8", "actor_rollout_ref.actor.ppo_mini_batch_size=8",
+                 "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8", "critic.ppo_micro_batch_size_per_gpu=8",
+                 "actor_rollout_ref.rollout.name=hf", f"reward.name={tmp_path / 'my_reward.py'}:reward",
+                 f"trainer.output_dir={tmp_path / 'run'}", "trainer.max_steps=2", "trainer.logger=[console]",
+                 "trainer.export_hf_at_end=false", *extra])
+
+
+def test_bad_data_rows_and_raising_reward_are_reported(tmp_path):
+    """on_bad_row=skip: each bad row named with file and row, the run goes on; a reward function
+    that raises is reported with the sample (score 0) and does not stop the run."""
+    p = _data_run(tmp_path)
+    assert p.returncode == 0, _log(p)
+    data = tmp_path / "prompts.jsonl"
+    for row, why in ((2, "no prompt column 'prompt'"), (5, "empty prompt"), (7, "max_prompt_length=8")):
+        line = next((ln for ln in p.stdout.splitlines() if f"{data}:{row + 1} (row {row})" in ln), None)
+        assert line is not None and "skipped bad data row" in line and why in line, _log(p)
+    errors = [ln for ln in p.stdout.splitlines() if "reward error" in ln]
+    assert errors and all("ZeroDivisionError" in ln and "prompts about 3" in ln for ln in errors), _log(p)
+    assert sorted(_metrics(tmp_path / "run")) == [1, 2]
+
+
+def test_bad_data_row_fatal_when_configured(tmp_path):
+    p = _data_run(tmp_path, "data.on_bad_row=error")
+    assert p.returncode == 2, _log(p)
+    assert f"{tmp_path / 'prompts.jsonl'}:3 (row 2)" in p.stderr and "no prompt column" in p.stderr, _log(p)
