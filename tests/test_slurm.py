@@ -293,3 +293,51 @@ def test_sbatch_scripts_parse():
         subprocess.run(["bash", "-n", str(script)], check=True)
         text = script.read_text()
         assert text.startswith("#!/bin/bash") and "#SBATCH" in text
+
+
+# ------------------------------------------------------------------------------ the real toy run
+def _toy_job(out: Path, launcher: str, steps: int, *extra: str) -> tuple[dict, list[str], list[str]]:
+    env = {"MCORE_RL_LAUNCHER": launcher, "MCORE_RL_NPROC_PER_NODE": "2", "MCORE_RL_DEVICE": "cpu",
+           "OMP_NUM_THREADS": "1"}
+    opts = ["--gpus-per-node=0", "--time=10"] + (["--ntasks-per-node=2"] if launcher == "srun" else [])
+    args = [f"trainer.output_dir={out}", f"trainer.max_steps={steps}", "trainer.logger=[console]",
+            "data.train_batch_size=64", "trainer.export_hf_at_end=false", *extra]
+    return env, opts, args
+
+
+def _steps(out: Path) -> list[int]:
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(ln)["step"] for ln in path.read_text().splitlines() if ln.strip()]
+
+
+@pytest.mark.parametrize("how", ["time-limit SIGTERM (torchrun)", "preemption requeue (srun)"])
+def test_train_sbatch_interrupted_requeues_and_resumes(slurm_cluster, tmp_path, how):
+    """sbatch slurm/train.sbatch on the toy task, 2 CPU ranks (DP=2), with each launcher, and
+    interrupted mid-run: either the time-limit warning (SIGTERM to the batch shell, which
+    forwards it; the trainer checkpoints and the script requeues) or a preemption (`scontrol
+    requeue`: Slurm itself terminates and requeues the job). The restarted job resumes from
+    the newest checkpoint, completes, and its metrics file has every step exactly once."""
+    out = tmp_path / "run"
+    launcher = "torchrun" if "torchrun" in how else "srun"
+    env, opts, args = _toy_job(out, launcher, 6, "trainer.save_freq=1")
+    job = slurm_cluster.submit(REPO / "slurm/train.sbatch", args, env=env, opts=opts)
+    deadline = time.monotonic() + 240
+    while len(_steps(out)) < 2:
+        assert time.monotonic() < deadline, "the job never reached step 2:\n" + slurm_cluster._result(job, {}).log()
+        time.sleep(0.2)
+    if launcher == "torchrun":
+        subprocess.run(["scancel", "--batch", "--signal=TERM", job], check=True, timeout=30)
+    else:
+        subprocess.run(["scontrol", "requeue", job], check=True, timeout=30)
+    res = slurm_cluster.wait(job, timeout=400, until=lambda f: f.get("JobState") == "COMPLETED"
+                             or (f.get("JobState") in TERMINAL and int(f.get("Restarts", 0) or 0) >= 1))
+    log = res.log()
+    assert res.ok and res.restarts == 1, f"{res.state} {res.exit_code} restarts={res.restarts}\n{log}"
+    assert "resumed from" in log, log
+    if launcher == "torchrun":
+        assert "SIGTERM: stopped after step" in log and "requeueing job" in log, log
+    assert _steps(out) == [1, 2, 3, 4, 5, 6], log
+    assert "TP=1 PP=1 DP=2" in log and "Training completed" in log, log
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000006"

@@ -127,6 +127,26 @@ def load_model_and_optimizer(model, opt, where: str) -> None:
         opt.load_state_dict(dist_checkpointing.load(sd, os.path.join(where, "optim")))
 
 
+def start_writer_helper_ignoring_sigterm() -> None:
+    """megatron's checkpoint writer reports through a helper process (a multiprocessing Manager,
+    spawned at the first save). Slurm sends SIGTERM to every process of a job before preemption
+    or the time limit; the helper would die with it and the very save SIGTERM asks for would
+    fail. Start it now with SIGTERM ignored: an ignored signal stays ignored in the new process."""
+    import signal
+
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+    except ImportError:
+        return
+    if getattr(fa, "_results_queue", True) is not None or not hasattr(fa, "_get_write_results_queue"):
+        return  # already started, or a megatron-core without the helper
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        fa._get_write_results_queue()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 # ------------------------------------------------------------------------------ RNG
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}

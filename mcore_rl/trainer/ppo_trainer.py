@@ -393,7 +393,12 @@ class PPOTrainer:
             OmegaConf.save(cfg, os.path.join(self.output_dir, "config.yaml"))
         self.stopped_by_signal = False
         self._term_requested = False
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _in_main_thread() else None
+        previous = None
+        if _in_main_thread():
+            from mcore_rl.trainer.checkpointing import start_writer_helper_ignoring_sigterm
+
+            start_writer_helper_ignoring_sigterm()
+            previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         t0 = time.perf_counter()
         history = []
         bar = tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step", disable=not _rank0(), leave=False)
@@ -420,14 +425,15 @@ class PPOTrainer:
                             f"(trainer.max_bad_steps={t.max_bad_steps}); nothing was checkpointed from them. "
                             f"Last checkpoint: {self.checkpoint_root}. Usual causes: learning rate, a reward "
                             f"that returns inf/NaN, fp16 overflow")
+                if t.save_freq > 0 and self.step % t.save_freq == 0 and not skipped:
+                    self.save_checkpoint()  # not after a skipped update: the last good one stays newest
                 if self._agree(self._term_requested):
-                    self.save_checkpoint()
+                    if self.last_saved_step != self.step:
+                        self.save_checkpoint()
                     self.stopped_by_signal = True
                     _say(f"mcore_rl: SIGTERM: stopped after step {self.step} with a checkpoint; "
                          f"rerun with trainer.resume=auto to continue")
                     return history
-                if t.save_freq > 0 and self.step % t.save_freq == 0 and not skipped:
-                    self.save_checkpoint()  # not after a skipped update: the last good one stays newest
             if self.last_saved_step != self.step:
                 self.save_checkpoint()
             if t.export_hf_at_end:
