@@ -54,6 +54,34 @@ def test_round_trip_bit_exact(arch, tp, pp, tiny_model_factory, tmp_path):
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]  # staging dirs are gone
 
 
+def _streamed_and_megatron_saved_worker(hf_path, streamed, saved):
+    """The same TP=2 shards written by the streaming converter and by megatron's own writer,
+    then read back tensor by tensor from both; returns the tensors that differ."""
+    from converters.checkpoint import checkpoint_plan, hf_to_mcore, save_model
+    from converters.hf_io import load_hf_into_model
+    from converters.streaming import checkpoint_tensors, iter_checkpoint
+    from mcore_rl.models.arch import arch_from_hf_config
+    from mcore_rl.models.build import build_model
+
+    hf_to_mcore(hf_path, streamed, tp=2, pp=1, progress=False)
+    spec = arch_from_hf_config(hf_path)
+    model = build_model(spec, dtype=torch.bfloat16, device=torch.device("cpu"))
+    load_hf_into_model(model, spec, hf_path)
+    save_model(model, saved)
+    a, b = checkpoint_tensors(os.path.join(streamed, "model")), checkpoint_tensors(saved)
+    assert a == b  # same keys, global shapes, dtypes
+    keys = [(key, layer) for key, layer, _ in checkpoint_plan(spec, a)]
+    pairs = zip(iter_checkpoint(os.path.join(streamed, "model"), keys), iter_checkpoint(saved, keys))
+    return [(k, layer) for (k, layer, x), (_, _, y) in pairs if not torch.equal(x, y)], len(keys)
+
+
+def test_streamed_checkpoint_matches_megatron_writer(tiny_model_factory, tmp_path):
+    src = tiny_model_factory("qwen2", dtype=torch.bfloat16)
+    for differing, n in run_ranks(_streamed_and_megatron_saved_worker, 2, src, str(tmp_path / "streamed"),
+                                  str(tmp_path / "saved")):
+        assert n > 10 and differing == []
+
+
 def _logits_from_ckpt(mcore_path, tp, pp, ids):
     from converters.checkpoint import load_model
     from mcore_rl.distributed import init_distributed
@@ -155,3 +183,60 @@ def test_clear_errors(tiny_model_factory, tmp_path, capsys):
     feat.mkdir()
     json.dump({**cfg, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, open(feat / "config.json", "w"))
     assert "rope scaling type 'yarn' is not supported" in err("hf-to-mcore", "--hf-path", str(feat), "--out", out + "2")
+
+
+# Runs one conversion in a fresh process; prints the RSS after imports and the peak RSS (VmHWM).
+_MEASURE = r"""
+import json, sys
+import torch, megatron.core.dist_checkpointing, megatron.core.models.gpt, mcore_rl.models.build, tqdm
+import converters.checkpoint as c, converters.streaming
+def status(key):
+    return int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith(key + ":"))) * 1024
+base = status("VmRSS")
+fn = c.hf_to_mcore if sys.argv[1] == "hf-to-mcore" else c.mcore_to_hf
+fn(sys.argv[2], sys.argv[3], progress=False)
+print("RSS", json.dumps({"base": base, "peak": status("VmHWM")}))
+"""
+
+
+def _write_random_llama(path, layers, hidden, ffn, vocab, heads):
+    """A random bf16 Llama checkpoint written tensor by tensor (the writer holds nothing)."""
+    from converters.hf_io import HFWriter
+    from converters.mapping import NameIndex
+    from mcore_rl.models.arch import arch_from_hf_config
+
+    cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=hidden, intermediate_size=ffn,
+               num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab,
+               max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False, dtype="bfloat16")
+    os.makedirs(path)
+    json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
+    shapes = {"embed_tokens": (vocab, hidden), "lm_head": (vocab, hidden), "norm": (hidden,),
+              "_proj": (hidden, hidden), "gate_proj": (ffn, hidden), "up_proj": (ffn, hidden),
+              "down_proj": (hidden, ffn)}
+    names = NameIndex(arch_from_hf_config(cfg)).all_hf_names()
+    layout = [(n, next(s for k, s in reversed(shapes.items()) if k in n), torch.bfloat16) for n in names]
+    writer = HFWriter(path, shard_mb=256, tensors=layout)
+    g = torch.Generator().manual_seed(0)
+    for name, shape, dtype in layout:
+        writer.add(name, torch.randn(shape, generator=g).to(dtype))
+    writer.close()
+    return writer.total
+
+
+def test_conversion_streams_with_bounded_memory(tmp_path):
+    """Peak RSS of each direction stays within a small multiple of the largest tensor (16 MiB
+    here) above the process baseline, far below the 548 MB model: loading the model whole, or
+    memory-mapping the input as it is read, would add at least the model's size."""
+    src = str(tmp_path / "hf")
+    model_bytes = _write_random_llama(src, layers=16, hidden=1024, ffn=4096, vocab=8192, heads=8)
+    assert model_bytes > 500e6
+    for direction, a, b in (("hf-to-mcore", src, tmp_path / "m"), ("mcore-to-hf", tmp_path / "m", tmp_path / "h")):
+        r = subprocess.run([sys.executable, "-c", _MEASURE, direction, str(a), str(b)], capture_output=True,
+                           text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        assert r.returncode == 0, r.stderr[-3000:]
+        rss = json.loads(next(l for l in r.stdout.splitlines() if l.startswith("RSS "))[4:])
+        extra = rss["peak"] - rss["base"]
+        print(f"{direction}: baseline {rss['base'] / 2**20:.0f} MiB, peak {rss['peak'] / 2**20:.0f} MiB, "
+              f"extra {extra / 2**20:.0f} MiB for a {model_bytes / 2**20:.0f} MiB model")
+        assert extra < model_bytes / 3, (direction, extra, model_bytes)
+    _assert_bit_exact(src, tmp_path / "h")

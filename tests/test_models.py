@@ -97,3 +97,79 @@ def test_train_step_matches_hf(arch, tp, pp, tiny_model_factory, request):
         for name, g in grads.items():
             err = (g - ref_grads[name]).abs().max().item()
             assert err < 1e-5 * max(1.0, ref_grads[name].abs().max().item()), f"{name}: grad diff {err}"
+
+
+def _chunked_logprob_worker(vocab_size, padded, seed):
+    """Chunked (`vocab_parallel_logprobs`) vs the plain formula (`..._reference`) vs torch's
+    full-vocab log_softmax, on this TP rank's shard: values and gradients of logp and entropy."""
+    from megatron.core import parallel_state as ps
+
+    from mcore_rl.distributed import init_distributed
+
+    tp = int(__import__("os").environ["WORLD_SIZE"])
+    init_distributed(tp, 1)
+    return {dtype: _chunked_logprob_case(ps.get_tensor_model_parallel_rank(), tp, vocab_size, padded, dtype, seed)
+            for dtype in (torch.float32, torch.bfloat16)}
+
+
+def _chunked_logprob_case(rank, tp, vocab_size, padded, dtype, seed):
+    from mcore_rl.models.forward import vocab_parallel_logprobs, vocab_parallel_logprobs_reference
+
+    g = torch.Generator().manual_seed(seed)
+    B, S = 3, 9
+    full = (3 * torch.randn(B, S + 1, padded, generator=g)).to(dtype)  # [b, s, padded vocab], like the model's output
+    full[..., vocab_size:] = 50.0  # padding logits that would dominate if they were counted
+    ids = torch.randint(0, vocab_size, (B, S + 1), generator=g)
+    w_lp, w_ent = torch.randn(B, S, generator=g), torch.randn(B, S, generator=g)
+    vl = padded // tp
+    cols = slice(rank * vl, (rank + 1) * vl)
+
+    def run(fn, loss_terms, contiguous=False, **kw):
+        shard = full[..., cols].clone().requires_grad_()
+        x = shard[:, :-1]  # a non-contiguous view, as the trainer passes
+        logp, ent = fn(x.contiguous() if contiguous else x, ids[:, 1:], vocab_size, True, **kw)
+        loss = sum(((w_lp * logp).sum(), (w_ent * ent).sum())[i] for i in loss_terms)
+        loss.backward()
+        return logp.detach(), ent.detach(), shard.grad
+
+    out = {}
+    for terms in ((0, 1), (0,), (1,)):
+        ref = run(vocab_parallel_logprobs_reference, terms)
+        chunk = 4 * 7 * max(1, min(vl, vocab_size - rank * vl))  # 7 rows a chunk: chunks straddle sequences
+        got = run(vocab_parallel_logprobs, terms, chunk_bytes=chunk)
+        flat = run(vocab_parallel_logprobs, terms, contiguous=True, chunk_bytes=chunk)
+        out[(terms, "flat")] = [(a.float() - b.float()).abs().max().item() for a, b in zip(got, flat)]
+        # the ground truth: torch's log_softmax over the full, unpadded vocabulary
+        x = full[:, :-1, :vocab_size].float().clone().requires_grad_()
+        lsm = torch.log_softmax(x, -1)
+        t_logp, t_ent = lsm.gather(-1, ids[:, 1:, None])[..., 0], -(lsm.exp() * lsm).sum(-1)
+        sum(((w_lp * t_logp).sum(), (w_ent * t_ent).sum())[i] for i in terms).backward()
+        t_grad = torch.zeros(B, S + 1, padded)  # the last position is not scored: zero gradient
+        t_grad[:, :-1, :vocab_size] = x.grad
+        truth = (t_logp.detach(), t_ent.detach(), t_grad[..., cols].to(dtype))
+        for name, other in (("ref", ref), ("truth", truth)):
+            out[(terms, name)] = [(a.float() - b.float()).abs().max().item() for a, b in zip(got, other)]
+        out[(terms, "grad_scale")] = truth[2].float().abs().max().item()
+        out[(terms, "pad_grad")] = got[2][..., max(0, vocab_size - rank * vl):].abs().max().item() if vocab_size < (rank + 1) * vl else 0.0
+    return out
+
+
+@pytest.mark.parametrize("tp,vocab_size,padded", [(1, 250, 256), (2, 250, 256), (2, 100, 256)],
+                         ids=["tp1", "tp2", "tp2-rank-all-padding"])
+def test_chunked_logprobs_match_plain_formula(tp, vocab_size, padded):
+    """The trainer's chunked log-prob/entropy (several chunks, the trainer's sliced view) equals the
+    plain full-size formula and torch's log_softmax, values and gradients, at TP=1 and TP=2
+    (including a TP rank whose shard is all vocab padding), fp32 and bf16 logits."""
+    for dtype, res in ((d, r) for rank in run_ranks(_chunked_logprob_worker, tp, vocab_size, padded, 0)
+                       for d, r in rank.items()):
+        for key, errs in res.items():
+            if key[1] in ("ref", "truth"):
+                lp, ent, grad = errs
+                assert lp < 1e-5 and ent < 1e-4, (key, errs)
+                # bf16 gradients: both sides round the same fp32 value; allow one bf16 ulp of the largest
+                tol = 1e-6 * max(1.0, res[(key[0], 'grad_scale')]) if dtype == torch.float32 else 2 ** -8 * res[(key[0], "grad_scale")]
+                assert grad <= tol, (key, errs)
+            elif key[1] == "flat":  # the contiguous-input path computes the same
+                assert max(errs) < 1e-5, (key, errs)
+            elif key[1] == "pad_grad":
+                assert errs == 0.0, key

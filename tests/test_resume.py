@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -208,17 +207,19 @@ def test_sigterm_saves_exits_zero_and_resumes(reference, tmp_path):
     _assert_same(_metrics(out), ref, range(1, STEPS + 1), tol=1e-6)
 
 
-@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2"])
 def test_resume_at_another_layout(reference, tmp_path, layout):
-    """A TP=1 checkpoint continued at TP=2 or PP=2 (2 gloo ranks): same losses to float noise.
-    Rewards are equal: sampling seeds are per prompt and the weights agree to rounding."""
+    """A TP=1 checkpoint continued at TP=2, PP=2 or DP=2 (2 gloo ranks): the same metrics as
+    the single-process run, to float noise. This is also the trainer's layout-parity test:
+    rewards agree because sampling seeds are per prompt, not per rank."""
     ref_out, ref = reference
     out = tmp_path / "run"
-    key = {"tp2": "tensor", "pp2": "pipeline"}[layout]
-    p = _torchrun(_args(out, f"trainer.resume={ref_out / 'checkpoints' / 'step_00000002'}",
-                        f"actor_rollout_ref.actor.megatron.{key}_model_parallel_size=2"))
+    extra = {"tp2": ["actor_rollout_ref.actor.megatron.tensor_model_parallel_size=2"],
+             "pp2": ["actor_rollout_ref.actor.megatron.pipeline_model_parallel_size=2"], "dp2": []}[layout]
+    p = _torchrun(_args(out, f"trainer.resume={ref_out / 'checkpoints' / 'step_00000002'}", *extra))
     assert p.returncode == 0, _log(p)
     assert "saved at TP=1 PP=1 DP=1; RNG not restored: layout differs" in p.stdout, _log(p)
+    assert {"tp2": "TP=2 PP=1 DP=1", "pp2": "TP=1 PP=2 DP=1", "dp2": "TP=1 PP=1 DP=2"}[layout] in p.stdout
     got = _metrics(out)
     assert sorted(got) == [3, 4]
     _assert_same(got, ref, [3, 4], tol=1e-4)

@@ -126,10 +126,9 @@ def slurm_cluster(tmp_path):
 
 
 # A rank that reports where it is; with PROBE_ALLREDUCE=1 it also joins a gloo group through
-# export_for_torch, proving the rendezvous point works; with PROBE_WAIT_TERM=1 the first start
-# waits for SIGTERM and "checkpoints" (a marker file), the next start exits at once.
+# export_for_torch, proving the rendezvous point works.
 PROBE = r'''
-import json, os, signal, sys, time
+import json, os, sys
 from mcore_rl.distributed.env import read_launch_env, export_for_torch
 out = os.environ["PROBE_OUT"]
 env = read_launch_env()
@@ -144,14 +143,6 @@ if os.environ.get("PROBE_ALLREDUCE") == "1":
     dist.all_reduce(t)
     rec["allreduce"] = t.item()
     dist.destroy_process_group()
-if os.environ.get("PROBE_WAIT_TERM") == "1" and restart == 0:
-    def on_term(*_):
-        open(f"{out}/saved.rank{env.rank}", "w").write("checkpoint")
-        sys.exit(0)
-    signal.signal(signal.SIGTERM, on_term)
-    open(f"{out}/waiting.rank{env.rank}", "w").close()
-    time.sleep(120)
-    sys.exit(3)
 json.dump(rec, open(f"{out}/rank{env.rank}.restart{restart}.json", "w"))
 '''
 
@@ -219,30 +210,6 @@ def test_train_sbatch_launches_ranks_that_rendezvous(slurm_cluster, probe, launc
         assert r["argv"] == ["algorithm.adv_estimator=grpo", "data.seed=7", "trainer.resume=auto"]
         assert r["device"] == "cpu"
     assert f"via {launcher}" in res.log()
-
-
-@pytest.mark.parametrize("launcher", ["srun", "torchrun"])
-def test_train_sbatch_sigterm_checkpoints_requeues_and_resumes(slurm_cluster, probe, launcher):
-    """The --signal=B:TERM path: the batch shell gets SIGTERM, every rank is told to
-    checkpoint, the job is requeued under the same id and the next start resumes."""
-    path, out = probe
-    env = {"MCORE_RL_LAUNCHER": launcher, "MCORE_RL_NPROC_PER_NODE": "2", "MCORE_RL_ENTRY": str(path),
-           "PROBE_OUT": str(out), "PROBE_WAIT_TERM": "1", "MCORE_RL_DEVICE": "cpu"}
-    opts = ["--gpus-per-node=0", "--time=5"] + (["--ntasks-per-node=2"] if launcher == "srun" else [])
-    job = slurm_cluster.submit(REPO / "slurm/train.sbatch", ["trainer.total_steps=3"], env=env, opts=opts)
-    deadline = time.monotonic() + 60
-    while len(list(out.glob("waiting.rank*"))) < 2:
-        assert time.monotonic() < deadline, "ranks never started"
-        time.sleep(0.2)
-    # What Slurm does 120 s before the time limit with --signal=B:TERM@120:
-    subprocess.run(["scancel", "--batch", "--signal=TERM", job], check=True, timeout=30)
-    res = slurm_cluster.wait(job, timeout=120)
-    assert res.ok and res.restarts == 1, f"{res.state} {res.exit_code} restarts={res.restarts}\n{res.log()}"
-    assert sorted(p.name for p in out.glob("saved.rank*")) == ["saved.rank0", "saved.rank1"]
-    recs = _records(out, restart=1)
-    assert sorted(recs) == [0, 1], res.log()
-    assert all(r["argv"] == ["trainer.total_steps=3", "trainer.resume=auto"] for r in recs.values())
-    assert "requeueing job" in res.log()
 
 
 def test_multinode_tp_pp_sbatch_on_one_node(slurm_cluster, probe):

@@ -51,20 +51,8 @@ def test_toy_default_reward_rises(tmp_path):
     assert max(r["rollout/logprob_diff_max"] for r in rows) < 1e-4
 
 
-@pytest.fixture(scope="module")
-def single_process_step1(tmp_path_factory):
-    return train(tmp_path_factory.mktemp("ref"), SMALL + ["trainer.max_steps=1"])[0][0]
-
-
-@pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2"])
-def test_two_rank_layouts_match_single_process(layout, single_process_step1, tmp_path):
-    extra = {"tp2": ["actor_rollout_ref.actor.megatron.tensor_model_parallel_size=2"],
-             "pp2": ["actor_rollout_ref.actor.megatron.pipeline_model_parallel_size=2"], "dp2": []}[layout]
-    row = train(tmp_path, SMALL + ["trainer.max_steps=1"] + extra, nproc=2)[0][0]
-    ref = single_process_step1
-    assert row["reward/mean"] == ref["reward/mean"]  # same samples: seeds are per prompt, not per rank
-    for key in ("actor/loss", "actor/pg_loss", "critic/loss", "actor/kl", "actor/entropy"):
-        assert abs(row[key] - ref[key]) < 1e-4, (key, row[key], ref[key])
+# TP=2, PP=2 and DP=2 runs against the single-process run: tests/test_resume.py
+# (test_resume_at_another_layout continues a TP=1 checkpoint at each layout, same metrics).
 
 
 @pytest.mark.parametrize("algo,backend", [("grpo", "vllm"), ("grpo", "hf"), ("ppo", "hf")])
