@@ -3,7 +3,7 @@
 For random Qwen2.5-{0.5B,1.5B,7B}-shaped bf16 models (public shapes, random weights; vLLM
 starts with ``load_format="dummy"``, so nothing is read from disk):
 
-* ``hf``: `mcore_rl.resharding.Resharder.sync(engine)` (gather -> HF names -> vLLM
+* ``hf``: `mcore_rl.resharding.Resharder.sync_hf(engine)` (gather -> HF names -> vLLM
   ``load_weights``), the general path; ``gather`` times its first half alone.
 * ``fast-graph`` / ``fast-hybrid`` / ``fast-foreach`` / ``fast-loop``:
   `mcore_rl.resharding.fast_path.FastSync` (precomputed copies into vLLM's fused parameters;
@@ -132,7 +132,7 @@ def bench_size(size: str, args) -> dict:
     rows = [{"path": "gather only", "seconds": common.med(ts)}]
 
     resharder = Resharder(model, bucket_mb=args.bucket_mb)
-    stats = [resharder.sync(engine) for _ in range(reps + 1)][1:]
+    stats = [resharder.sync_hf(engine) for _ in range(reps + 1)][1:]
     rows.append({"path": "hf (Resharder)", "seconds": common.med(s["sync/seconds"] for s in stats),
                  "spread": [min(s["sync/seconds"] for s in stats), max(s["sync/seconds"] for s in stats)]})
     res["bytes"] = nbytes

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -337,3 +338,25 @@ def test_bad_data_row_fatal_when_configured(tmp_path):
     p = _data_run(tmp_path, "data.on_bad_row=error")
     assert p.returncode == 2, _log(p)
     assert f"{tmp_path / 'prompts.jsonl'}:3 (row 2)" in p.stderr and "no prompt column" in p.stderr, _log(p)
+
+
+def test_resolve_resume(reference, tmp_path):
+    """auto / off (also YAML's bare `off` = False) / PATH, the `latest` pointer, and temp dirs."""
+    from mcore_rl.config import load_config
+    from mcore_rl.trainer.checkpointing import resolve_resume
+
+    ref_out, _ = reference
+    root = tmp_path / "checkpoints"
+    shutil.copytree(ref_out / "checkpoints", root)
+    assert resolve_resume("auto", str(root)) == str(root / "step_00000004")
+    off = load_config(None, ["trainer.resume=off"]).trainer.resume
+    assert resolve_resume(off, str(root)) is None and resolve_resume("off", str(root)) is None
+    assert resolve_resume(str(root / "step_00000002"), "/elsewhere") == str(root / "step_00000002")
+    assert resolve_resume(str(tmp_path), "/elsewhere") == str(root / "step_00000004")  # a run's output dir
+    (root / "latest").write_text("step_00000002\n")
+    assert resolve_resume("auto", str(root)) == str(root / "step_00000002")
+    (root / "latest").unlink()  # no pointer: the newest complete one; a temp dir never counts
+    (root / ".step_00000009.tmp").mkdir()
+    (root / "step_00000007").mkdir()  # no trainer_state.json: incomplete
+    assert resolve_resume("auto", str(root)) == str(root / "step_00000004")
+    assert resolve_resume("auto", str(tmp_path / "empty")) is None

@@ -3,6 +3,8 @@
 #   PARTS=.gpuparts source benchmarks/gpu/run_device.sh vllm       # call 2: carries $PARTS/c2, .whl
 #   PARTS=.gpuparts source benchmarks/gpu/run_device.sh sync       # call 3: same carry, same warm machine
 #   PARTS=.gpuparts source benchmarks/gpu/run_device.sh rollout    # call 4: same carry, same warm machine
+#   PARTS=.gpuparts source benchmarks/gpu/run_device.sh toy        # 10-step GRPO and PPO toy runs (same carry)
+#   PARTS=.gpuparts source benchmarks/gpu/run_device.sh grpo       # one GRPO step's breakdown, 1.5B (same carry)
 # Logs and JSON land in $OUT (brought back by the tool). Each step has its own time limit so
 # that one hang cannot eat the call's 600 s.
 _phase=${1:-}
@@ -12,13 +14,14 @@ megatron)
   source benchmarks/gpu/setup.sh device1 || return 1
   nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.sm --format=csv | tee "$OUT/nvidia_smi.txt"
   python3 -c "import torch, megatron.core as m; print('torch', torch.__version__, 'megatron-core', m.__version__, torch.cuda.get_device_name())"
-  timeout 150 python3 -m pytest tests/test_gpu.py -q -s -p no:cacheprovider -k "logits or export or converter" \
+  timeout 200 python3 -m pytest tests/test_gpu.py -q -s -p no:cacheprovider -k "${MEGATRON_TESTS:-logits or export or converter or chunked}" \
     2>&1 | tee "$OUT/pytest_megatron.log" | grep -E "gpu-test|passed|failed|Error|error" | cut -c1-600
   timeout 300 python3 benchmarks/train_step.py ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/train_step.log" | grep -v -i warn | tail -12
   ;;
 vllm)
   source benchmarks/gpu/setup.sh device2 || return 1
-  timeout 500 python3 -m pytest tests/test_gpu.py -q -s -p no:cacheprovider -k "live_sync or fast_path or sleep or logprob" \
+  timeout 500 python3 -m pytest tests/test_gpu.py -q -s -p no:cacheprovider \
+    -k "${VLLM_TESTS:-(live_sync or fast_path or resharder_auto or sleep or logprob) and not chunked}" \
     2>&1 | tee "$OUT/pytest_vllm.log" | grep -E "gpu-test|passed|failed|Error |error:|assert" | cut -c1-700
   ;;
 sync)
@@ -29,6 +32,15 @@ rollout)
   source benchmarks/gpu/setup.sh device2 || return 1
   timeout 560 python3 benchmarks/rollout.py ${ROLLOUT_ARGS:-} 2>&1 | tee "$OUT/rollout.log" | grep -v -i "warn\|INFO" | tail -14
   ;;
+toy)
+  source benchmarks/gpu/setup.sh device2 || return 1
+  timeout 560 python3 -m pytest tests/test_gpu.py -q -s -p no:cacheprovider -k toy \
+    2>&1 | tee "$OUT/pytest_toy.log" | grep -E "gpu-test|passed|failed|Error |error:|assert" | cut -c1-1500
+  ;;
+grpo)
+  source benchmarks/gpu/setup.sh device2 || return 1
+  timeout 560 python3 benchmarks/grpo_step.py ${GRPO_ARGS:-} 2>&1 | tee "$OUT/grpo_step.log" | grep -v -i "warn\|INFO" | tail -24
+  ;;
 *)
-  echo "usage: source benchmarks/gpu/run_device.sh megatron|vllm|sync|rollout" >&2; return 2 ;;
+  echo "usage: source benchmarks/gpu/run_device.sh megatron|vllm|sync|rollout|toy|grpo" >&2; return 2 ;;
 esac

@@ -6,7 +6,8 @@
 #   source benchmarks/gpu/setup.sh device2   # on the device, call 2 (carries .vparts/c2 and .whl)
 #
 # What travels (requirements.txt lists it with versions):
-#   .whl/   megatron-core 0.19.2 wheel (2.4 MB; Requires-Dist torch, numpy, packaging: all on the image)
+#   .whl/   megatron-core 0.19.2 wheel (2.4 MB; Requires-Dist torch, numpy, packaging: all on the image),
+#           omegaconf 2.4.0 + antlr4-python3-runtime 4.13.2 (0.4 MB; the trainer's config; PyYAML is on the image)
 #   .vparts/c1/p1 (60 MiB) + .vparts/c2/{p2,SHA256,install.sh} (16 MiB): a stripped, preinstalled
 #           vLLM 0.26.0 + 29 small wheels, built by ../shared/gpu/prepare_vllm_parts.sh. A call may
 #           carry 64 MiB, so the two parts go in two calls made back to back (the machine stays
@@ -27,10 +28,12 @@ prepare)
   EXCL=$(git rev-parse --git-path info/exclude)
   for p in /.whl/ /.site/ /.vparts/ "/$PARTS/"; do grep -qx "$p" "$EXCL" 2>/dev/null || echo "$p" >> "$EXCL"; done
   PY=${PYTHON:-python3}
-  if ! ls .whl/megatron_core-0.19.2-*.whl >/dev/null 2>&1; then
+  if ! ls .whl/megatron_core-0.19.2-*.whl .whl/omegaconf-2.4.0-*.whl .whl/antlr4_python3_runtime-4.13.2-*.whl >/dev/null 2>&1; then
+    # omegaconf (the trainer's config) and its antlr runtime: pure Python, not on the device image
     PIP_CONSTRAINT= "$PY" -m pip download --isolated --no-deps --only-binary=:all: \
       --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
-      --platform manylinux_2_24_x86_64 -d .whl megatron-core==0.19.2
+      --platform manylinux_2_24_x86_64 --platform any -d .whl megatron-core==0.19.2 omegaconf==2.4.0 \
+      antlr4-python3-runtime==4.13.2
   fi
   SHARED=${SHARED:-$(cd "$(git rev-parse --show-toplevel)/.." && pwd)/shared}
   if [ -f .vparts/c2/SHA256 ] && [ -f .vparts/c1/p1 ] && [ -f .vparts/c2/install.sh ]; then
@@ -48,9 +51,9 @@ prepare)
   ;;
 device1|device2)
   _mr_t=$(date +%s)
-  if [ ! -f /tmp/mcsite/.ok ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/mcsite .whl/megatron_core-0.19.2-*.whl \
-      && touch /tmp/mcsite/.ok || { echo "megatron-core install failed" >&2; return 1 2>/dev/null || exit 1; }
+  if [ ! -f /tmp/mcsite/.ok ] || [ ! -d /tmp/mcsite/omegaconf ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/mcsite .whl/*.whl \
+      && touch /tmp/mcsite/.ok || { echo "megatron-core / omegaconf install failed" >&2; return 1 2>/dev/null || exit 1; }
   fi
   export PYTHONPATH=$PWD:/tmp/mcsite${PYTHONPATH:+:$PYTHONPATH}
   if [ "$_mr_mode" = device1 ]; then

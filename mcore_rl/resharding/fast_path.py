@@ -39,9 +39,9 @@ Not applicable on CPU vLLM: its linear weights are repacked for oneDNN after loa
 Measured (H100, vLLM 0.26, TP=1, random Qwen2.5 shapes; benchmarks/gpu/RESULTS.md): 1.5B
 2.9 ms = 1.40x the copy floor (HF-named path 34.5 ms = 16.8x), 7B 11.7 ms = 1.15x (47 ms),
 bit-identical vLLM parameters. Verified bit for bit against vLLM's own loaders at TP=1 and
-TP=2 (CPU, real vLLM model objects: ``benchmarks/sync.py --check-fast-path``). Not wired
-into `Resharder`/the trainer: a caller builds ``FastSync(actor, engine)`` once and falls back
-to `Resharder` on `NotApplicable`.
+TP=2 (CPU, real vLLM model objects: ``benchmarks/sync.py --check-fast-path``). `Resharder.sync`
+(and so the trainer) takes this path automatically where it applies and falls back to the
+HF-named path, with the reason, where it does not (``rollout.sync_fast_path: auto|off``).
 """
 
 from __future__ import annotations
@@ -251,6 +251,7 @@ class FastSync:
         self._graph = None
         self._ptrs = None
         self.graph_error: str | None = None
+        self.captures = 0  # CUDA graph captures so far (1 unless a parameter's storage moved)
 
     def _wake(self):
         if getattr(self.engine, "_asleep", False) and getattr(self.engine, "sleep_enabled", False):
@@ -274,6 +275,7 @@ class FastSync:
         with torch.cuda.graph(g):
             self._eager("hybrid")
         self._graph, self._ptrs = g, self._ptr_key()
+        self.captures += 1
 
     @torch.no_grad()
     def copy(self) -> None:
@@ -304,7 +306,7 @@ class FastSync:
         dt = time.perf_counter() - t0
         self.engine.llm.reset_prefix_cache()
         return {"sync/seconds": dt, "sync/bytes": self.plan.nbytes, "sync/tensors": self.plan.n_hf_tensors,
-                "sync/GBps": self.plan.nbytes / dt / 1e9 if dt > 0 else 0.0}
+                "sync/GBps": self.plan.nbytes / dt / 1e9 if dt > 0 else 0.0, "sync/graph_captures": self.captures}
 
 
 def snapshot(vllm_model, device=None) -> dict[str, torch.Tensor]:
@@ -338,7 +340,7 @@ def check_against_hf_path(mcore_model, engine, resharder=None, fast: FastSync | 
 
     resharder = resharder or Resharder(mcore_model)
     fast = fast or FastSync(mcore_model, engine)
-    resharder.sync(engine)
+    resharder.sync_hf(engine)
     model = engine.model()
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     on_gpu = torch.cuda.is_available() and torch.cuda.mem_get_info()[0] > 1.5 * nbytes + (4 << 30)

@@ -262,6 +262,9 @@ class VLLMEngine(RolloutEngine):
         want = {"weights", "kv_cache"} if tags is None else set(tags)
         todo = sorted(want - self._awake_tags)
         if todo:
+            # blocks the trainer freed but torch still caches would make vLLM's re-mapping run
+            # out of memory: hand them back to the driver first
+            torch.cuda.empty_cache()
             self.llm.wake_up(tags=todo)
             self._awake_tags |= set(todo)
         if {"weights", "kv_cache"} <= self._awake_tags:
@@ -281,6 +284,13 @@ class VLLMEngine(RolloutEngine):
         llm = getattr(self, "llm", None)
         if llm is None:
             return
+        if self._asleep:
+            # freeing the sleep-mode pool unmaps every allocation: ones a sleep already unmapped make
+            # the cumem allocator fail ("CUDA Error: invalid argument"); map them back first
+            try:
+                self.wake_up()
+            except Exception as e:  # shutting down is best effort
+                logger.warning("vLLM engine wake-up before shutdown: %s", e)
         self.llm = None
         destroy = torch.distributed.destroy_process_group
 

@@ -74,7 +74,7 @@ def resolve_resume(resume: str, root: str) -> str | None:
     """`trainer.resume`: auto -> newest under `root` (or None: fresh start); off -> None;
     a path -> that checkpoint (a step dir, or a checkpoints root whose newest is taken)."""
     resume = str(resume)
-    if resume == "off":
+    if resume.lower() in ("off", "false", "none", "null", ""):  # YAML reads a bare `off` as False
         return None
     if resume == "auto":
         return find_checkpoint(root)

@@ -360,8 +360,8 @@ class PPOTrainer:
             metrics["actor/kl"] = metrics.get("actor/ppo_kl", float("nan"))
         timing["timing/train"] = time.perf_counter() - t
         timing["timing/step"] = time.perf_counter() - t_step
-        accounted = sum(timing[k] for k in ("timing/sync", "timing/generate", "timing/reward", "timing/logprob",
-                                            "timing/advantage", "timing/train"))
+        accounted = sum(timing.get(k, 0.0) for k in ("timing/sync", "timing/wake", "timing/generate", "timing/sleep",
+                                                     "timing/reward", "timing/logprob", "timing/advantage", "timing/train"))
         timing["timing/other"] = timing["timing/step"] - accounted
         tokens = float(batch["response_length"].sum() + sum(len(s.prompt_ids) for s in samples))
         metrics["perf/tokens_per_s"] = tokens / timing["timing/step"]

