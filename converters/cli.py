@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mcore-rl convert: error: {e}", file=sys.stderr)
         return 2
     world = args.tp * args.pp if args.direction == "hf-to-mcore" else 1
-    if world > 1 and "WORLD_SIZE" not in os.environ and "SLURM_NTASKS" not in os.environ:
+    launched = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+    if world > 1 and launched == 1:  # one process (also a 1-task Slurm job): start the ranks here
         import torch.multiprocessing as mp
 
         with socket.socket() as s:

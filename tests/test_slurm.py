@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.slurm
 
@@ -240,19 +241,30 @@ def test_multinode_tp_pp_sbatch_rejects_bad_sizes(slurm_cluster, probe):
     assert not list(out.iterdir())
 
 
-def test_convert_sbatch_runs_the_converter_cli(slurm_cluster, tmp_path):
-    """convert.sbatch runs `mcore-rl convert <args>`; here with a stand-in CLI module so the
-    test does not depend on the converter itself."""
-    fake = tmp_path / "fakecli"
-    fake.mkdir()
-    (fake / "fake_mcore_rl_cli.py").write_text(
-        "import sys, json; json.dump(sys.argv[1:], open(sys.argv[0] + '.args.json', 'w'))\n")
-    env = {"MCORE_RL_CLI": f"{fake / 'fake_mcore_rl_cli.py'}"}
-    res = slurm_cluster.run(REPO / "slurm/convert.sbatch", ["--hf", "/models/x", "--out", "/ckpt/y", "--tp", "2"],
-                            env=env, opts=["--time=2", "--cpus-per-task=1", "--mem=1G"], timeout=60)
+def test_convert_sbatch_round_trip(slurm_cluster, tmp_path, tiny_model_factory):
+    """convert.sbatch as CPU jobs: HF -> Megatron at TP=2 (the converter spawns its 2 ranks),
+    then back to HF; every tensor bit-identical to the original."""
+    from safetensors.torch import load_file
+
+    hf = Path(tiny_model_factory("llama"))
+    mcore, back = tmp_path / "mcore", tmp_path / "back"
+    opts = ["--time=5", "--cpus-per-task=2", "--mem=4G"]
+    env = {"OMP_NUM_THREADS": "1"}
+    res = slurm_cluster.run(REPO / "slurm/convert.sbatch", ["--hf-path", str(hf), "--out", str(mcore), "--tp", "2"],
+                            env=env, opts=opts, timeout=180)
+    assert res.ok and (mcore / "mcore_rl.json").exists(), f"{res.state} {res.exit_code}\n{res.log()}"
+    res = slurm_cluster.run(REPO / "slurm/convert.sbatch", ["mcore-to-hf", "--mcore-path", str(mcore), "--out", str(back)],
+                            env=env, opts=opts, timeout=180)
     assert res.ok, f"{res.state} {res.exit_code}\n{res.log()}"
-    args = json.loads((fake / "fake_mcore_rl_cli.py.args.json").read_text())
-    assert args == ["convert", "hf-to-mcore", "--hf", "/models/x", "--out", "/ckpt/y", "--tp", "2"]
+
+    def tensors(d):
+        out = {}
+        for f in sorted(d.glob("*.safetensors")):
+            out.update(load_file(f))
+        return out
+
+    a, b = tensors(hf), tensors(back)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_sbatch_scripts_parse():
