@@ -34,7 +34,7 @@ STEP_RE = re.compile(r"^step_(\d{8})$")
 LATEST = "latest"
 STATE = "trainer_state.json"
 # optimizer state in a format every TP/PP/DP layout can load (megatron's metadata keys)
-OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space", "chained_optim_avoid_prefix": True}
+OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 
 
 def _rank() -> int:
@@ -115,6 +115,24 @@ def save_model_and_optimizer(model, opt, where: str) -> None:
         dist_checkpointing.save(sd, optim_dir)
 
 
+def optimizer_state_unloadable(opt) -> str | None:
+    """Why this optimizer's checkpointed state cannot be loaded back, or None.
+
+    megatron-core's distributed optimizer loads its state only with TE's or Apex's fused Adam;
+    with torch's Adam (what runs without them) its loader trips over the per-parameter `step`
+    (megatron-core 0.16), and a non-distributed optimizer cannot read that state either."""
+    try:
+        from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE, DistributedOptimizer
+    except ImportError:
+        return None
+    if not HAVE_APEX_OR_TE and any(isinstance(o, DistributedOptimizer)
+                                   for o in getattr(opt, "chained_optimizers", [opt])):
+        return ("actor.use_distributed_optimizer=true without transformer-engine or apex: megatron-core "
+                "cannot load a distributed optimizer's checkpointed state with torch's Adam, so this run "
+                "cannot be resumed. Install the `te` extra, or use use_distributed_optimizer=false")
+    return None
+
+
 def load_model_and_optimizer(model, opt, where: str) -> None:
     from megatron.core import dist_checkpointing
 
@@ -123,6 +141,9 @@ def load_model_and_optimizer(model, opt, where: str) -> None:
     load_model(_inner(model), os.path.join(where, "model"))
     if opt is not None:
         # after the model: the optimizer's fp32 master weights are loaded from the checkpoint too
+        why = optimizer_state_unloadable(opt)
+        if why:
+            raise NotImplementedError(why)
         sd = opt.sharded_state_dict(_inner(model).sharded_state_dict(), is_loading=True, metadata=OPTIM_METADATA)
         opt.load_state_dict(dist_checkpointing.load(sd, os.path.join(where, "optim")))
 

@@ -175,6 +175,13 @@ class PPOTrainer:
         self.last_saved_step = None
         self.layout = {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
                        "dp": ps.get_data_parallel_world_size(), "world": self.world}
+        from mcore_rl.trainer.checkpointing import optimizer_state_unloadable
+
+        for opt in (self.actor_opt, self.critic_opt):
+            why = optimizer_state_unloadable(opt) if opt is not None else None
+            if why:
+                _say(f"mcore_rl: WARNING: {why}")
+                break
         self._resume()
 
     # ---------------------------------------------------------------- checkpoints
