@@ -6,11 +6,17 @@ A converted checkpoint is a directory:
     hf/              the HF config.json, generation config and tokenizer files
     mcore_rl.json    what wrote it: architecture, dtype, the TP/PP it was written at
 
-Both directions run SPMD on the current world (one process, or torchrun/srun ranks); the
-CLI spawns TP x PP local gloo processes itself when run as one process with --tp/--pp > 1.
-Each rank holds only its own shard of the model; HF tensors are read lazily one at a time
-and written in bounded shards. Outputs go to a temporary sibling directory that is renamed
-into place at the end, so an interrupted conversion never leaves a half-written target.
+Both directions stream: no rank ever holds its whole model shard. hf-to-mcore runs SPMD on
+TP x PP ranks (the CLI spawns them as local gloo processes when run as one process with
+--tp/--pp > 1); each rank builds its shard of the model on the meta device (names, shapes,
+sharding; no storage) and `dist_checkpointing.save` writes it through
+`converters.streaming.StreamingSaveStrategy`, which makes each parameter from the HF
+checkpoint just before writing it. mcore-to-hf reads the checkpoint one tensor at a time
+(whatever TP/PP wrote it), turns it into HF tensors with the mapping and writes them straight
+into safetensors shards laid out in advance. Peak memory is a few copies of the largest
+single tensor (for most models the embedding), not the model; see `converters/streaming.py`.
+Outputs go to a temporary sibling directory that is renamed into place at the end, so an
+interrupted conversion never leaves a half-written target.
 """
 
 from __future__ import annotations
@@ -23,9 +29,10 @@ import time
 import torch
 import torch.distributed as dist
 
-from converters.mapping import NameIndex
-from converters.hf_io import HFReader, HFWriter, copy_side_files, load_hf_into_model
-from mcore_rl.models.arch import arch_from_hf_config
+from converters.hf_io import CheckpointError, HFReader, HFWriter, copy_side_files, shard_source
+from converters.mapping import LAYER, NameIndex, Rule, rules_for
+from converters.mapping import mcore_to_hf as mapping_mcore_to_hf
+from mcore_rl.models.arch import ArchSpec, arch_from_hf_config
 
 META = "mcore_rl.json"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -97,9 +104,20 @@ def load_model(model, ckpt_dir: str) -> None:
         raise RuntimeError(f"checkpoint {ckpt_dir} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
-def hf_to_mcore(hf_path: str, out: str, tp: int = 1, pp: int = 1, dtype: str = "auto", force: bool = False) -> str:
-    from mcore_rl.distributed import init_distributed
+def build_meta_model(spec: ArchSpec, dtype: torch.dtype):
+    """This rank's shard of the model on the meta device: parameter names, shapes and sharding,
+    no storage (call after `init_distributed`)."""
     from mcore_rl.models.build import build_model
+
+    with torch.device("meta"):
+        return build_model(spec, dtype=dtype, device=torch.device("meta"))
+
+
+def hf_to_mcore(hf_path: str, out: str, tp: int = 1, pp: int = 1, dtype: str = "auto", force: bool = False,
+                progress: bool = True) -> str:
+    from mcore_rl.distributed import init_distributed
+
+    from converters.streaming import save_streaming
 
     spec = arch_from_hf_config(hf_path)
     spec.check_parallel(tp, pp)
@@ -109,8 +127,9 @@ def hf_to_mcore(hf_path: str, out: str, tp: int = 1, pp: int = 1, dtype: str = "
     if dist.get_world_size() != tp * pp:
         raise ValueError(f"hf-to-mcore runs on exactly TP x PP = {tp * pp} ranks, got {dist.get_world_size()}")
     torch_dtype = resolve_dtype(dtype, spec.hf_config)
-    model = build_model(spec, dtype=torch_dtype, device=torch.device("cpu"))
-    load_hf_into_model(model, spec, reader)
+    model = build_meta_model(spec, torch_dtype)
+    source = shard_source(model, spec, reader)
+    params = dict(model.named_parameters())
     tmp = staging_dir(out)
     if _rank0():
         shutil.rmtree(tmp, ignore_errors=True)
@@ -119,8 +138,10 @@ def hf_to_mcore(hf_path: str, out: str, tp: int = 1, pp: int = 1, dtype: str = "
         with open(os.path.join(tmp, META), "w") as f:
             json.dump({"format": "mcore_rl/dist_checkpoint/v1", "hf_architecture": spec.hf_architecture,
                        "dtype": str(torch_dtype).replace("torch.", ""), "written_at": {"tp": tp, "pp": pp}}, f, indent=2)
+        os.makedirs(os.path.join(tmp, "model"))
     _barrier()
-    save_model(model, os.path.join(tmp, "model"))
+    save_streaming(model, lambda name: source.shard(name, params[name].shape, params[name].dtype),
+                   os.path.join(tmp, "model"), progress=progress and _rank0())
     _barrier()
     if _rank0():
         publish(tmp, out)
@@ -128,23 +149,38 @@ def hf_to_mcore(hf_path: str, out: str, tp: int = 1, pp: int = 1, dtype: str = "
     return out
 
 
+def _hf_layout(rule: Rule, layer: int | None, shard_shape, dtype: torch.dtype, tp: int, spec: ArchSpec):
+    """(HF name, shape, dtype) of what `rule` makes of `tp` shards of `shard_shape`, computed on
+    meta tensors (no data)."""
+    metas = [torch.empty(shard_shape, dtype=dtype, device="meta")] * tp
+    return [(n, tuple(t.shape), t.dtype) for n, t in zip(rule.hf_names(layer), mapping_mcore_to_hf(rule, metas, spec))]
+
+
 def export_hf(model, hf_side_dir: str, out: str, force: bool = False, shard_mb: int = 2048,
               progress: bool = True) -> str:
     """Write a live (any TP/PP) model as an HF checkpoint; rank 0 writes, all ranks gather."""
+    from megatron.core import parallel_state as ps
     from tqdm import tqdm
 
     from mcore_rl.resharding.gather import build_plan, iter_hf_tensors
 
     check_output_dir(out, force)
     tmp = staging_dir(out)
+    inner = model.module if hasattr(model, "module") else model
+    spec = inner.mcore_rl_spec
+    plan = build_plan(inner)
     writer = None
     if _rank0():
+        index, tp = NameIndex(spec), ps.get_tensor_model_parallel_world_size()
+        layout = []
+        for e in plan:
+            rule, layer = index.mcore(e.global_name)
+            layout += _hf_layout(rule, layer, e.shape, e.dtype, tp, spec)
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        writer = HFWriter(tmp, shard_mb=shard_mb)
-    inner = model.module if hasattr(model, "module") else model
-    n_hf = len(NameIndex(inner.mcore_rl_spec).all_hf_names())
-    tensors = iter_hf_tensors(model, plan=build_plan(inner))
+        writer = HFWriter(tmp, shard_mb=shard_mb, tensors=layout)
+    n_hf = len(NameIndex(spec).all_hf_names())
+    tensors = iter_hf_tensors(model, plan=plan)
     for name, tensor in tqdm(tensors, total=n_hf, desc="export", unit="tensor", disable=not (progress and _rank0())):
         if writer is not None:
             writer.add(name, tensor)
@@ -156,19 +192,81 @@ def export_hf(model, hf_side_dir: str, out: str, force: bool = False, shard_mb: 
     return out
 
 
-def mcore_to_hf(mcore_path: str, out: str, force: bool = False, shard_mb: int = 2048) -> str:
+def checkpoint_plan(spec: ArchSpec, tensors: dict) -> list[tuple[str, int | None, Rule]]:
+    """(sharded key, layer, rule) for every tensor of a converted checkpoint, in HF order.
+
+    `tensors`: sharded key -> (global shape, dtype), as `streaming.checkpoint_tensors` reads
+    them. A layer's tensors are stored under `decoder.layers.<name>` with the layers stacked on
+    the first axis; local-spec layer norms are stored under their TransformerEngine names.
+    """
+    plan, used = {"pre": [], "layers": [], "post": []}, set()
+    seen_layer_rule = False
+    for rule in rules_for(spec):
+        names = dict.fromkeys([rule.mcore_name(te=True), rule.mcore_name()])
+        keys = [n.replace(f"{LAYER}.", "") for n in names]
+        key = next((k for k in keys if k in tensors), None)
+        if key is None:
+            raise CheckpointError(f"the checkpoint has no tensor for {rule.mcore} (looked for {', '.join(keys)})")
+        used.add(key)
+        if rule.per_layer:
+            seen_layer_rule = True
+            if tensors[key][0][0] != spec.num_layers:
+                raise CheckpointError(f"{key} holds {tensors[key][0][0]} layers, config.json says {spec.num_layers}")
+            plan["layers"].append((key, rule))
+        else:
+            plan["post" if seen_layer_rule else "pre"].append((key, None, rule))
+    extra = sorted(set(tensors) - used)
+    if extra:
+        raise CheckpointError(f"the checkpoint has tensors the {spec.family} mapping does not know: {extra[:5]}")
+    by_layer = [(key, i, rule) for i in range(spec.num_layers) for key, rule in plan["layers"]]
+    return plan["pre"] + by_layer + plan["post"]
+
+
+def mcore_to_hf(mcore_path: str, out: str, force: bool = False, shard_mb: int = 2048, progress: bool = True) -> str:
+    """Converted checkpoint (any TP/PP) -> HF safetensors, one tensor in memory at a time.
+
+    Runs in one process; under several ranks every rank reads the same tensors (the loads are
+    collective) and rank 0 writes.
+    """
+    from tqdm import tqdm
+
+    from converters.streaming import checkpoint_tensors, iter_checkpoint
     from mcore_rl.distributed import init_distributed
-    from mcore_rl.models.build import build_model
 
     meta_path = os.path.join(mcore_path, META)
     if not os.path.exists(meta_path):
         raise FileNotFoundError(f"{mcore_path} is not a converted checkpoint (no {META})")
     check_output_dir(out, force)
-    with open(meta_path) as f:
-        meta = json.load(f)
     hf_side = os.path.join(mcore_path, "hf")
     spec = arch_from_hf_config(hf_side)
+    ckpt = os.path.join(mcore_path, "model")
+    if not os.path.isdir(ckpt):
+        raise FileNotFoundError(f"no megatron checkpoint at {ckpt}")
     init_distributed(1, 1)
-    model = build_model(spec, dtype=DTYPES[meta["dtype"]], device=torch.device("cpu"))
-    load_model(model, os.path.join(mcore_path, "model"))
-    return export_hf(model, hf_side, out, force=force, shard_mb=shard_mb)
+    tensors = checkpoint_tensors(ckpt)
+    plan = checkpoint_plan(spec, tensors)
+    tmp = staging_dir(out)
+    writer = None
+    if _rank0():
+        layout = []
+        for key, layer, rule in plan:
+            shape, dtype = tensors[key]
+            layout += _hf_layout(rule, layer, shape[1:] if layer is not None else shape, dtype, 1, spec)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        writer = HFWriter(tmp, shard_mb=shard_mb, tensors=layout)
+    loaded = iter_checkpoint(ckpt, [(key, layer) for key, layer, _ in plan], tensors)
+    for (_, layer, rule), (_, _, t) in tqdm(zip(plan, loaded), total=len(plan), desc="export", unit="tensor",
+                                            disable=not (progress and _rank0())):
+        hf = mapping_mcore_to_hf(rule, [t], spec)
+        if writer is not None:
+            for name, x in zip(rule.hf_names(layer), hf):
+                writer.add(name, x)
+        del t, hf
+    _barrier()
+    if _rank0():
+        writer.close()
+        copy_side_files(hf_side, tmp)
+        publish(tmp, out)
+    _barrier()
+    return out
