@@ -29,7 +29,9 @@ from typing import Callable, Iterator
 import torch
 
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
-from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
+# megatron-core 0.19 replaces any save strategy that is not a TorchDistSaveShardedStrategy
+# with the default one, so this subclasses it (0.16 accepts any SaveShardedStrategy).
+from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
 
 def _sharded_tensors(x) -> Iterator[ShardedTensor]:
@@ -121,7 +123,7 @@ def _lazy_planner_class():
     return LazySavePlanner
 
 
-class StreamingSaveStrategy(SaveShardedStrategy):
+class StreamingSaveStrategy(TorchDistSaveShardedStrategy):
     """`torch_dist` save whose tensors are produced one write item at a time (see module doc).
 
     `sharded_state_dict` must be the one `sources` was built from (typically a meta-device
