@@ -20,6 +20,15 @@ def _entry(rank, world, port, out_dir, fn, args):
     torch.set_num_threads(1)
     result = fn(*args)
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    # Tear the groups down together: a rank that exits while a peer still talks to it can make
+    # gloo's background thread abort the peer ("terminate called without an active exception").
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        from mcore_rl.distributed import destroy
+
+        destroy()
 
 
 def run_ranks(fn, world: int, *args):
