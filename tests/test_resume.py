@@ -140,6 +140,8 @@ def test_sigkill_after_step_k_resume_equals_uninterrupted(reference, tmp_path):
     got = _metrics(out)
     assert sorted(got) == list(range(1, STEPS + 1))
     _assert_same(got, ref, range(1, STEPS + 1), tol=1e-6)
+    # trainer.max_ckpt_to_keep=2 (default): only the two newest survive
+    assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step_00000003", "step_00000004"]
     # the final actor weights equal the uninterrupted run's, bit for bit (through `mcore-rl export`)
     x, y = tmp_path / "x", tmp_path / "y"
     for ckpt, dst in ((out, x), (ref_out, y)):
