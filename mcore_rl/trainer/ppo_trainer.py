@@ -394,8 +394,9 @@ class PPOTrainer:
         from tqdm import tqdm
 
         cfg, t = self.cfg, self.cfg.trainer
-        tracker = Tracker(self.output_dir, list(t.logger) if _rank0() else [], to_plain(cfg),
-                          t.project_name, t.experiment_name, resume_step=self.step)
+        # rank 0 alone owns metrics.jsonl: another rank truncating it on resume would race with it
+        tracker = Tracker(self.output_dir, list(t.logger), to_plain(cfg), t.project_name, t.experiment_name,
+                          resume_step=self.step) if _rank0() else None
         if _rank0():
             OmegaConf.save(cfg, os.path.join(self.output_dir, "config.yaml"))
         self.stopped_by_signal = False
@@ -447,7 +448,8 @@ class PPOTrainer:
                 self.export_hf()
         finally:
             bar.close()
-            tracker.close()
+            if tracker is not None:
+                tracker.close()
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
         _say(f"Training completed in {time.perf_counter() - t0:.1f}s ({self.step} steps); metrics: "

@@ -30,8 +30,9 @@ class Tracker:
         if resume_step and os.path.exists(self.path):
             # a resumed run continues the file; lines past the checkpoint's step are dropped
             keep = [ln for ln in open(self.path) if ln.strip() and json.loads(ln)["step"] <= resume_step]
-            with open(self.path, "w") as f:
+            with open(self.path + ".tmp", "w") as f:  # replaced atomically: a crash here loses nothing
                 f.writelines(keep)
+            os.replace(self.path + ".tmp", self.path)
         self.file = open(self.path, "a" if resume_step else "w")  # a fresh run starts a fresh file
         self.tb = self.wandb = None
         if "tensorboard" in loggers:
