@@ -81,14 +81,29 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save_model(model, ckpt_dir: str) -> None:
-    """dist_checkpointing save of this rank's shard (collective over all ranks)."""
+def write_side(ckpt_dir: str, hf_side_dir: str, spec: ArchSpec, dtype: torch.dtype, written_at: dict) -> None:
+    """Everything of a converted checkpoint but `model/`: the HF config and tokenizer in `hf/`
+    and the `mcore_rl.json` that says what wrote it."""
+    os.makedirs(os.path.join(ckpt_dir, "hf"))
+    copy_side_files(hf_side_dir, os.path.join(ckpt_dir, "hf"))
+    with open(os.path.join(ckpt_dir, META), "w") as f:
+        json.dump({"format": "mcore_rl/dist_checkpoint/v1", "hf_architecture": spec.hf_architecture,
+                   "dtype": str(dtype).replace("torch.", ""), "written_at": written_at}, f, indent=2)
+
+
+def save_sharded(sharded_state_dict: dict, ckpt_dir: str) -> None:
+    """dist_checkpointing save of this rank's part of a sharded state dict (collective)."""
     from megatron.core import dist_checkpointing
 
     if _rank0():
         os.makedirs(ckpt_dir, exist_ok=True)
     _barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), ckpt_dir)
+    dist_checkpointing.save(sharded_state_dict, ckpt_dir)
+
+
+def save_model(model, ckpt_dir: str) -> None:
+    """dist_checkpointing save of this rank's shard of `model` (collective over all ranks)."""
+    save_sharded(model.sharded_state_dict(), ckpt_dir)
 
 
 def load_model(model, ckpt_dir: str) -> None:
@@ -133,11 +148,7 @@ def hf_to_mcore(hf_path: str, out: str, tp: int = 1, pp: int = 1, dtype: str = "
     tmp = staging_dir(out)
     if _rank0():
         shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(os.path.join(tmp, "hf"))
-        copy_side_files(hf_path, os.path.join(tmp, "hf"))
-        with open(os.path.join(tmp, META), "w") as f:
-            json.dump({"format": "mcore_rl/dist_checkpoint/v1", "hf_architecture": spec.hf_architecture,
-                       "dtype": str(torch_dtype).replace("torch.", ""), "written_at": {"tp": tp, "pp": pp}}, f, indent=2)
+        write_side(tmp, hf_path, spec, torch_dtype, {"tp": tp, "pp": pp})
         os.makedirs(os.path.join(tmp, "model"))
     _barrier()
     save_streaming(model, lambda name: source.shard(name, params[name].shape, params[name].dtype),
@@ -154,6 +165,20 @@ def _hf_layout(rule: Rule, layer: int | None, shard_shape, dtype: torch.dtype, t
     meta tensors (no data)."""
     metas = [torch.empty(shard_shape, dtype=dtype, device="meta")] * tp
     return [(n, tuple(t.shape), t.dtype) for n, t in zip(rule.hf_names(layer), mapping_mcore_to_hf(rule, metas, spec))]
+
+
+def _staged_writer(tmp: str, layout: list, shard_mb: int) -> HFWriter:
+    """A fresh staging dir with an HF writer that knows every tensor up front (writes in place)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    return HFWriter(tmp, shard_mb=shard_mb, tensors=layout)
+
+
+def _finish_hf(writer: HFWriter, hf_side_dir: str, tmp: str, out: str) -> None:
+    """Close the shards, add config and tokenizer, and move the staging dir to `out`."""
+    writer.close()
+    copy_side_files(hf_side_dir, tmp)
+    publish(tmp, out)
 
 
 def export_hf(model, hf_side_dir: str, out: str, force: bool = False, shard_mb: int = 2048,
@@ -176,18 +201,14 @@ def export_hf(model, hf_side_dir: str, out: str, force: bool = False, shard_mb: 
         for e in plan:
             rule, layer = index.mcore(e.global_name)
             layout += _hf_layout(rule, layer, e.shape, e.dtype, tp, spec)
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        writer = HFWriter(tmp, shard_mb=shard_mb, tensors=layout)
+        writer = _staged_writer(tmp, layout, shard_mb)
     n_hf = len(NameIndex(spec).all_hf_names())
     tensors = iter_hf_tensors(model, plan=plan)
     for name, tensor in tqdm(tensors, total=n_hf, desc="export", unit="tensor", disable=not (progress and _rank0())):
         if writer is not None:
             writer.add(name, tensor)
     if _rank0():
-        writer.close()
-        copy_side_files(hf_side_dir, tmp)
-        publish(tmp, out)
+        _finish_hf(writer, hf_side_dir, tmp, out)
     _barrier()
     return out
 
@@ -252,9 +273,7 @@ def mcore_to_hf(mcore_path: str, out: str, force: bool = False, shard_mb: int = 
         for key, layer, rule in plan:
             shape, dtype = tensors[key]
             layout += _hf_layout(rule, layer, shape[1:] if layer is not None else shape, dtype, 1, spec)
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        writer = HFWriter(tmp, shard_mb=shard_mb, tensors=layout)
+        writer = _staged_writer(tmp, layout, shard_mb)
     loaded = iter_checkpoint(ckpt, [(key, layer) for key, layer, _ in plan], tensors)
     for (_, layer, rule), (_, _, t) in tqdm(zip(plan, loaded), total=len(plan), desc="export", unit="tensor",
                                             disable=not (progress and _rank0())):
@@ -265,8 +284,6 @@ def mcore_to_hf(mcore_path: str, out: str, force: bool = False, shard_mb: int = 
         del t, hf
     _barrier()
     if _rank0():
-        writer.close()
-        copy_side_files(hf_side, tmp)
-        publish(tmp, out)
+        _finish_hf(writer, hf_side, tmp, out)
     _barrier()
     return out

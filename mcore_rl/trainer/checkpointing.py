@@ -101,18 +101,12 @@ def _inner(model):
 
 def save_model_and_optimizer(model, opt, where: str) -> None:
     """Collective: this rank's shards of the model and of its optimizer state."""
-    from megatron.core import dist_checkpointing
-
-    from converters.checkpoint import save_model
+    from converters.checkpoint import save_model, save_sharded
 
     save_model(_inner(model), os.path.join(where, "model"))
     if opt is not None:
-        optim_dir = os.path.join(where, "optim")
-        if _rank() == 0:
-            os.makedirs(optim_dir, exist_ok=True)
-        _barrier()
         sd = opt.sharded_state_dict(_inner(model).sharded_state_dict(), metadata=OPTIM_METADATA)
-        dist_checkpointing.save(sd, optim_dir)
+        save_sharded(sd, os.path.join(where, "optim"))
 
 
 def optimizer_state_unloadable(opt) -> str | None:
@@ -210,8 +204,7 @@ def all_finite(*models) -> bool:
 def save_checkpoint(root: str, step: int, *, actor, actor_opt, critic=None, critic_opt=None,
                     hf_side_dir: str, trainer_state: dict, keep: int | None = None) -> str:
     """Collective. Returns the published checkpoint path."""
-    from converters.checkpoint import META
-    from converters.hf_io import copy_side_files
+    from converters.checkpoint import write_side
 
     final = os.path.join(root, step_dir_name(step))
     tmp = os.path.join(root, f".{step_dir_name(step)}.tmp")
@@ -229,13 +222,9 @@ def save_checkpoint(root: str, step: int, *, actor, actor_opt, critic=None, crit
     torch.save(rng_state(), os.path.join(tmp, "rng", f"rank_{_rank():05d}.pt"))
     _barrier()
     if _rank() == 0:
-        spec = _inner(actor).mcore_rl_spec
-        dtype = str(_inner(actor).config.params_dtype).replace("torch.", "")
-        os.makedirs(os.path.join(tmp, "actor", "hf"))
-        copy_side_files(hf_side_dir, os.path.join(tmp, "actor", "hf"))
-        with open(os.path.join(tmp, "actor", META), "w") as f:
-            json.dump({"format": "mcore_rl/dist_checkpoint/v1", "hf_architecture": spec.hf_architecture,
-                       "dtype": dtype, "written_at": trainer_state.get("layout", {})}, f, indent=2)
+        inner = _inner(actor)  # `actor/` doubles as a converter checkpoint
+        write_side(os.path.join(tmp, "actor"), hf_side_dir, inner.mcore_rl_spec, inner.config.params_dtype,
+                   trainer_state.get("layout", {}))
         with open(os.path.join(tmp, STATE), "w") as f:  # last file inside: marks the dir complete
             json.dump({**trainer_state, "step": step, "saved_at": time.time(),
                        "save_seconds": time.perf_counter() - t0}, f, indent=2)
