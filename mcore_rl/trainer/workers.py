@@ -39,9 +39,10 @@ def _gather_dp(local: torch.Tensor) -> torch.Tensor:
     dp, _, group = _dp()
     if dp == 1:
         return local
+    local = local.to(_device())  # the metrics come back on the host; NCCL only moves device tensors
     out = torch.empty((dp * local.shape[0], *local.shape[1:]), dtype=local.dtype, device=local.device)
     dist.all_gather_into_tensor(out, local.contiguous(), group=group)
-    return out
+    return out.cpu()
 
 
 def _my_rows(n: int) -> range:
@@ -91,7 +92,7 @@ def _mean_metrics(out: list[dict]) -> dict[str, float]:
     local = {k: float(torch.stack([torch.as_tensor(o[k], dtype=torch.float64) for o in out]).mean()) for k in keys}
     dp, _, group = _dp()
     if dp > 1 and local:
-        t = torch.tensor(list(local.values()), dtype=torch.float64)
+        t = torch.tensor(list(local.values()), dtype=torch.float64, device=_device())
         dist.all_reduce(t, group=group)
         local = dict(zip(local, (t / dp).tolist()))
     return local
@@ -174,7 +175,7 @@ def update_actor(actor, opt, batch: dict, cfg, mini_rows: list[range]) -> dict[s
                       for k in ("actor/loss", "actor/pg_loss", "actor/entropy") + (("actor/kl_loss",) if use_kl else ())}
             m = _mean_metrics([{k: v for k, v in o.items() if k not in summed} for o in out])
             if dp > 1:
-                t = torch.tensor(list(summed.values()), dtype=torch.float64)
+                t = torch.tensor(list(summed.values()), dtype=torch.float64, device=_device())
                 dist.all_reduce(t, group=group)
                 summed = dict(zip(summed, t.tolist()))
             history.append({**summed, **m, "actor/grad_norm": grad_norm})
@@ -203,7 +204,8 @@ def update_critic(critic, opt, batch: dict, cfg, mini_rows: list[range]) -> dict
                                                           ["input_ids", "old_values", "returns", "mask"]), fn)
             ok, grad_norm = _step(critic, opt, _finite(out, "critic/loss"))
             bad += not ok
-            loss = torch.tensor(float(torch.stack([o["critic/loss"] for o in out]).sum()), dtype=torch.float64)
+            loss = torch.tensor(float(torch.stack([o["critic/loss"] for o in out]).sum()), dtype=torch.float64,
+                                device=_device())
             if dp > 1:
                 dist.all_reduce(loss, group=group)
             m = _mean_metrics([{"critic/vf_clipfrac": o["critic/vf_clipfrac"]} for o in out])
