@@ -29,6 +29,25 @@ def _say(msg: str) -> None:
         print(msg, flush=True)
 
 
+def _agree(reason: str | None) -> str | None:
+    """Every rank takes the same path: the fast path only where it applies on all ranks.
+
+    The HF-named path runs TP all-gathers and PP broadcasts, the fast path none; one rank on
+    each would leave the other waiting in a collective forever. The plan can apply on one TP
+    rank and not another (e.g. vLLM's vocab shard lines up with Megatron's on rank 0 only).
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return reason
+    reasons: list = [None] * dist.get_world_size()
+    dist.all_gather_object(reasons, reason)
+    for rank, why in enumerate(reasons):
+        if why is not None:
+            return why if rank == dist.get_rank() else f"not applicable on rank {rank}: {why}"
+    return None
+
+
 class Resharder:
     """Pushes the actor's weights into a rollout engine before each rollout phase.
 
@@ -71,6 +90,9 @@ class Resharder:
                 self.fast_reason = str(e)
             except (AttributeError, KeyError, TypeError) as e:  # a vLLM layout the plan does not know
                 self.fast_reason = f"fast-path plan failed: {type(e).__name__}: {e}"
+        self.fast_reason = _agree(self.fast_reason)
+        if self.fast_reason is not None:
+            self._fast = None
         if self.fast_reason is None:
             _say(f"mcore_rl: weight sync: fast path ({len(self._fast.plan.copies)} copies, "
                  f"{len(self._fast.plan.gathers)} QKV gathers, plan built in {self._fast.plan_seconds * 1e3:.0f} ms)")
