@@ -46,6 +46,67 @@ def _check_keys(schema: DictConfig, cfg: DictConfig, where: str) -> None:
             raise ConfigError(f"unknown config key {key!r} (from {where}){hint}")
 
 
+def _choices() -> dict[str, tuple]:
+    """Keys that take one of a few words (the estimators and modes come from their own modules)."""
+    from mcore_rl.algorithms.advantages import ADV_ESTIMATORS
+    from mcore_rl.algorithms.losses import AGG_MODES, KL_KINDS
+
+    return {
+        "data.apply_chat_template": ("auto", "true", "false"),
+        "data.on_bad_row": ("skip", "error"),
+        "actor_rollout_ref.model.dtype": ("float32", "bfloat16", "float16"),
+        "actor_rollout_ref.model.transformer_impl": ("local", "transformer_engine"),
+        "actor_rollout_ref.actor.loss_agg_mode": AGG_MODES,
+        "actor_rollout_ref.actor.kl_loss_type": tuple(KL_KINDS),
+        "actor_rollout_ref.rollout.name": ("auto", "vllm", "hf"),
+        "actor_rollout_ref.rollout.sync_fast_path": ("auto", "off"),
+        "critic.loss_agg_mode": AGG_MODES,
+        "algorithm.adv_estimator": tuple(ADV_ESTIMATORS),
+        "algorithm.kl_penalty": tuple(KL_KINDS),
+        "trainer.device": ("auto", "cpu", "cuda"),
+    }
+
+
+# Words that YAML reads as booleans (`key=off` arrives as False) and the keys where such a word
+# is a value of its own rather than a yes/no: the boolean is turned back into the key's word.
+_FALSE_WORDS, _TRUE_WORDS = ("off", "false", "no"), ("on", "true", "yes")
+_WORDS = {"trainer.resume": ("auto", "off")}  # auto | off | PATH
+_NULLABLE = {"trainer.max_ckpt_to_keep"}  # null has a meaning (keep all) though the default is not null
+
+
+def _check_values(schema: DictConfig, cfg: DictConfig) -> None:
+    """Types from the defaults, words from `_choices`; YAML booleans mapped back to words."""
+    choices = _choices()
+    for key in _flat_keys(schema):
+        default, value = OmegaConf.select(schema, key), OmegaConf.select(cfg, key)
+        if isinstance(default, (DictConfig, ListConfig)):
+            continue
+        words = choices.get(key) or _WORDS.get(key)
+        if words and isinstance(value, bool):
+            word = next((w for w in (_TRUE_WORDS if value else _FALSE_WORDS) if w in words), None)
+            if word is not None:
+                OmegaConf.update(cfg, key, word)
+                value = word
+        if value is None:
+            if default is None or key in _NULLABLE:
+                continue
+            raise ConfigError(f"{key} cannot be null (default {default!r})")
+        if key in choices:
+            if value not in choices[key]:
+                raise ConfigError(f"{key}={value!r}: must be one of {', '.join(map(str, choices[key]))}")
+            continue
+        if default is None:
+            continue
+        want = type(default)
+        ok = (isinstance(value, bool) if want is bool else
+              isinstance(value, int) and not isinstance(value, bool) if want is int else
+              isinstance(value, (int, float)) and not isinstance(value, bool) if want is float else
+              isinstance(value, want))
+        if not ok:
+            kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(want, want.__name__)
+            raise ConfigError(f"{key}={value!r}: must be {kind} (default {default!r})")
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> DictConfig:
     """defaults.yaml <- preset/user YAML (`path`, default the toy config) <- overrides."""
     schema = OmegaConf.load(DEFAULTS)
@@ -63,6 +124,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             layer = OmegaConf.load(file)
         _check_keys(schema, layer, str(file) if file else "command line")
         cfg = OmegaConf.merge(cfg, layer)
+    _check_values(schema, cfg)
     OmegaConf.set_struct(cfg, True)
     return cfg
 
@@ -90,6 +152,12 @@ def check_sizes(cfg: DictConfig, world_size: int, spec=None) -> None:
                             f"rollout.n={n}) is not divisible by DP={dp} x {name}={micro}")
     if cfg.algorithm.adv_estimator in ("grpo", "rloo", "reinforce_plus_plus_baseline") and n < 2:
         problems.append(f"algorithm.adv_estimator={cfg.algorithm.adv_estimator} needs rollout.n >= 2 (got {n})")
+    t = cfg.trainer
+    if (t.nnodes is None) != (t.n_gpus_per_node is None):
+        problems.append("trainer.nnodes and trainer.n_gpus_per_node go together (or leave both null)")
+    elif t.nnodes is not None and t.nnodes * t.n_gpus_per_node != world_size:
+        problems.append(f"trainer.nnodes={t.nnodes} x trainer.n_gpus_per_node={t.n_gpus_per_node} != "
+                        f"{world_size} ranks started (torchrun --nnodes/--nproc_per_node, or Slurm tasks)")
     if spec is not None:
         try:
             spec.check_parallel(tp, pp)

@@ -8,6 +8,7 @@ NCCL on GPU, gloo on CPU; on CPU megatron-core's CUDA assumptions are redirected
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import socket
 
@@ -45,8 +46,12 @@ def _launch_env() -> None:
         os.environ["MASTER_PORT"] = str(_free_port())
 
 
-def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes: int = 30) -> None:
-    """Initialise torch.distributed and megatron's TP/PP/DP groups (idempotent)."""
+def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: float = 1800) -> None:
+    """Initialise torch.distributed and megatron's TP/PP/DP groups (idempotent).
+
+    `timeout_s` bounds every collective: a rank left waiting (another rank crashed, or took
+    another code path) fails with the collective named instead of hanging the job.
+    """
     from megatron.core import parallel_state, tensor_parallel
 
     cpu_support.activate()
@@ -55,7 +60,7 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", init_method="env://",
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+                                timeout=datetime.timedelta(seconds=timeout_s))
     world = dist.get_world_size()
     if world % (tp * pp):
         raise ValueError(f"world size {world} is not divisible by TP={tp} x PP={pp}")
@@ -63,7 +68,7 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes
         if (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size()) != (tp, pp):
             parallel_state.destroy_model_parallel()
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tp, pp, distributed_timeout_minutes=timeout_minutes)
+        parallel_state.initialize_model_parallel(tp, pp, distributed_timeout_minutes=max(1, math.ceil(timeout_s / 60)))
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 

@@ -25,6 +25,9 @@ def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     from mcore_rl.config import ConfigError, load_config
+    from mcore_rl.distributed.watchdog import install_stack_dump_signal
+
+    install_stack_dump_signal()  # `kill -USR1 <pid>` shows where a rank is (a hung collective, say)
 
     argv = list(sys.argv[1:] if argv is None else argv)
     config, overrides = parse_args(argv)

@@ -77,7 +77,7 @@ class PPOTrainer:
         self.spec = arch_from_hf_config(self.model_path)
         check_sizes(cfg, world, self.spec)  # TP vs heads, PP vs layers: still before any process group
         torch.manual_seed(cfg.trainer.seed)
-        init_distributed(tp, pp, seed=cfg.trainer.seed)
+        init_distributed(tp, pp, seed=cfg.trainer.seed, timeout_s=cfg.trainer.dist_timeout_s)
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
         _say(f"mcore_rl: output dir {self.output_dir}")
         self._describe_layout(tp, pp)
@@ -393,6 +393,8 @@ class PPOTrainer:
         """
         from tqdm import tqdm
 
+        from mcore_rl.distributed.watchdog import stack_dump_after
+
         cfg, t = self.cfg, self.cfg.trainer
         # rank 0 alone owns metrics.jsonl: another rank truncating it on resume would race with it
         tracker = Tracker(self.output_dir, list(t.logger), to_plain(cfg), t.project_name, t.experiment_name,
@@ -413,7 +415,8 @@ class PPOTrainer:
         try:
             while self.step < t.max_steps:
                 self.step += 1
-                m = self.train_step()
+                with stack_dump_after(t.dist_timeout_s):  # a step that long is waiting somewhere: say where
+                    m = self.train_step()
                 history.append({"step": self.step, **m})
                 skipped = m.get("actor/skipped_updates", 0) + m.get("critic/skipped_updates", 0)
                 self.bad_steps = self.bad_steps + 1 if skipped else 0
