@@ -306,7 +306,8 @@ class FastSync:
         dt = time.perf_counter() - t0
         self.engine.llm.reset_prefix_cache()
         return {"sync/seconds": dt, "sync/bytes": self.plan.nbytes, "sync/tensors": self.plan.n_hf_tensors,
-                "sync/GBps": self.plan.nbytes / dt / 1e9 if dt > 0 else 0.0, "sync/graph_captures": self.captures}
+                "sync/GBps": self.plan.nbytes / dt / 1e9 if dt > 0 else 0.0, "sync/graph_captures": self.captures,
+                "sync/prefix_reset_s": time.perf_counter() - t0 - dt}
 
 
 def snapshot(vllm_model, device=None) -> dict[str, torch.Tensor]:
