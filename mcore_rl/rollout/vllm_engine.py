@@ -105,6 +105,10 @@ class VLLMEngine(RolloutEngine):
         enforce_eager: None -> True on CPU (compilation costs ~25 s and gains nothing there),
             False on GPU (CUDA graphs: ~7x decode throughput).
         kv_cache_gib_cpu: KV cache size on CPU in GiB (vLLM would otherwise size it from RAM).
+        kv_cache_gib: GPU: a fixed KV cache size in GiB instead of what `gpu_memory_utilization`
+            leaves after vLLM's memory profiling. The profiling assumes no other process frees GPU
+            memory meanwhile; with a fixed size it is skipped, so engines of several jobs can
+            share a GPU. None: profile.
         enable_sleep_mode: None -> True on GPU (frees weights + KV between rollouts), False
             on CPU, where vLLM does not support it.
         enable_prefix_caching: vLLM prefix caching (GRPO's n samples share the prompt).
@@ -115,7 +119,7 @@ class VLLMEngine(RolloutEngine):
 
     def __init__(self, model_path: str, tensor_parallel_size: int = 1, dtype: str = "auto", seed: int = 0,
                  gpu_memory_utilization: float = 0.5, max_model_len: int | None = None,
-                 enforce_eager: bool | None = None, kv_cache_gib_cpu: float = 1.0,
+                 enforce_eager: bool | None = None, kv_cache_gib_cpu: float = 1.0, kv_cache_gib: float | None = None,
                  enable_sleep_mode: bool | None = None, enable_prefix_caching: bool = True,
                  logprobs_mode: LogprobsMode = "raw", reload_mode: str | None = None, **engine_kwargs):
         if logprobs_mode not in ("raw", "processed"):
@@ -148,6 +152,8 @@ class VLLMEngine(RolloutEngine):
         else:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
             kwargs["enable_sleep_mode"] = self.sleep_enabled
+            if kv_cache_gib:
+                kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * _GiB)
         # A process group that exists now belongs to the caller (the trainer); close() keeps it.
         self._caller_owns_world = torch.distributed.is_available() and torch.distributed.is_initialized()
         dist_world = torch.distributed.get_world_size() if self._caller_owns_world else 1
