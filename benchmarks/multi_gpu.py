@@ -85,6 +85,7 @@ METRICS = ("reward/mean", "actor/loss", "actor/pg_loss", "actor/kl", "critic/los
 TOL_FP32 = {k: (1e-4, 0.0) for k in METRICS}  # (abs, rel): |d| <= abs + rel * |ref|
 TOL_BF16 = {"reward/mean": (0.02, 0.0), "response/length_mean": (0.25, 0.0), "actor/loss": (0.02, 0.1),
             "actor/pg_loss": (0.02, 0.1), "actor/kl": (0.01, 0.0), "critic/loss": (0.02, 0.1)}
+STACK_MARK = "=== multi_gpu: Python stacks of"
 PROMPT_TEXTS = [f"{d}:" for d in "0123456789"] + ["12:", "7:77"]  # toy prompts (<= 8 tokens with BOS)
 GRPO_ARGS = ["data.dataset_name=toy", "data.train_batch_size=16", "data.max_prompt_length=8",
              "data.max_response_length=8", "actor_rollout_ref.rollout.n=8", "actor_rollout_ref.actor.optim.lr=1e-3",
@@ -267,6 +268,7 @@ class Job:
         self.proc = self.t0 = None
         self.gpus: list[int] = []
         self.status, self.rc, self.wall_s, self.note = "pending", None, None, ""
+        self.attempts, self.timeout0 = 1, timeout
 
     @property
     def pid_dir(self):
@@ -306,9 +308,9 @@ class Runner:
         else:
             cmd += job.cmd_tail + ["--pid-dir", job.pid_dir]
         os.makedirs(os.path.dirname(job.log), exist_ok=True)
-        logf = open(job.log, "w")
-        logf.write("$ " + " ".join(cmd) + "\n")
-        logf.flush()
+        with open(job.log, "w") as logf:
+            logf.write("$ " + " ".join(cmd) + "\n")
+        logf = open(job.log, "a")  # O_APPEND: the driver's markers before the stack dumps land at the end
         job.timeout = min(job.timeout, max(self.remaining() - 5, 1))
         job.t0 = time.time()
         job.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=job.run_dir,
@@ -320,30 +322,96 @@ class Runner:
               f"limit {job.timeout:.0f}s)", flush=True)
 
     def _pids(self, job: Job) -> list[int]:
+        """The ranks' pids (from their pid files), those still alive and still ours."""
         out = []
         if os.path.isdir(job.pid_dir):
             for f in os.listdir(job.pid_dir):
                 try:
-                    out.append(int(open(os.path.join(job.pid_dir, f)).read().strip()))
+                    pid = int(open(os.path.join(job.pid_dir, f)).read().strip())
+                    with open(f"/proc/{pid}/cmdline", "rb") as c:
+                        if job.pid_dir.encode() in c.read():
+                            out.append(pid)
                 except (OSError, ValueError):
                     pass
         return out
 
+    @staticmethod
+    def _descendants(root: int) -> list[int]:
+        children: dict[int, list[int]] = {}
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    with open(f"/proc/{d}/stat") as f:
+                        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                    children.setdefault(ppid, []).append(int(d))
+                except (OSError, ValueError, IndexError):
+                    pass
+        out, todo = [], [root]
+        while todo:
+            for c in children.get(todo.pop(), []):
+                out.append(c)
+                todo.append(c)
+        return out
+
+    def _kill_all(self, job: Job) -> None:
+        """SIGKILL torchrun, its descendants and the ranks' own process groups (torchrun starts
+        every rank in a session of its own: killing torchrun's group alone leaves them running)."""
+        pids = set(self._descendants(job.proc.pid)) | set(self._pids(job))
+        for pid in pids:
+            for kill in (os.killpg, os.kill):
+                try:
+                    kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        try:
+            os.killpg(job.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    @staticmethod
+    def _drop_cpu_shm(job: Job) -> None:
+        """vLLM-CPU's TP communicator names its shared memory after the group alone
+        (/dev/shm/*-cpushm_*); a killed run leaves it behind and the next TP=2 engine fails with
+        "create shm in SHMManager failed. errno: 17". Remove the ones made since this run
+        started that no live process maps."""
+        try:
+            mapped = set()
+            for d in os.listdir("/proc"):
+                if d.isdigit():
+                    try:
+                        with open(f"/proc/{d}/maps", errors="replace") as f:
+                            mapped.update(ln.rsplit("/dev/shm/", 1)[1].split(" (deleted)")[0].strip()
+                                          for ln in f if "/dev/shm/" in ln and "-cpushm_" in ln)
+                    except OSError:
+                        pass
+            for f in os.listdir("/dev/shm"):
+                p = os.path.join("/dev/shm", f)
+                if "-cpushm_" in f and f not in mapped and os.path.getmtime(p) >= job.t0 - 1:
+                    os.unlink(p)
+        except OSError:
+            pass
+
     def kill(self, job: Job, why: str) -> None:
         """SIGUSR1 to every rank (faulthandler prints all threads), then SIGKILL the whole run."""
         pids = self._pids(job)
-        for pid in pids:
+        for rank_file in sorted(os.listdir(job.pid_dir)) if os.path.isdir(job.pid_dir) else []:
+            try:
+                pid = int(open(os.path.join(job.pid_dir, rank_file)).read().strip())
+            except (OSError, ValueError):
+                continue
+            if pid not in pids:
+                continue
+            with open(job.log, "a") as f:
+                f.write(f"\n{STACK_MARK} {rank_file[:-4]} (pid {pid}), {why}\n")
             try:
                 os.kill(pid, signal.SIGUSR1)
             except ProcessLookupError:
                 pass
-        if pids:
-            time.sleep(3)
-        try:
-            os.killpg(job.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+            time.sleep(1.5)  # one rank's dump at a time
+        self._kill_all(job)
         job.proc.wait()
+        if not self.gpu:
+            self._drop_cpu_shm(job)
         job.status, job.note = "timeout", why + (f"; stacks of {len(pids)} rank(s) at the end of the log" if pids else "")
 
     def poll(self) -> None:
@@ -357,10 +425,19 @@ class Runner:
                 continue
             else:
                 job.status = "ok" if rc == 0 else "failed"
-            try:  # stragglers of a finished run (e.g. a checkpoint helper) must not hold the GPUs
-                os.killpg(job.proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+                if rc and not self.gpu and job.attempts < 3 and "SHMManager failed. errno: 17" in "".join(_tail(job.log, 400)):
+                    # CPU only: another vLLM-CPU TP=2 engine on this machine holds the same
+                    # shared-memory name; wait and start the run again
+                    self._kill_all(job)
+                    self.running.remove(job)
+                    print(f"[multi_gpu] {job.name}: vLLM-CPU shared-memory name in use by another run; retrying in 20s",
+                          flush=True)
+                    time.sleep(20)
+                    job.attempts += 1
+                    job.timeout = job.timeout0
+                    self.launch(job)
+                    continue
+            self._kill_all(job)  # stragglers of a finished run must not hold the GPUs
             job.rc, job.wall_s = rc, elapsed
             self.running.remove(job)
             print(f"[multi_gpu] end   {job.name}: {job.status} (rc {rc}) in {elapsed:.0f}s", flush=True)
@@ -426,6 +503,42 @@ def _tail(path: str, n: int = 40) -> list[str]:
     return [ln for ln in lines if ln.strip()][-n:]
 
 
+def stack_summary(path: str) -> list[str]:
+    """Per rank (after the driver's markers): where each thread that runs our code is, innermost
+    first: the first frame, then the frames in mcore_rl/, converters/ or this file."""
+    try:
+        text = open(path, errors="replace").read()
+    except OSError:
+        return []
+    out = []
+    for part in text.split(STACK_MARK)[1:]:
+        lines = part.splitlines()
+        out.append("stacks of " + lines[0].strip())
+        thread, frames = None, []
+
+        def flush():
+            ours = [f for f in frames if any(k in f for k in ("/mcore_rl/", "/converters/", "multi_gpu.py"))]
+            if thread and ours:
+                short = [f.strip().replace('File "', "").replace('", line ', ":") for f in frames[:1] + ours[:6]]
+                out.append(f"  {thread}: " + " <- ".join(short))
+        for ln in lines[1:]:
+            if ln.startswith(("Thread 0x", "Current thread 0x")):
+                flush()
+                thread, frames = ln.split(" (")[0], []
+            elif ln.strip().startswith("File "):
+                frames.append(ln)
+        flush()
+    return out
+
+
+def _tail_before_stacks(path: str, n: int = 30) -> list[str]:
+    try:
+        text = open(path, errors="replace").read().split(STACK_MARK)[0]
+    except OSError:
+        return []
+    return [ln for ln in text.replace("\r", "\n").splitlines() if ln.strip()][-n:]
+
+
 def _mean(xs):
     xs = [x for x in xs if x is not None]
     return sum(xs) / len(xs) if xs else None
@@ -439,6 +552,9 @@ def summarize_run(job: Job, algo: str, layout: str, steps: int) -> dict:
          "log": job.log, "steps_done": len(rows), "rows": rows}
     if job.status != "ok" or len(rows) < steps:
         r["log_tail"] = _tail(job.log)
+        if job.status == "timeout":
+            r["stacks"] = stack_summary(job.log)
+            r["log_tail"] = _tail_before_stacks(job.log)
     if rows:
         rw = [x.get("reward/mean") for x in rows]
         r["reward"] = rw
@@ -571,6 +687,7 @@ def report(runs: list[dict], lives: list[dict], bf16: bool, jobs: list[Job]) -> 
             if "reward_step1_exact" in r and not r["reward_step1_exact"]:
                 lines.append("    reward/mean at step 1 not exactly the reference's (fp32)")
             lines += ["    " + ln[:300] for ln in r.get("log_tail", [])[-25:]]
+            lines += ["    " + ln[:600] for ln in r.get("stacks", [])]
     for x in lives:
         if x["status"] not in ("PASS",):
             lines.append("")

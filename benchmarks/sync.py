@@ -10,8 +10,12 @@ starts with ``load_format="dummy"``, so nothing is read from disk):
   the modes differ only in how the copies are issued), GPU only, checked bit for bit against
   the HF path before it is timed. ``device_s`` is the copies' CUDA-event time alone.
 
-The floor is one read and one write of the model's bytes at the measured device copy
-bandwidth (`common.ceilings`, read + write counted): ``floor_s = 2 * bytes / copy_GBps``.
+Bytes are per rank: what one sync writes into this rank's vLLM shard (the fast plan's bytes;
+at TP=1 the model's HF bytes; at TP=2 half of the TP-split tensors plus the replicated norms,
+``bytes_per_rank``; the whole model's HF bytes are ``bytes_model``). Ranks copy concurrently, so
+the floor is one read and one write of the largest rank's bytes at the measured device copy
+bandwidth (`common.ceilings`, read + write counted): ``floor_s = 2 * bytes / copy_GBps``; a
+row's ``seconds`` is the slowest rank's median, ``GBps`` the per-rank bytes over it.
 
     python benchmarks/sync.py                        # GPU: 0.5B, 1.5B, 7B; CPU: 0.5B, 1.5B
     python benchmarks/sync.py --sizes 0.5B --tp 2    # 2 local processes (gloo on CPU)
@@ -78,6 +82,42 @@ def random_actor(spec, dtype, seed=0):
     return model
 
 
+def rank_shard_numel(model) -> int:
+    """Elements a sync writes into this rank's rollout shard (same TP as training): every
+    TP-split tensor's local shard, replicated tensors (norms) whole, the vocabulary shards
+    without their padding rows; the tied output layer is the embedding. The fast plan writes
+    exactly these (`fast_path.Plan.nbytes` / element size)."""
+    from megatron.core import parallel_state as ps
+
+    from converters.mapping import NameIndex
+
+    inner = model.module if hasattr(model, "module") else model
+    spec = inner.mcore_rl_spec
+    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    index = NameIndex(spec)
+    total = 0
+    for name, p in inner.named_parameters():
+        if name == "output_layer.weight" and spec.tied_embeddings:
+            continue
+        rule, _ = index.mcore(name)
+        if rule.kind == "vocab":
+            rows = spec.padded_vocab_size // tp
+            valid = min(max(spec.vocab_size - tp_rank * rows, 0), rows)
+            total += valid * (p.numel() // p.shape[0])
+        else:
+            total += p.numel()
+    return total
+
+
+def rank_shard_bytes(model) -> int:
+    """`rank_shard_numel` in the actor's dtype (the engine's, in this benchmark)."""
+    return rank_shard_numel(model) * next(model.parameters()).element_size()
+
+
+def plan_numel(plan) -> int:
+    return sum(d.numel() for d, _ in plan.copies) + sum(d.numel() for d, _, _ in plan.gathers)
+
+
 # ------------------------------------------------------------------------------------ timing
 def bench_size(size: str, args) -> dict:
     from megatron.core import parallel_state as ps
@@ -112,6 +152,12 @@ def bench_size(size: str, args) -> dict:
     res = {"size": size, "params": spec.num_params(), "layers": spec.num_layers, "tp": tp, "dtype": "bf16",
            "build_s": build_s, "engine_start_s": engine_s, "ceilings": ceil, "reload_mode": engine.reload_mode}
     floor = lambda nbytes: 2 * nbytes / (ceil["copy_GBps"] * 1e9)  # noqa: E731
+    world = torch.distributed.get_world_size()
+
+    def all_ranks(obj):
+        got = [None] * world
+        torch.distributed.all_gather_object(got, obj)
+        return got
 
     # gather alone (what the HF path does before vLLM sees a tensor)
     def gather():
@@ -122,7 +168,12 @@ def bench_size(size: str, args) -> dict:
         return n
 
     reps = args.reps if gpu else max(1, args.reps // 5)
-    nbytes = gather()
+    nbytes = gather()  # the whole model's HF tensors: every rank gathers all of them
+    # what a sync writes into this rank's vLLM shard (== the fast plan's bytes); each rank copies
+    # its own shard concurrently, so the floor is that of the largest rank's bytes
+    rank_nbytes = rank_shard_bytes(model)
+    res["bytes_model"], res["bytes_per_rank"] = nbytes, all_ranks(rank_nbytes)
+    rank_max = max(res["bytes_per_rank"])
     ts = []
     for _ in range(reps):
         common.sync()
@@ -135,39 +186,55 @@ def bench_size(size: str, args) -> dict:
     stats = [resharder.sync_hf(engine) for _ in range(reps + 1)][1:]
     rows.append({"path": "hf (Resharder)", "seconds": common.med(s["sync/seconds"] for s in stats),
                  "spread": [min(s["sync/seconds"] for s in stats), max(s["sync/seconds"] for s in stats)]})
-    res["bytes"] = nbytes
+    res["bytes"] = rank_max
     res["hf_tensors"] = stats[0]["sync/tensors"]
 
     if gpu and not args.no_fast:
         from mcore_rl.resharding.fast_path import FastSync, NotApplicable, check_against_hf_path
 
+        fast, why = None, None
         try:
             fast = FastSync(model, engine, mode="graph")
+        except NotApplicable as e:
+            why = str(e)
+        # every rank takes the same branch: the check below runs the HF path's collectives
+        whys = all_ranks(why)
+        why = next((f"rank {r}: {w}" for r, w in enumerate(whys) if w is not None), None)
+        if why is not None:
+            res["fast_not_applicable"] = why
+        else:
             res["fast_plan_s"] = fast.plan_seconds
             res["fast_plan_copies"] = [len(fast.plan.copies), len(fast.plan.gathers), len(fast.plan.zeros)]
+            res["fast_plan_bytes_per_rank"] = all_ranks(fast.plan.nbytes)
             if not args.skip_check:
                 bad = check_against_hf_path(model, engine, resharder, fast)
-                res["fast_bit_exact"] = not bad
-                res["fast_mismatch"] = bad[:10]
+                bads = all_ranks(bad[:10])
+                res["fast_bit_exact"] = not any(bads)
+                res["fast_mismatch"] = {r: b for r, b in enumerate(bads) if b}
                 torch.cuda.empty_cache()
-            assert fast.plan.nbytes == nbytes, (fast.plan.nbytes, nbytes)
+            # like with like: the plan writes this rank's shard, not the model
+            assert res["fast_plan_bytes_per_rank"] == res["bytes_per_rank"], (res["fast_plan_bytes_per_rank"],
+                                                                            res["bytes_per_rank"])
             for mode in ("graph", "hybrid", "foreach", "loop"):
                 if mode == "graph" and fast.mode != "graph":
                     res["fast_graph_error"] = fast.graph_error
                     continue
                 fast.mode = mode
+                torch.distributed.barrier()
                 st = [fast.sync() for _ in range(args.reps * 4 + 2)][2:]
                 ev = common.time_fn(fast.copy, reps=args.reps * 4, warmup=2)  # device time of the copies alone
                 rows.append({"path": f"fast-{mode}", "seconds": common.med(s["sync/seconds"] for s in st),
                              "device_s": common.med(ev),
                              "spread": [min(s["sync/seconds"] for s in st), max(s["sync/seconds"] for s in st)]})
-        except NotApplicable as e:
-            res["fast_not_applicable"] = str(e)
+    # the slowest rank's median sets the sync time (ranks sync concurrently)
+    per_rank = all_ranks({r["path"]: r["seconds"] for r in rows})
     for r in rows:
         r["size"] = size
-        r["GBps"] = nbytes / r["seconds"] / 1e9
-        r["x_floor"] = r["seconds"] / floor(nbytes)
-    res["floor_s"] = floor(nbytes)
+        r["seconds_per_rank"] = [x.get(r["path"]) for x in per_rank]
+        r["seconds"] = max(x for x in r["seconds_per_rank"] if x is not None)
+        r["GBps"] = rank_max / r["seconds"] / 1e9  # per rank (each GPU moves its own shard)
+        r["x_floor"] = r["seconds"] / floor(rank_max)
+    res["floor_s"] = floor(rank_max)
     res["rows"] = rows
     # sanity: the engine still generates after the syncs
     from mcore_rl.rollout import Sampling
@@ -232,6 +299,7 @@ def check_fast_path(arch: str, tp: int, tmp: str) -> dict:
         vm.load_weights(iter_hf_tensors(model))  # vLLM's own loaders: the oracle
     ref = snapshot(vm)
     plan = build_plan(model, vm)
+    rank_numel = rank_shard_numel(model)
     bad = {}
     for mode in ("hybrid", "foreach", "loop"):
         with torch.no_grad():
@@ -241,6 +309,7 @@ def check_fast_path(arch: str, tp: int, tmp: str) -> dict:
         bad[mode] = compare(ref, snapshot(vm))
     return {"arch": arch, "tp": tp, "rank": rank, "params": len(ref), "copies": len(plan.copies),
             "gathers": len(plan.gathers), "zeros": len(plan.zeros), "mismatch": bad,
+            "plan_numel": plan_numel(plan), "rank_numel": rank_numel, "shard_match": plan_numel(plan) == rank_numel,
             "bit_exact": not any(bad.values())}
 
 
@@ -271,10 +340,10 @@ def main(argv=None):
             rows += rs
             for r in rs:
                 print(json.dumps(r), flush=True)
-        print(common.table(rows, ["arch", "tp", "rank", "params", "copies", "gathers", "zeros", "bit_exact"],
-                           "fast path vs vLLM load_weights (bit for bit)"))
+        print(common.table(rows, ["arch", "tp", "rank", "params", "copies", "gathers", "zeros", "plan_numel",
+                                  "shard_match", "bit_exact"], "fast path vs vLLM load_weights (bit for bit)"))
         common.save(f"fastpath_check_tp{args.tp}", {"env": common.env_info(), "rows": rows}, args.out)
-        return 0 if all(r["bit_exact"] for r in rows) else 1
+        return 0 if all(r["bit_exact"] and r["shard_match"] for r in rows) else 1
 
     sizes = (args.sizes or ("0.5B,1.5B,7B" if gpu else "0.5B,1.5B")).split(",")
     if args.one:
@@ -312,8 +381,11 @@ def main(argv=None):
         if "error" in r:
             print(f"{r['size']}: ERROR {r['error']}")
         else:
-            print(f"{r['size']}: {r['params'] / 1e9:.2f}B params, {r['bytes'] / 2**30:.2f} GiB, {r['hf_tensors']} HF tensors, "
-                  f"TP={r['tp']}, floor {r['floor_s'] * 1e3:.2f} ms, fast path bit-exact: {r.get('fast_bit_exact', 'n/a')}"
+            per_rank = r.get("bytes_per_rank", [r["bytes"]])
+            print(f"{r['size']}: {r['params'] / 1e9:.2f}B params, {r.get('bytes_model', r['bytes']) / 2**30:.2f} GiB "
+                  f"({r['hf_tensors']} HF tensors), TP={r['tp']}: per rank "
+                  f"{', '.join(f'{b / 2**30:.3f}' for b in per_rank)} GiB, floor of the per-rank bytes "
+                  f"{r['floor_s'] * 1e3:.2f} ms, fast path bit-exact: {r.get('fast_bit_exact', 'n/a')}"
                   + (f" ({r['fast_not_applicable']})" if "fast_not_applicable" in r else ""))
     print(common.table(rows, ["size", "path", "seconds", "device_s", "GBps", "x_floor"], f"weight sync, TP={args.tp}"))
     return 0 if all("error" not in r for r in results) else 1
