@@ -16,6 +16,14 @@ Workloads (ignore_eos, so every sample has exactly max_tokens tokens):
 
     python benchmarks/rollout.py                 # GPU
     python benchmarks/rollout.py --size 0.5B --layers 2 --workloads 4x2x16 --reps 1   # CPU dry run
+
+Rollout TP > 1 (under torchrun, vLLM's external launcher, as the trainer runs it): one engine
+per process, so the wrapper and standalone vLLM are timed in two runs of the same command, and
+``--compare`` prints their ratio from the two JSON files:
+
+    torchrun --nproc_per_node=2 benchmarks/rollout.py --tp 2 --engines wrapper --name rollout_tp2_wrapper
+    torchrun --nproc_per_node=2 benchmarks/rollout.py --tp 2 --engines standalone --name rollout_tp2_standalone
+    python benchmarks/rollout.py --compare OUT/rollout_tp2_wrapper.json OUT/rollout_tp2_standalone.json
 """
 
 from __future__ import annotations
@@ -51,9 +59,26 @@ def main(argv=None):
     ap.add_argument("--no-sleep-row", action="store_true")
     ap.add_argument("--out", default=None)
     ap.add_argument("--tmp", default="/tmp/mcore_rl_bench")
+    ap.add_argument("--tp", type=int, default=1, help="rollout TP (> 1: run under torchrun with that many processes)")
+    ap.add_argument("--engines", default=None, help="comma list of wrapper, standalone, standalone-nolp, "
+                    "wrapper-sleep (default: all that fit: TP=1 all, TP>1 one engine per process)")
+    ap.add_argument("--name", default=None, help="JSON name (default rollout, rollout_cpu on CPU)")
+    ap.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), default=None,
+                    help="print A's tokens/s over B's per workload (two --engines runs) and exit")
     args = ap.parse_args(argv)
+    if args.compare:
+        return compare(*args.compare)
     gpu = torch.cuda.is_available()
     eager = args.eager or not gpu
+    rank = int(os.environ.get("RANK", "0"))
+    if gpu and "LOCAL_RANK" in os.environ:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if args.tp > 1 and int(os.environ.get("WORLD_SIZE", "1")) != args.tp:
+        raise SystemExit(f"--tp {args.tp}: run under torchrun --nproc_per_node={args.tp}")
+    wanted = set((args.engines or ("wrapper,standalone,standalone-nolp,wrapper-sleep" if args.tp == 1
+                                   else "wrapper")).split(","))
+    if args.tp > 1 and len(wanted & {"wrapper", "standalone", "wrapper-sleep"}) > 1:
+        raise SystemExit("--tp > 1: one engine per process (--engines wrapper, or standalone[,standalone-nolp])")
 
     import vllm
 
@@ -62,21 +87,29 @@ def main(argv=None):
     ceil = common.ceilings()
     cfg = common.qwen25_config(args.size, max_position_embeddings=args.max_model_len,
                                **({"num_hidden_layers": args.layers} if args.layers else {}))
-    path = common.write_hf_config_dir(os.path.join(args.tmp, f"rollout-{args.size}-L{cfg['num_hidden_layers']}"), cfg)
+    path = os.path.join(args.tmp, f"rollout-{args.size}-L{cfg['num_hidden_layers']}")
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        common.write_hf_config_dir(path, cfg)
+    while not os.path.exists(os.path.join(path, "config.json")):
+        time.sleep(0.2)
     common_kw = dict(dtype="bfloat16", load_format="dummy", seed=0, max_model_len=args.max_model_len,
-                     enforce_eager=eager, enable_prefix_caching=True)
+                     enforce_eager=eager, enable_prefix_caching=True, tensor_parallel_size=args.tp)
     gpu_kw = dict(gpu_memory_utilization=args.gpu_mem) if gpu else dict(kv_cache_memory_bytes=1 << 30)
+    if args.tp > 1:
+        gpu_kw["distributed_executor_backend"] = "external_launcher"  # what the wrapper uses under torchrun
     engines, start_s = {}, {}
-    t = time.perf_counter()
-    engines["wrapper"] = make_engine("vllm", model_path=path, enable_sleep_mode=False, kv_cache_gib_cpu=1.0,
-                                     **common_kw, **({"gpu_memory_utilization": args.gpu_mem} if gpu else {}))
-    start_s["wrapper"] = time.perf_counter() - t
-    t = time.perf_counter()
-    engines["standalone"] = vllm.LLM(model=path, skip_tokenizer_init=True, logprobs_mode="raw_logprobs",
-                                     **common_kw, **gpu_kw)
-    start_s["standalone"] = time.perf_counter() - t
+    if "wrapper" in wanted:
+        t = time.perf_counter()
+        engines["wrapper"] = make_engine("vllm", model_path=path, enable_sleep_mode=False, kv_cache_gib_cpu=1.0,
+                                         **common_kw, **({"gpu_memory_utilization": args.gpu_mem} if gpu else {}))
+        start_s["wrapper"] = time.perf_counter() - t
+    if wanted & {"standalone", "standalone-nolp"}:
+        t = time.perf_counter()
+        engines["standalone"] = vllm.LLM(model=path, skip_tokenizer_init=True, logprobs_mode="raw_logprobs",
+                                         **common_kw, **gpu_kw)
+        start_s["standalone"] = time.perf_counter() - t
     errors = {}
-    if gpu and not args.no_sleep_row:
+    if gpu and not args.no_sleep_row and "wrapper-sleep" in wanted:
         try:
             t = time.perf_counter()
             engines["wrapper-sleep"] = make_engine("vllm", model_path=path, gpu_memory_utilization=args.gpu_mem,
@@ -91,8 +124,11 @@ def main(argv=None):
         rng = random.Random(0)
         prompts = [[rng.randrange(100, 150000) for _ in range(w["prompt_len"])] for _ in range(w["prompts"])]
         sampling = Sampling(n=w["n"], temperature=1.0, max_tokens=w["max_tokens"], ignore_eos=True, logprobs=True)
-        wrapper = engines["wrapper"]
-        params = wrapper._params(sampling, 0)  # the exact SamplingParams the wrapper sends
+        if "wrapper" in engines:
+            params = engines["wrapper"]._params(sampling, 0)  # the exact SamplingParams the wrapper sends
+        else:  # the same fields, written out (a standalone-only run at TP > 1)
+            params = vllm.SamplingParams(n=w["n"], temperature=1.0, top_p=1.0, top_k=0, max_tokens=w["max_tokens"],
+                                         ignore_eos=True, logprobs=0, detokenize=False, flat_logprobs=True)
         params_nolp = vllm.SamplingParams(n=w["n"], temperature=1.0, max_tokens=w["max_tokens"], ignore_eos=True,
                                           detokenize=False)
         tok_prompts = [{"prompt_token_ids": p} for p in prompts]
@@ -108,9 +144,9 @@ def main(argv=None):
 
         cases = {"wrapper": lambda: run_wrapper(engines["wrapper"]),
                  "standalone": lambda: run_standalone(params),
-                 "standalone-nolp": lambda: run_standalone(params_nolp)}
-        if "wrapper-sleep" in engines:
-            cases["wrapper-sleep"] = lambda: run_wrapper(engines["wrapper-sleep"])
+                 "standalone-nolp": lambda: run_standalone(params_nolp),
+                 "wrapper-sleep": lambda: run_wrapper(engines["wrapper-sleep"])}
+        cases = {k: fn for k, fn in cases.items() if k in wanted and (k in engines or k == "standalone-nolp")}
         times = {k: [] for k in cases}
         ntok = {}
         for k, fn in cases.items():  # warm-up (first batch of this shape)
@@ -124,22 +160,39 @@ def main(argv=None):
                 n = fn()
                 times[k].append(time.perf_counter() - t)
                 assert n == ntok[k] == w["prompts"] * w["n"] * w["max_tokens"], (k, n)
-        base = w["prompts"] * w["n"] * w["max_tokens"] / common.med(times["standalone"])
+        ref = times.get("standalone")
         for k in cases:
             tps = ntok[k] / common.med(times[k])
             rows.append({"workload": w["name"], "engine": k, "seconds": common.med(times[k]),
                          "spread": [min(times[k]), max(times[k])], "tokens": ntok[k], "tokens_per_s": tps,
-                         "vs_standalone": tps / base, "best_vs_best": min(times["standalone"]) / min(times[k]),
-                         "all_s": times[k]})
-            print(rows[-1], flush=True)
+                         "vs_standalone": tps * common.med(ref) / ntok[k] if ref else None,
+                         "best_vs_best": min(ref) / min(times[k]) if ref else None, "all_s": times[k]})
+            if rank == 0:
+                print(rows[-1], flush=True)
+    if rank != 0:
+        return 0
     env = common.env_info()
     res = {"env": env, "ceilings": ceil, "size": args.size, "layers": cfg["num_hidden_layers"], "eager": eager,
            "engine_start_s": start_s, "errors": errors, "rows": rows}
-    out = common.save("rollout" + ("" if gpu else "_cpu"), res, args.out)
+    res["tp"] = args.tp
+    out = common.save(args.name or ("rollout" + ("" if gpu else "_cpu")), res, args.out)
     print(f"\n{env['date']}  {env['device']}  torch {env['torch']}  vllm {env.get('vllm')}  "
           f"({'eager' if eager else 'CUDA graphs'}; {out})")
     print(common.table(rows, ["workload", "engine", "seconds", "tokens", "tokens_per_s", "vs_standalone", "best_vs_best"],
                        f"rollout, Qwen2.5-{args.size}-shaped ({cfg['num_hidden_layers']} layers), random weights"))
+    return 0
+
+
+def compare(a: str, b: str) -> int:
+    """Tokens/s of run A over run B, per workload (e.g. the wrapper over standalone vLLM at TP=2)."""
+    import json
+
+    ra, rb = (json.load(open(p)) for p in (a, b))
+    tps = {(r["workload"]): r["tokens_per_s"] for r in rb["rows"] if r["engine"] == "standalone"}
+    for r in ra["rows"]:
+        if r["engine"] == "wrapper" and r["workload"] in tps:
+            print(f"{r['workload']}: wrapper {r['tokens_per_s']:.0f} tok/s vs standalone {tps[r['workload']]:.0f} "
+                  f"tok/s = {r['tokens_per_s'] / tps[r['workload']]:.3f} (rollout TP {ra.get('tp', 1)})")
     return 0
 
 

@@ -57,6 +57,13 @@ def _prepare_env() -> None:
             "(with the multiprocess core, tensors sent to the worker arrive broken and load_weights cannot "
             "reach the model)")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    # vLLM's CPU TP communicator names its shared-memory segments after VLLM_DIST_IDENT (empty by
+    # default), so two jobs on one machine, or a job after a killed one, collide on /dev/shm
+    # ("create shm in SHMManager failed. errno: 17"). The job's rendezvous address is the same on its
+    # ranks and differs between jobs running at once.
+    if "MASTER_PORT" in os.environ:
+        os.environ.setdefault("VLLM_DIST_IDENT",
+                              f"mcore-rl-{os.environ.get('MASTER_ADDR', 'local')}-{os.environ['MASTER_PORT']}")
     # vLLM's FlashInfer sampler imports flashinfer eagerly; fall back to its torch sampler without it.
     if importlib.util.find_spec("flashinfer") is None:
         os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
