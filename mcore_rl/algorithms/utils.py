@@ -7,7 +7,7 @@ can never reach a valid result.
 In the SPMD execution model there is no driver holding the whole batch: each data-parallel rank
 holds a shard. Statistics that verl takes over the full batch (advantage whitening) take a
 `group` argument; with a process group they are all-reduced so every rank whitens with the same
-batch-wide mean and variance.
+batch-wide mean and variance (two scalar all-reduces).
 """
 
 from __future__ import annotations
@@ -22,9 +22,12 @@ GroupIndex = torch.Tensor | Sequence[Any]
 
 
 def _all_reduce(t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-    if group is not None:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-    return t
+    """Sum over `group` (None: this rank alone), through the device the backend needs."""
+    if group is None:
+        return t
+    from mcore_rl.distributed.comm import all_reduce
+
+    return all_reduce(t, group)
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:

@@ -144,6 +144,9 @@ def check_sizes(cfg: DictConfig, world_size: int, spec=None) -> None:
     if a.actor.ppo_mini_batch_size > cfg.data.train_batch_size or cfg.data.train_batch_size % a.actor.ppo_mini_batch_size:
         problems.append(f"data.train_batch_size={cfg.data.train_batch_size} is not a multiple of "
                         f"actor.ppo_mini_batch_size={a.actor.ppo_mini_batch_size}")
+    if a.actor.ppo_mini_batch_size % dp:
+        problems.append(f"actor.ppo_mini_batch_size={a.actor.ppo_mini_batch_size} is not divisible by DP={dp}: "
+                        f"every mini-batch is split by whole prompts (with their rollout.n samples) over DP ranks")
     mini = a.actor.ppo_mini_batch_size * n
     for name, micro in (("actor.ppo_micro_batch_size_per_gpu", a.actor.ppo_micro_batch_size_per_gpu),
                         ("critic.ppo_micro_batch_size_per_gpu", cfg.critic.ppo_micro_batch_size_per_gpu)):

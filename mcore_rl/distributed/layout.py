@@ -8,6 +8,20 @@ tests check the groups against megatron-core's own generator.
 
 Rollout groups: with vLLM's `external_launcher`, each rollout engine spans `rollout_tp`
 consecutive global ranks, so rollout TP groups are [0..r-1], [r..2r-1], ...
+
+The step's batch (built once per `Layout`, asked by the trainer, the rollout and the updates):
+with M prompts per mini-batch, DP rank d trains, in every mini-batch i, on the prompts
+[i*M + d*M/DP, i*M + (d+1)*M/DP), so mini-batch i holds the same prompts at every layout.
+Rollout engines split each mini-batch the same way into RDP = world / rollout_tp slots. Which
+engine fills which slot is chosen so that a rank's training shard is generated inside its own
+model-parallel (TP x PP) group: engines are ranked by the (dp, pp, tp) coordinate of their
+first rank. With PP=1 and rollout_tp a multiple of TP, an engine's slot then contains the
+shard of each of its ranks (nothing to move). With rollout_tp < TP, or PP > 1, a shard is the
+union of slots of engines that live in its model-parallel group, and `shard_source` names the
+peer there that sends each missing prompt, provided engines line up with the grid (rollout_tp
+divides TP, or is a multiple of TP that divides TP*DP or is a multiple of it); otherwise the
+sender may sit in another DP group (still correct, more traffic). The n samples of a prompt
+always stay together.
 """
 
 from __future__ import annotations
@@ -19,6 +33,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from mcore_rl.distributed.env import LaunchEnv
 
 __all__ = ["RankCoord", "Layout", "rank_layout", "describe_layout", "DEFAULT_ORDER"]
+
+from collections.abc import Sequence
 
 DEFAULT_ORDER = "tp-cp-ep-dp-pp"
 _KNOWN = ("tp", "cp", "ep", "dp", "pp")
@@ -55,9 +71,93 @@ class Layout:
     cp_groups: tuple[tuple[int, ...], ...]
     dp_cp_groups: tuple[tuple[int, ...], ...]  # what the distributed optimizer shards over
     rollout_groups: tuple[tuple[int, ...], ...]
+    engine_of_slot: tuple[int, ...] = ()  # the rollout engine that generates each slot of a mini-batch
+    rank: int = 0  # the rank this process is (the grid itself is the same on every rank)
 
     def coord(self, rank: int) -> RankCoord:
         return self.coords[rank]
+
+    # ------------------------------------------------------------ this rank
+    @property
+    def me(self) -> RankCoord:
+        return self.coords[self.rank]
+
+    @property
+    def reports(self) -> bool:
+        """The one rank that prints and writes metrics."""
+        return self.rank == 0
+
+    @property
+    def leads_engine(self) -> bool:
+        """First rank of its rollout engine: the one whose samples count in batch-wide sums."""
+        return self.me.rollout_tp == 0
+
+    def checkpoint_key(self) -> dict[str, int]:
+        """What a checkpoint records to tell whether RNG states can be restored."""
+        return {"tp": self.tp, "pp": self.pp, "dp": self.dp, "world": self.world_size}
+
+    # ------------------------------------------------------------ the step's batch
+    def _check_mini(self, mini: int) -> None:
+        if mini < 1 or mini % self.dp:
+            raise ValueError(f"ppo_mini_batch_size={mini} must be divisible by DP={self.dp}")
+
+    def engine_of_prompt(self, prompt: int, mini: int) -> int:
+        """The rollout engine that generates prompt `prompt` (index in the step's batch). Slot s of
+        a mini-batch is offsets [floor(s*M/RDP), floor((s+1)*M/RDP)): as even as M allows, and
+        never across a DP shard's edge when RDP is a multiple of DP."""
+        self._check_mini(mini)
+        r = self.rollout_dp
+        return self.engine_of_slot[((prompt % mini + 1) * r + mini - 1) // mini - 1]
+
+    def rollout_slice(self, batch_size: int, mini: int, rank: int | None = None) -> list[int]:
+        """Indices (in the step's batch) of the prompts `rank`'s engine generates, ascending
+        (empty for an engine without a slot when a mini-batch has fewer prompts than engines)."""
+        self._check_mini(mini)
+        if batch_size % mini:
+            raise ValueError(f"batch of {batch_size} prompts is not a multiple of ppo_mini_batch_size={mini}")
+        engine = self.coords[self.rank if rank is None else rank].rollout_dp
+        slot, r = self.engine_of_slot.index(engine), self.rollout_dp
+        lo, hi = slot * mini // r, (slot + 1) * mini // r
+        return [i + k for i in range(0, batch_size, mini) for k in range(lo, hi)]
+
+    def train_shard(self, order: Sequence[int], mini: int, rank: int | None = None) -> list[int]:
+        """The prompts `rank` trains on, in training order. `order` is the step's prompt order
+        (all prompts, or those dynamic sampling kept), a multiple of `mini` long; mini-batch i
+        is order[i*mini:(i+1)*mini] and this rank's DP coordinate picks its contiguous part."""
+        self._check_mini(mini)
+        if len(order) % mini:
+            raise ValueError(f"{len(order)} prompts is not a multiple of ppo_mini_batch_size={mini}")
+        d, per = self.coords[self.rank if rank is None else rank].dp, mini // self.dp
+        return [p for i in range(0, len(order), mini) for p in order[i + d * per:i + (d + 1) * per]]
+
+    def shard_source(self, prompt: int, mini: int, rank: int | None = None) -> int | None:
+        """The rank that sends `prompt`'s samples to `rank`, or None when `rank`'s own engine
+        generated it. The sender is the peer at `rank`'s position inside the generating engine:
+        for the shards of an undisturbed batch that peer is in `rank`'s model-parallel group."""
+        rank = self.rank if rank is None else rank
+        engine = self.engine_of_prompt(prompt, mini)
+        if engine == self.coords[rank].rollout_dp:
+            return None
+        return self.rollout_groups[engine][self.coords[rank].rollout_tp]
+
+    def shard_plan(self, order: Sequence[int], mini: int) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+        """What this rank receives and sends to build every training shard from the engines'
+        outputs: ({source rank: prompts}, {destination rank: prompts}), each list in the
+        receiver's training order. Every rank computes the same plan for its peers."""
+        recv: dict[int, list[int]] = {}
+        for p in self.train_shard(order, mini):
+            src = self.shard_source(p, mini)
+            if src is not None:
+                recv.setdefault(src, []).append(p)
+        send: dict[int, list[int]] = {}
+        me = self.me
+        for dst in range(me.rollout_tp, self.world_size, self.rollout_tp):  # peers at my place in their engine
+            if self.coords[dst].rollout_dp == me.rollout_dp:
+                continue
+            mine = [p for p in self.train_shard(order, mini, dst) if self.engine_of_prompt(p, mini) == me.rollout_dp]
+            if mine:
+                send[dst] = mine
+        return recv, send
 
     def _find(self, groups, rank: int) -> tuple[int, ...]:
         for g in groups:
@@ -110,7 +210,7 @@ def _groups(world_size: int, tokens: list[str], sizes: dict[str, int], along: se
 
 
 def rank_layout(world_size: int, tp: int, pp: int, cp: int = 1, rollout_tp: int | None = None,
-                order: str = DEFAULT_ORDER) -> Layout:
+                order: str = DEFAULT_ORDER, rank: int = 0) -> Layout:
     """The TP/CP/DP/PP coordinate of every rank and the rank lists of each group.
 
     DP is what is left: world_size / (tp * cp * pp). `rollout_tp` defaults to `tp`.
@@ -149,6 +249,10 @@ def rank_layout(world_size: int, tp: int, pp: int, cp: int = 1, rollout_tp: int 
         for r in range(world_size)
     )
     rollout_groups = tuple(tuple(range(i, i + rtp)) for i in range(0, world_size, rtp))
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside a world of {world_size}")
+    first = [coords[g[0]] for g in rollout_groups]
+    engine_of_slot = tuple(sorted(range(len(first)), key=lambda e: (first[e].dp, first[e].cp, first[e].pp, first[e].tp)))
     return Layout(
         world_size=world_size, tp=tp, pp=pp, cp=cp, dp=dp, rollout_tp=rtp, rollout_dp=world_size // rtp,
         order="-".join(tokens), coords=coords,
@@ -157,7 +261,7 @@ def rank_layout(world_size: int, tp: int, pp: int, cp: int = 1, rollout_tp: int 
         dp_groups=_groups(world_size, tokens, sizes, {"dp"}),
         cp_groups=_groups(world_size, tokens, sizes, {"cp"}),
         dp_cp_groups=_groups(world_size, tokens, sizes, {"dp", "cp"}),
-        rollout_groups=rollout_groups,
+        rollout_groups=rollout_groups, engine_of_slot=engine_of_slot, rank=rank,
     )
 
 

@@ -1,19 +1,23 @@
 """The RL loop, SPMD and colocated: every rank runs this same code on its own shards.
 
 One step (ARCHITECTURE.md):
-  prompts -> reshard actor into the rollout engine -> generate (rollout DP slices) ->
-  rewards -> gather samples on every rank -> old / reference log-probs, values (Megatron,
-  DP-sliced, all-gathered) -> advantages on the global batch -> PPO epochs over mini-batches
-  (actor, critic) -> metrics, checkpoint.
+  prompts -> reshard actor into the rollout engine -> generate this engine's slice ->
+  rewards -> training shard (samples from peer engines of the model-parallel group, if any) ->
+  old / reference log-probs, values on the shard -> advantages (groups locally, whitening by
+  all-reduced scalars) -> PPO epochs over mini-batches (actor, critic) -> metrics, checkpoint.
+
+Who does what is asked of one `Layout` (`self.layout`, built at start). A rank never holds
+the step's whole batch; only scalars cross DP ranks.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import time
 import warnings
+
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -21,7 +25,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from mcore_rl.algorithms import apply_kl_in_reward, compute_advantages, filter_zero_variance_groups, overlong_penalty
 from mcore_rl.config import check_sizes, to_plain
-from mcore_rl.trainer.batch import Sample, last_token_rewards, pad_batch
+from mcore_rl.distributed import comm
+from mcore_rl.rollout.base import Sampling
+from mcore_rl.trainer.batch import Sample, Shard, last_token_rewards, pad_batch
 from mcore_rl.trainer.tracking import Tracker, console_line
 from mcore_rl.trainer.workers import compute_logprobs, compute_values, update_actor, update_critic
 
@@ -55,6 +61,17 @@ class NonFiniteError(RuntimeError):
     """Too many steps in a row with a non-finite loss or gradient norm (exit code 3)."""
 
 
+@dataclass
+class _SliceSampling(Sampling):
+    """Sampling for a slice of the step's batch: prompt k of the call is prompt `prompts[k]` of
+    the batch and gets that prompt's seed, so samples do not depend on who generates them."""
+
+    prompts: tuple[int, ...] = ()
+
+    def request_seed(self, prompt_index: int) -> int | None:
+        return None if self.seed is None else self.seed + self.prompts[prompt_index] * self.n
+
+
 class PPOTrainer:
     def __init__(self, cfg: DictConfig):
         from mcore_rl.distributed import init_distributed
@@ -79,20 +96,34 @@ class PPOTrainer:
         torch.manual_seed(cfg.trainer.seed)
         init_distributed(tp, pp, seed=cfg.trainer.seed, timeout_s=cfg.trainer.dist_timeout_s)
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
+        self._make_layout(tp, pp)
         _say(f"mcore_rl: output dir {self.output_dir}")
-        self._describe_layout(tp, pp)
+        self._describe_layout()
         self._build()
 
     # ---------------------------------------------------------------- setup
-    def _describe_layout(self, tp: int, pp: int) -> None:
+    def _make_layout(self, tp: int, pp: int) -> None:
+        """The one answer to "who does what" (roles, slices, shards), checked against megatron's groups."""
+        from megatron.core import parallel_state as ps
+
+        from mcore_rl.distributed.layout import rank_layout
+
+        self.layout = rank_layout(self.world, tp, pp, rollout_tp=self.cfg.actor_rollout_ref.rollout.tensor_model_parallel_size,
+                                  rank=self.rank)
+        group = ps.get_data_parallel_group()
+        if tuple(dist.get_process_group_ranks(group)) != self.layout.dp_group(self.rank):
+            raise RuntimeError(f"megatron's DP group {dist.get_process_group_ranks(group)} differs from the layout's "
+                               f"{self.layout.dp_group(self.rank)}")
+        self.dp_group = group  # batch-wide sums go over DP only (TP/PP replicas hold the same shard)
+
+    def _describe_layout(self) -> None:
         try:
             from mcore_rl.distributed.env import read_launch_env
-            from mcore_rl.distributed.layout import describe_layout, rank_layout
+            from mcore_rl.distributed.layout import describe_layout
 
-            layout = rank_layout(self.world, tp, pp, rollout_tp=self.cfg.actor_rollout_ref.rollout.tensor_model_parallel_size)
             env = read_launch_env()
             if env.local_rank == 0:
-                for line in describe_layout(layout, env):
+                for line in describe_layout(self.layout, env):
                     print(line, flush=True)
         except ImportError:
             pass
@@ -167,14 +198,12 @@ class PPOTrainer:
                                     seed=d.seed)
         for bad in getattr(self.dataset, "bad_rows", [])[:20]:
             _say(f"mcore_rl: skipped bad data row: {bad}")
-        # every rank sees the global batch; rollout and training slice it themselves
+        # every rank reads the step's prompts (small); the layout says which it generates and trains on
         self.loader = PromptLoader(self.dataset, train_batch_size=d.train_batch_size, seed=d.seed, shuffle=d.shuffle)
         self.reward_fn = get_reward_fn(cfg.reward.name)
         self.step = 0
         self.bad_steps = 0  # consecutive steps with a skipped (non-finite) update
         self.last_saved_step = None
-        self.layout = {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
-                       "dp": ps.get_data_parallel_world_size(), "world": self.world}
         from mcore_rl.trainer.checkpointing import optimizer_state_unloadable
 
         for opt in (self.actor_opt, self.critic_opt):
@@ -195,7 +224,7 @@ class PPOTrainer:
             return
         t0 = time.perf_counter()
         state = load_checkpoint(ckpt, actor=self.actor, actor_opt=self.actor_opt, critic=self.critic,
-                                critic_opt=self.critic_opt, layout=self.layout)
+                                critic_opt=self.critic_opt, layout=self.layout.checkpoint_key())
         self.loader.load_state_dict(state["loader"])
         self.step = self.last_saved_step = int(state["step"])
         self.bad_steps = int(state.get("bad_steps", 0))
@@ -215,7 +244,7 @@ class PPOTrainer:
         path = save_checkpoint(
             self.checkpoint_root, self.step, actor=self.actor, actor_opt=self.actor_opt, critic=self.critic,
             critic_opt=self.critic_opt, hf_side_dir=self.model_path, keep=self.cfg.trainer.max_ckpt_to_keep,
-            trainer_state={"loader": self.loader.state_dict(), "layout": self.layout, "bad_steps": self.bad_steps,
+            trainer_state={"loader": self.loader.state_dict(), "layout": self.layout.checkpoint_key(), "bad_steps": self.bad_steps,
                            "config": to_plain(self.cfg)})
         self.last_saved_step = self.step
         _say(f"mcore_rl: checkpoint {path} saved in {time.perf_counter() - t0:.1f}s")
@@ -241,7 +270,7 @@ class PPOTrainer:
             dtype=self.cfg.actor_rollout_ref.model.dtype, seed=self.cfg.trainer.seed,
             gpu_memory_utilization=r.gpu_memory_utilization,
             max_model_len=self.cfg.data.max_prompt_length + self.cfg.data.max_response_length,
-            enforce_eager=r.enforce_eager, kv_cache_gib_cpu=r.kv_cache_gib_cpu,
+            enforce_eager=r.enforce_eager, kv_cache_gib_cpu=r.kv_cache_gib_cpu, kv_cache_gib=r.kv_cache_gib,
             enable_sleep_mode=bool(r.free_cache_engine))
         # free_cache_engine: the engine sleeps after generating (level 2: weights and KV cache
         # dropped; the next step's sync rewrites every weight) and wakes before the sync.
@@ -252,20 +281,18 @@ class PPOTrainer:
         return engine
 
     # ---------------------------------------------------------------- one step
-    def _rollout(self, rows: list[dict], timing: dict) -> list[Sample]:
+    def _rollout(self, rows: list, timing: dict) -> Shard:
+        """Generate and score this engine's slice of the step's prompts (every rank of the
+        engine does, and holds the result)."""
         from mcore_rl.rewards import score_batch
-        from mcore_rl.rollout import Sampling
 
         r = self.cfg.actor_rollout_ref.rollout
-        rtp = r.tensor_model_parallel_size
-        rollout_dp, rollout_rank = self.world // rtp, self.rank // rtp
-        per = math.ceil(len(rows) / rollout_dp)
-        first = rollout_rank * per
-        mine = rows[first:first + per]
+        slice_ = self.layout.rollout_slice(len(rows), self.cfg.actor_rollout_ref.actor.ppo_mini_batch_size)
+        mine = [rows[j] for j in slice_]
         t = time.perf_counter()
-        sampling = Sampling(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                            max_tokens=self.cfg.data.max_response_length,
-                            seed=self.cfg.trainer.seed * 1_000_003 + self.step * 100_003 + first * r.n)
+        sampling = _SliceSampling(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                                  max_tokens=self.cfg.data.max_response_length,
+                                  seed=self.cfg.trainer.seed * 1_000_003 + self.step * 100_003, prompts=tuple(slice_))
         outs = self.engine.generate([row.input_ids for row in mine], sampling) if mine else []
         timing["timing/generate"] = time.perf_counter() - t
         if self._engine_sleeps:
@@ -273,25 +300,58 @@ class PPOTrainer:
             self.engine.sleep(level=2)
             timing["timing/sleep"] = time.perf_counter() - t
         t = time.perf_counter()
-        samples = []
         texts = self.tokenizer.batch_decode([o.token_ids for o in outs], skip_special_tokens=True)
         scores, errors = score_batch(self.reward_fn, [mine[o.prompt_index].prompt for o in outs], texts,
                                      [mine[o.prompt_index].ground_truth for o in outs], strict=self.cfg.reward.strict)
         err_at = {e.index: str(e) for e in errors}
+        samples = []
         for i, (o, s) in enumerate(zip(outs, scores)):
             row = mine[o.prompt_index]
-            samples.append(Sample(first + o.prompt_index, o.sample_index, list(row.input_ids), list(o.token_ids),
+            samples.append(Sample(slice_[o.prompt_index], o.sample_index, list(row.input_ids), list(o.token_ids),
                                   list(o.logprobs), o.finish_reason, float(s),
                                   f"{row.where}: {err_at[i]}" if i in err_at else None))
+        if self.layout.leads_engine:
+            for s in sorted(samples, key=lambda s: (s.prompt_index, s.sample_index)):
+                if s.reward_error:
+                    print(f"mcore_rl: reward error (prompt {s.prompt_index}, sample {s.sample_index}): "
+                          f"{s.reward_error}", flush=True)
         timing["timing/reward"] = time.perf_counter() - t
-        # every rank gets every sample (only the first rank of each rollout TP group contributes)
-        gathered = [None] * self.world
-        dist.all_gather_object(gathered, samples if self.rank % rtp == 0 else [])
-        allsamples = sorted((s for part in gathered for s in part), key=lambda s: (s.prompt_index, s.sample_index))
-        for s in allsamples:
-            if s.reward_error and _rank0():
-                print(f"mcore_rl: reward error (prompt {s.prompt_index}, sample {s.sample_index}): {s.reward_error}", flush=True)
-        return allsamples
+        return pad_batch(samples, self.cfg.data.max_prompt_length, self.cfg.data.max_response_length, self.pad_id)
+
+    def _reward_metrics(self, local: Shard) -> dict:
+        """Mean / max / min score over every sample of the step (each engine counted once)."""
+        lead = self.layout.leads_engine and len(local) > 0
+        s = local.scores
+        total, count = comm.all_reduce(torch.stack([s.sum(), torch.tensor(float(len(s)))]) if lead
+                                       else torch.zeros(2))
+        hi, neg_lo = comm.all_reduce(torch.stack([s.max(), -s.min()]) if lead else torch.full((2,), -float("inf")),
+                                     op="max")
+        return {"reward/mean": float(total / count), "reward/max": float(hi), "reward/min": float(-neg_lo)}
+
+    def _dynamic_sampling(self, local: Shard, batch_size: int) -> tuple[list[int], float]:
+        """DAPO: keep the prompts whose samples' scores differ, then whole mini-batches of them.
+        Engines decide for their own prompts; one all-reduce of per-prompt flags agrees."""
+        keep = filter_zero_variance_groups(local.scores, local.prompt_index)
+        flags = torch.zeros(batch_size)
+        if self.layout.leads_engine:
+            flags[local.prompt_index[keep]] = 1.0
+        kept = comm.all_reduce(flags).nonzero().squeeze(1).tolist()
+        return self._trim(kept), len(kept) / batch_size
+
+    def _shard(self, local: Shard, order: list[int]) -> Shard:
+        """This rank's training shard: its prompts of `order`, from its own engine's samples
+        and those its peers send (the layout's plan; nothing moves when the shard is local)."""
+        mini, n = self.cfg.actor_rollout_ref.actor.ppo_mini_batch_size, self.cfg.actor_rollout_ref.rollout.n
+        seq_len = local.input_ids.shape[1]
+        recv, send = self.layout.shard_plan(order, mini)
+        got = comm.exchange({dst: local.take_prompts(ps).to_bytes() for dst, ps in send.items()},
+                            {src: Shard.wire_bytes(len(ps) * n, seq_len) for src, ps in recv.items()})
+        parts = [local] + [Shard.from_bytes(got[src], len(ps) * n, seq_len) for src, ps in recv.items()]
+        shard = Shard.cat(parts).take_prompts(self.layout.train_shard(order, mini))
+        if len(shard) != len(order) * n // self.layout.dp:
+            raise RuntimeError(f"rank {self.rank}: training shard has {len(shard)} samples, expected "
+                               f"{len(order) * n // self.layout.dp}")
+        return shard
 
     def train_step(self) -> dict:
         cfg, a = self.cfg, self.cfg.actor_rollout_ref
@@ -308,81 +368,83 @@ class PPOTrainer:
             t = time.perf_counter()
             self.engine.wake_up(tags=["kv_cache"])
             timing["timing/wake"] += time.perf_counter() - t
-        samples = self._rollout(rows, timing)
-        metrics: dict = {}
-        scores = torch.tensor([s.score for s in samples])
-        metrics["reward/mean"] = float(scores.mean())
-        metrics["reward/max"], metrics["reward/min"] = float(scores.max()), float(scores.min())
+        local = self._rollout(rows, timing)
+        metrics: dict = self._reward_metrics(local)
         if cfg.algorithm.overlong_buffer.enable:
-            lengths = torch.tensor([len(s.response_ids) for s in samples], dtype=torch.float32)
-            pen = overlong_penalty(lengths, cfg.data.max_response_length, cfg.algorithm.overlong_buffer.len,
-                                   cfg.algorithm.overlong_buffer.penalty_factor)
-            for s, p in zip(samples, pen.tolist()):
-                s.score += p
+            local.scores = local.scores + overlong_penalty(
+                local.response_length.float(), cfg.data.max_response_length, cfg.algorithm.overlong_buffer.len,
+                cfg.algorithm.overlong_buffer.penalty_factor)
+        order = list(range(len(rows)))
         if cfg.algorithm.filter_groups.enable:
-            keep = filter_zero_variance_groups(torch.tensor([s.score for s in samples]),
-                                               torch.tensor([s.prompt_index for s in samples]))
-            metrics["filter/kept_fraction"] = float(keep.float().mean())
-            kept = [s for s, k in zip(samples, keep.tolist()) if k]
-            samples = self._trim(kept)
-        batch = pad_batch(samples, cfg.data.max_prompt_length, cfg.data.max_response_length, self.pad_id)
-        mask = batch["mask"]
-        metrics["response/length_mean"] = float(batch["response_length"].mean())
-        metrics["response/clip_ratio"] = sum(s.finish_reason == "length" for s in samples) / len(samples)
+            order, metrics["filter/kept_fraction"] = self._dynamic_sampling(local, len(rows))
+        t = time.perf_counter()
+        shard = self._shard(local, order)
+        del local
+        timing["timing/shard"] = time.perf_counter() - t
+        mask = shard.mask
 
         t = time.perf_counter()
-        old_logp, _ = compute_logprobs(self.actor, batch, a.rollout.log_prob_micro_batch_size_per_gpu)
-        batch["old_logp"] = old_logp.cpu()
+        shard.old_logp = compute_logprobs(self.actor, shard, a.rollout.log_prob_micro_batch_size_per_gpu)[0]
         if self.need_ref:
-            batch["ref_logp"] = compute_logprobs(self.ref, batch, a.ref.log_prob_micro_batch_size_per_gpu)[0].cpu()
-            metrics["actor/kl"] = float(((batch["old_logp"] - batch["ref_logp"]) * mask).sum() / mask.sum().clamp(min=1))
+            shard.ref_logp = compute_logprobs(self.ref, shard, a.ref.log_prob_micro_batch_size_per_gpu)[0]
         if self.use_critic:
-            batch["old_values"] = compute_values(self.critic, batch, cfg.critic.ppo_micro_batch_size_per_gpu).cpu()
-        diff = (batch["old_logp"] - batch["rollout_logprobs"]).abs()[mask]
-        metrics["rollout/logprob_diff_max"] = float(diff.max()) if diff.numel() else 0.0
+            shard.old_values = compute_values(self.critic, shard, cfg.critic.ppo_micro_batch_size_per_gpu)
+        metrics.update(self._shard_metrics(shard, mask))
         timing["timing/logprob"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        token_rewards = last_token_rewards(batch["scores"], mask)
+        token_rewards = last_token_rewards(shard.scores, mask)
         if cfg.algorithm.use_kl_in_reward:
-            token_rewards, kl = apply_kl_in_reward(token_rewards, batch["old_logp"], batch["ref_logp"], mask,
-                                                   cfg.algorithm.kl_ctrl.kl_coef, cfg.algorithm.kl_penalty)
-        adv, returns = compute_advantages(
-            cfg.algorithm.adv_estimator, mask=mask, token_rewards=token_rewards, scores=batch["scores"],
-            values=batch.get("old_values"), group_index=batch["group_index"], gamma=cfg.algorithm.gamma,
-            lam=cfg.algorithm.lam, norm_by_std=cfg.algorithm.norm_adv_by_std_in_grpo)
-        batch["advantages"] = adv
-        if returns is not None:
-            batch["returns"] = returns
+            token_rewards, _ = apply_kl_in_reward(token_rewards, shard.old_logp, shard.ref_logp, mask,
+                                                  cfg.algorithm.kl_ctrl.kl_coef, cfg.algorithm.kl_penalty)
+        shard.advantages, shard.returns = compute_advantages(
+            cfg.algorithm.adv_estimator, mask=mask, token_rewards=token_rewards, scores=shard.scores,
+            values=shard.old_values, group_index=shard.prompt_index, gamma=cfg.algorithm.gamma,
+            lam=cfg.algorithm.lam, norm_by_std=cfg.algorithm.norm_adv_by_std_in_grpo, group=self.dp_group)
         timing["timing/advantage"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        n = len(samples)
-        mini = a.actor.ppo_mini_batch_size * a.rollout.n
-        mini_rows = [range(i, min(i + mini, n)) for i in range(0, n, mini)]
+        per = a.actor.ppo_mini_batch_size // self.layout.dp * a.rollout.n  # this rank's rows of a mini-batch
+        minis = [range(i, i + per) for i in range(0, len(shard), per)]
         if self.use_critic:
-            metrics.update(update_critic(self.critic, self.critic_opt, batch, cfg, mini_rows))
-        metrics.update(update_actor(self.actor, self.actor_opt, batch, cfg, mini_rows))
+            metrics.update(update_critic(self.critic, self.critic_opt, shard, cfg, minis, self.dp_group))
+        metrics.update(update_actor(self.actor, self.actor_opt, shard, cfg, minis, self.dp_group))
         if not self.need_ref:
             metrics["actor/kl"] = metrics.get("actor/ppo_kl", float("nan"))
         timing["timing/train"] = time.perf_counter() - t
         timing["timing/step"] = time.perf_counter() - t_step
         accounted = sum(timing.get(k, 0.0) for k in ("timing/sync", "timing/wake", "timing/generate", "timing/sleep",
-                                                     "timing/reward", "timing/logprob", "timing/advantage", "timing/train"))
+                                                     "timing/reward", "timing/shard", "timing/logprob",
+                                                     "timing/advantage", "timing/train"))
         timing["timing/other"] = timing["timing/step"] - accounted
-        tokens = float(batch["response_length"].sum() + sum(len(s.prompt_ids) for s in samples))
-        metrics["perf/tokens_per_s"] = tokens / timing["timing/step"]
+        metrics["perf/tokens_per_s"] = metrics.pop("_tokens") / timing["timing/step"]
         metrics.update(timing)
         return metrics
 
-    def _trim(self, samples: list[Sample]) -> list[Sample]:
-        """After dynamic sampling, keep whole mini-batches (sizes must stay divisible)."""
-        a = self.cfg.actor_rollout_ref
-        unit = a.actor.ppo_mini_batch_size * a.rollout.n
-        keep = (len(samples) // unit) * unit
+    def _shard_metrics(self, shard: Shard, mask: torch.Tensor) -> dict:
+        """Batch-wide metrics of the training batch from this shard's sums (all-reduced over DP)."""
+        lengths = shard.response_length.float()
+        sums = [lengths.sum(), torch.tensor(float(len(shard))), shard.truncated.sum().float(),
+                (lengths.sum() + shard.prompt_length.sum()).float()]
+        if self.need_ref:
+            sums += [((shard.old_logp - shard.ref_logp) * mask).sum(), mask.sum().float()]
+        sums = comm.all_reduce(torch.stack(sums), self.dp_group)
+        diff = (shard.old_logp - shard.rollout_logprobs).abs()[mask]
+        diff_max = comm.all_reduce(diff.max() if diff.numel() else torch.zeros(()), self.dp_group, op="max")
+        out = {"response/length_mean": float(sums[0] / sums[1]), "response/clip_ratio": float(sums[2]) / float(sums[1]),
+               "_tokens": float(sums[3])}
+        if self.need_ref:
+            out["actor/kl"] = float(sums[4] / sums[5].clamp(min=1))
+        out["rollout/logprob_diff_max"] = float(diff_max)
+        return out
+
+    def _trim(self, kept: list[int]) -> list[int]:
+        """After dynamic sampling, keep whole mini-batches of prompts (sizes must stay divisible)."""
+        unit = self.cfg.actor_rollout_ref.actor.ppo_mini_batch_size
+        keep = (len(kept) // unit) * unit
         if keep == 0:
             raise RuntimeError("dynamic sampling dropped every group this step (all rewards equal per prompt)")
-        return samples[:keep]
+        return kept[:keep]
 
     # ---------------------------------------------------------------- loop
     def fit(self) -> list[dict]:
@@ -398,8 +460,8 @@ class PPOTrainer:
         cfg, t = self.cfg, self.cfg.trainer
         # rank 0 alone owns metrics.jsonl: another rank truncating it on resume would race with it
         tracker = Tracker(self.output_dir, list(t.logger), to_plain(cfg), t.project_name, t.experiment_name,
-                          resume_step=self.step) if _rank0() else None
-        if _rank0():
+                          resume_step=self.step) if self.layout.reports else None
+        if self.layout.reports:
             OmegaConf.save(cfg, os.path.join(self.output_dir, "config.yaml"))
         self.stopped_by_signal = False
         self._term_requested = False
@@ -411,7 +473,7 @@ class PPOTrainer:
             previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         t0 = time.perf_counter()
         history = []
-        bar = tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step", disable=not _rank0(), leave=False)
+        bar = tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step", disable=not self.layout.reports, leave=False)
         try:
             while self.step < t.max_steps:
                 self.step += 1
@@ -420,7 +482,7 @@ class PPOTrainer:
                 history.append({"step": self.step, **m})
                 skipped = m.get("actor/skipped_updates", 0) + m.get("critic/skipped_updates", 0)
                 self.bad_steps = self.bad_steps + 1 if skipped else 0
-                if _rank0():
+                if self.layout.reports:
                     tracker.log(self.step, m)
                     bar.write(console_line(self.step, m))
                     bar.update(1)
@@ -466,13 +528,7 @@ class PPOTrainer:
 
     def _agree(self, flag: bool) -> bool:
         """True on every rank when it is True on any (ranks see signals at different times)."""
-        if self.world == 1:
-            return flag
-        from mcore_rl.distributed import device
-
-        t = torch.tensor([1.0 if flag else 0.0], device=device())
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return float(t) > 0
+        return comm.agree(flag)
 
     def close(self) -> None:
         if getattr(self, "engine", None) is not None:
