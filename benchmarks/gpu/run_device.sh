@@ -5,6 +5,7 @@
 #   PARTS=.gpuparts source benchmarks/gpu/run_device.sh rollout    # call 4: same carry, same warm machine
 #   PARTS=.gpuparts source benchmarks/gpu/run_device.sh toy        # 10-step GRPO and PPO toy runs (same carry)
 #   PARTS=.gpuparts source benchmarks/gpu/run_device.sh grpo       # one GRPO step's breakdown, 1.5B (same carry)
+#   PARTS=.gpuparts source benchmarks/gpu/run_device.sh multi      # 2-GPU layout matrix (nvidia-h200-x2; same carry)
 # Logs and JSON land in $OUT (brought back by the tool). Each step has its own time limit so
 # that one hang cannot eat the call's 600 s.
 _phase=${1:-}
@@ -41,6 +42,17 @@ grpo)
   source benchmarks/gpu/setup.sh device2 || return 1
   timeout 560 python3 benchmarks/grpo_step.py ${GRPO_ARGS:-} 2>&1 | tee "$OUT/grpo_step.log" | grep -v -i "warn\|INFO" | tail -24
   ;;
+multi)
+  # The layout matrix (benchmarks/multi_gpu.py): every run is its own torchrun under its own limit;
+  # the driver stops starting runs when its budget is spent (what is left of 560 s after setup)
+  # and writes $OUT/multi_gpu.json after every run, its logs to $OUT/multi_gpu_logs/.
+  _mr_t0=$(date +%s)
+  source benchmarks/gpu/setup.sh device2 || return 1
+  _mr_budget=$(( ${MULTI_BUDGET:-560} - ($(date +%s) - _mr_t0) ))
+  echo "multi: driver budget ${_mr_budget}s; MULTI_ARGS=${MULTI_ARGS:-}"
+  timeout -s TERM $(( _mr_budget + 12 )) python3 benchmarks/multi_gpu.py --budget-s "$_mr_budget" \
+    --out "$OUT/multi_gpu.json" ${MULTI_ARGS:-} 2>&1 | tee "$OUT/multi_gpu.log" | cut -c1-400 | tail -90
+  ;;
 *)
-  echo "usage: source benchmarks/gpu/run_device.sh megatron|vllm|sync|rollout|toy|grpo" >&2; return 2 ;;
+  echo "usage: source benchmarks/gpu/run_device.sh megatron|vllm|sync|rollout|toy|grpo|multi" >&2; return 2 ;;
 esac
