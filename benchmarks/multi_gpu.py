@@ -282,6 +282,7 @@ class Runner:
         self.slots, self.parallel, self.budget_s, self.gpu, self.env = slots, parallel, budget_s, gpu, env
         self.t_start = time.time()
         self.running: list[Job] = []
+        self.done: list[Job] = []
         self.on_done = None
 
     def remaining(self) -> float:
@@ -421,7 +422,8 @@ class Runner:
             rc = job.proc.poll()
             elapsed = time.time() - job.t0
             if rc is None and elapsed > job.timeout:
-                self.kill(job, f"no exit after {job.timeout:.0f}s")
+                self.kill(job, f"no exit after {job.timeout:.0f}s" + (
+                    " (cut short by the time budget, --budget-s)" if job.timeout < job.timeout0 else ""))
                 rc = job.proc.returncode
             elif rc is None:
                 continue
@@ -442,9 +444,15 @@ class Runner:
             self._kill_all(job)  # stragglers of a finished run must not hold the GPUs
             job.rc, job.wall_s = rc, elapsed
             self.running.remove(job)
+            self.done.append(job)
             print(f"[multi_gpu] end   {job.name}: {job.status} (rc {rc}) in {elapsed:.0f}s", flush=True)
             if self.on_done:
                 self.on_done(job)
+
+    def expected_s(self, job: Job) -> float:
+        """How long a job like this one took here (mean of the finished ones), else a guess."""
+        seen = [j.wall_s for j in self.done if j.status == "ok" and j.kind == job.kind and j.nproc == job.nproc]
+        return 1.1 * sum(seen) / len(seen) if seen else (60.0 if job.kind == "train" else 40.0)
 
     def run(self, jobs: list[Job]) -> None:
         for job in jobs:
@@ -461,8 +469,10 @@ class Runner:
                 if busy and not (can_share and busy + job.nproc <= self.slots):
                     time.sleep(0.5)
                     continue
-                if self.remaining() < 30:
-                    job.status, job.note = "skipped", "time budget (--budget-s) used up"
+                need = self.expected_s(job)
+                if self.remaining() < need:
+                    job.status, job.note = "skipped", (f"time budget (--budget-s): {self.remaining():.0f}s left, "
+                                                       f"a {job.kind} run of {job.nproc} rank(s) takes ~{need:.0f}s")
                     break
                 self.launch(job)
                 break
@@ -762,6 +772,8 @@ def main(argv=None) -> int:
     ap.add_argument("--parallel", default="auto", choices=["auto", "on", "off"],
                     help="run two 1-rank jobs (references, fresh engines of TP 1) at once on two GPUs (auto: on GPU)")
     ap.add_argument("--extra", nargs="*", default=[], help="more key=value overrides for every run")
+    ap.add_argument("--continue", dest="cont", action="store_true",
+                    help="--continue-from the last results in --workdir (a later call on the same warm machine)")
     ap.add_argument("--continue-from", default=None,
                     help="a previous --out JSON: its finished runs (with their live checks where asked) are kept, "
                          "not run again, and its references serve the comparisons")
@@ -788,6 +800,7 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     logdir = os.path.join(os.path.dirname(os.path.abspath(out)), "multi_gpu_logs")
     work = args.workdir or os.path.join(os.environ.get("TMPDIR", "/tmp"), "mcore_rl_multi")
+    os.makedirs(work, exist_ok=True)
     bf16 = gpu
     parallel = {"auto": gpu, "on": True, "off": False}[args.parallel]
 
@@ -815,6 +828,12 @@ def main(argv=None) -> int:
     # job order: the two references side by side (one GPU each), then per algorithm every
     # 2-rank layout followed by its fresh engine where that needs both GPUs; fresh engines of
     # rollout TP 1 are queued and run in pairs
+    last = os.path.join(work, "last.json")
+    if args.cont and not args.continue_from:
+        if os.path.exists(last):
+            args.continue_from = last
+        else:
+            print(f"[multi_gpu] --continue: no {last} (a fresh machine?): running everything", flush=True)
     prev_runs, prev_lives = {}, {}
     if args.continue_from:
         prev = json.load(open(args.continue_from))
@@ -880,9 +899,10 @@ def main(argv=None) -> int:
                    "elapsed_s": time.time() - runner.t_start, "complete": final, "runs": runs, "live": lives,
                    "jobs": [{"name": j.name, "ranks": j.nproc, "status": j.status, "rc": j.rc, "wall_s": j.wall_s,
                              "note": j.note, "log": j.log} for j in jobs]}
-        with open(out + ".tmp", "w") as f:
-            json.dump(payload, f, indent=1, default=str)
-        os.replace(out + ".tmp", out)
+        for path in (out, last):
+            with open(path + ".tmp", "w") as f:
+                json.dump(payload, f, indent=1, default=str)
+            os.replace(path + ".tmp", path)
         if final:
             state["report"] = report(runs, lives, bf16, jobs)
         return payload
