@@ -1,6 +1,8 @@
-"""Against a real Slurm (single node `localhost`, brought up by `.ci/slurm_up.sh`): jobs
-whose ranks read their position with mcore_rl.distributed.env, and the sbatch scripts in
-slurm/ (both launchers, SIGTERM -> checkpoint -> requeue -> resume).
+"""Against a real Slurm (single node `localhost`, brought up by `.ci/slurm_up.sh`): a job whose
+ranks read their position with mcore_rl.distributed.env, and the sbatch scripts in slurm/ as
+shipped, each running the real program: the trainer on the toy task with 2 CPU ranks
+(train.sbatch with both launchers, SIGTERM -> checkpoint -> requeue -> resume;
+multinode_tp_pp.sbatch at TP=2 and at PP=2) and the converter (convert.sbatch).
 
 The `slurm_cluster` fixture is reusable: `slurm_cluster.run(script, args, env=..., opts=...)`
 submits, polls `scontrol show job` (no accounting, so no sacct) and returns a `JobResult`.
@@ -9,6 +11,7 @@ submits, polls `scontrol show job` (no accounting, so no sacct) and returns a `J
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -126,45 +129,6 @@ def slurm_cluster(tmp_path):
     return SlurmCluster(tmp_path)
 
 
-# A rank that reports where it is; with PROBE_ALLREDUCE=1 it also joins a gloo group through
-# export_for_torch, proving the rendezvous point works.
-PROBE = r'''
-import json, os, sys
-from mcore_rl.distributed.env import read_launch_env, export_for_torch
-out = os.environ["PROBE_OUT"]
-env = read_launch_env()
-restart = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-rec = {"env": env.__dict__ | {"hostnames": list(env.hostnames)}, "argv": sys.argv[1:], "restart": restart,
-       "device": os.environ.get("MCORE_RL_DEVICE")}
-if os.environ.get("PROBE_ALLREDUCE") == "1":
-    import torch, torch.distributed as dist
-    export_for_torch(env)
-    dist.init_process_group("gloo", init_method="env://")
-    t = torch.tensor([float(env.rank)])
-    dist.all_reduce(t)
-    rec["allreduce"] = t.item()
-    dist.destroy_process_group()
-json.dump(rec, open(f"{out}/rank{env.rank}.restart{restart}.json", "w"))
-'''
-
-
-def _records(out: Path, restart: int = 0) -> dict[int, dict]:
-    recs = {}
-    for f in out.glob(f"rank*.restart{restart}.json"):
-        r = json.loads(f.read_text())
-        recs[r["env"]["rank"]] = r
-    return recs
-
-
-@pytest.fixture
-def probe(tmp_path):
-    path = tmp_path / "probe.py"
-    path.write_text(PROBE)
-    out = tmp_path / "out"
-    out.mkdir()
-    return path, out
-
-
 def test_srun_two_tasks_read_launch_env(slurm_cluster, tmp_path):
     """srun without torchrun: each task's env.py view is rank i of world 2 on node localhost."""
     out = tmp_path / "ranks"
@@ -188,57 +152,6 @@ json.dump(dict(e.__dict__, hostnames=list(e.hostnames)), open("{out}/rank%d.json
         assert (e["rank"], e["world_size"], e["local_rank"], e["local_world_size"]) == (rank, 2, rank, 2)
         assert (e["node_rank"], e["num_nodes"], e["launcher"]) == (0, 1, "slurm")
         assert (e["master_addr"], e["master_port"], e["hostnames"], e["job_id"]) == ("localhost", port, ["localhost"], res.job_id)
-
-
-@pytest.mark.parametrize("launcher", ["srun", "torchrun"])
-def test_train_sbatch_launches_ranks_that_rendezvous(slurm_cluster, probe, launcher):
-    """slurm/train.sbatch with either launcher: 2 CPU ranks, a gloo all-reduce across them,
-    the overrides reach every rank and trainer.resume=auto is appended."""
-    path, out = probe
-    env = {"MCORE_RL_LAUNCHER": launcher, "MCORE_RL_NPROC_PER_NODE": "2", "MCORE_RL_DEVICE": "cpu",
-           "MCORE_RL_ENTRY": str(path), "PROBE_OUT": str(out), "PROBE_ALLREDUCE": "1"}
-    opts = ["--gpus-per-node=0", "--time=3"] + (["--ntasks-per-node=2"] if launcher == "srun" else [])
-    res = slurm_cluster.run(REPO / "slurm/train.sbatch", ["algorithm.adv_estimator=grpo", "data.seed=7"],
-                            env=env, opts=opts, timeout=120)
-    assert res.ok, f"{res.state} {res.exit_code}\n{res.log()}"
-    recs = _records(out)
-    assert sorted(recs) == [0, 1], res.log()
-    for rank, r in recs.items():
-        e = r["env"]
-        assert (e["world_size"], e["local_rank"], e["num_nodes"]) == (2, rank, 1)
-        assert e["launcher"] == {"srun": "slurm", "torchrun": "torchrun"}[launcher]
-        assert r["allreduce"] == 1.0  # 0 + 1
-        assert r["argv"] == ["algorithm.adv_estimator=grpo", "data.seed=7", "trainer.resume=auto"]
-        assert r["device"] == "cpu"
-    assert f"via {launcher}" in res.log()
-
-
-def test_multinode_tp_pp_sbatch_on_one_node(slurm_cluster, probe):
-    """The TP-in-node script, shrunk to one node of 2 CPU ranks: it checks the sizes and
-    passes TP/PP overrides through train.sbatch."""
-    path, out = probe
-    env = {"MCORE_RL_NPROC_PER_NODE": "2", "MCORE_RL_DEVICE": "cpu", "MCORE_RL_ENTRY": str(path),
-           "PROBE_OUT": str(out), "TP": "2", "PP": "1"}
-    res = slurm_cluster.run(REPO / "slurm/multinode_tp_pp.sbatch", ["data.seed=1"], env=env,
-                            opts=["--nodes=1", "--gpus-per-node=0", "--time=3"], timeout=120)
-    assert res.ok, f"{res.state} {res.exit_code}\n{res.log()}"
-    recs = _records(out)
-    assert sorted(recs) == [0, 1], res.log()
-    argv = recs[0]["argv"]
-    assert "actor_rollout_ref.actor.megatron.tensor_model_parallel_size=2" in argv
-    assert "actor_rollout_ref.actor.megatron.pipeline_model_parallel_size=1" in argv
-    assert "actor_rollout_ref.rollout.tensor_model_parallel_size=2" in argv
-    assert argv[-2:] == ["data.seed=1", "trainer.resume=auto"]
-
-
-def test_multinode_tp_pp_sbatch_rejects_bad_sizes(slurm_cluster, probe):
-    path, out = probe
-    env = {"MCORE_RL_NPROC_PER_NODE": "2", "MCORE_RL_DEVICE": "cpu", "MCORE_RL_ENTRY": str(path),
-           "PROBE_OUT": str(out), "TP": "4", "PP": "1"}
-    res = slurm_cluster.run(REPO / "slurm/multinode_tp_pp.sbatch", env=env,
-                            opts=["--nodes=1", "--gpus-per-node=0", "--time=3"], timeout=60)
-    assert res.state == "FAILED" and "TP=4" in res.log(), res.log()
-    assert not list(out.iterdir())
 
 
 def test_convert_sbatch_round_trip(slurm_cluster, tmp_path, tiny_model_factory):
@@ -275,20 +188,94 @@ def test_sbatch_scripts_parse():
 
 
 # ------------------------------------------------------------------------------ the real toy run
-def _toy_job(out: Path, launcher: str, steps: int, *extra: str) -> tuple[dict, list[str], list[str]]:
-    env = {"MCORE_RL_LAUNCHER": launcher, "MCORE_RL_NPROC_PER_NODE": "2", "MCORE_RL_DEVICE": "cpu",
-           "OMP_NUM_THREADS": "1"}
+# Every job below runs the real trainer (`python -m mcore_rl.trainer.main_ppo`, started by
+# slurm/train.sbatch) on the built-in toy task: 2 CPU ranks, a small batch, a few steps.
+# 32 prompts a step, mini-batches of 16, micro-batches of 8: divisible at DP=1 and DP=2.
+SMALL = ["actor_rollout_ref.actor.ppo_mini_batch_size=16", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8",
+         "critic.ppo_micro_batch_size_per_gpu=8"]
+
+
+def _toy_job(out: Path, launcher: str | None, steps: int, *extra: str, batch: int = 64) -> tuple[dict, list[str], list[str]]:
+    """(environment, sbatch options, trainer overrides) of a 2-rank CPU toy run into `out` of
+    `steps` steps of `batch` prompts; launcher None: the scripts' default (torchrun)."""
+    env = {"MCORE_RL_NPROC_PER_NODE": "2", "MCORE_RL_DEVICE": "cpu", "OMP_NUM_THREADS": "1"}
+    if launcher:
+        env["MCORE_RL_LAUNCHER"] = launcher
     opts = ["--gpus-per-node=0", "--time=10"] + (["--ntasks-per-node=2"] if launcher == "srun" else [])
     args = [f"trainer.output_dir={out}", f"trainer.max_steps={steps}", "trainer.logger=[console]",
-            "data.train_batch_size=64", "trainer.export_hf_at_end=false", *extra]
+            f"data.train_batch_size={batch}", "trainer.export_hf_at_end=false", *extra]
     return env, opts, args
 
 
-def _steps(out: Path) -> list[int]:
+def _rows(out: Path) -> list[dict]:
     path = out / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(ln)["step"] for ln in path.read_text().splitlines() if ln.strip()]
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+
+
+def _steps(out: Path) -> list[int]:
+    return [r["step"] for r in _rows(out)]
+
+
+def _check_toy_run(out: Path, steps: int, batch: int, log: str) -> dict:
+    """A finished toy run of `steps` steps at `batch` prompts per step (rollout.n=1): one metrics
+    row per step, every value finite, no skipped update, rewards that are toy scores, and the
+    final checkpoint complete. Returns that checkpoint's trainer_state.json."""
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == list(range(1, steps + 1)), log
+    for r in rows:
+        bad = {k: v for k, v in r.items() if isinstance(v, (int, float)) and not math.isfinite(v)}
+        assert not bad, (r["step"], bad)
+        for key in ("actor/loss", "critic/loss", "actor/grad_norm", "critic/grad_norm", "actor/entropy"):
+            assert key in r, (key, r)
+        assert r["actor/skipped_updates"] == 0 and r["critic/skipped_updates"] == 0, r
+        # A toy sample scores k/8 (k of its 8 response characters repeat the prompt's digit), so
+        # the batch's rewards lie in [0, 1] and their mean is a multiple of 1/(8 x batch).
+        lo, mean, hi = r["reward/min"], r["reward/mean"], r["reward/max"]
+        assert 0.0 <= lo <= mean <= hi <= 1.0, r
+        for value, denom in ((lo, 8), (hi, 8), (mean, 8 * batch)):
+            assert abs(value * denom - round(value * denom)) < 1e-6, (r["step"], value, denom)
+    last = f"step_{steps:08d}"
+    assert (out / "checkpoints" / "latest").read_text().strip() == last
+    ckpt = out / "checkpoints" / last
+    for model in ("actor", "critic"):
+        for part in ("model", "optim"):
+            assert (ckpt / model / part / "metadata.json").is_file(), f"{ckpt / model / part} incomplete"
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["step"] == steps and state["loader"]["position"] == steps, state
+    return state
+
+
+@pytest.mark.parametrize("sizes", [{"TP": "2", "PP": "1"}, {"TP": "1"}], ids=["tp2", "pp2-default"])
+def test_multinode_tp_pp_sbatch_trains_on_one_node(slurm_cluster, tmp_path, sizes):
+    """slurm/multinode_tp_pp.sbatch shrunk to one node of 2 CPU ranks (TP=2; or TP=1 with the
+    script's default PP=2): every override it adds (actor TP/PP, rollout TP = TP, nodes x ranks
+    per node) is accepted by the trainer, which trains 2 steps at that layout and checkpoints."""
+    out = tmp_path / "run"
+    env, opts, args = _toy_job(out, None, 2, *SMALL, batch=32)
+    env.update(sizes)
+    tp, pp = int(sizes["TP"]), int(sizes.get("PP", 2))
+    res = slurm_cluster.run(REPO / "slurm/multinode_tp_pp.sbatch", args, env=env, opts=["--nodes=1", *opts], timeout=360)
+    log = res.log()
+    assert res.ok, f"{res.state} {res.exit_code}\n{log}"
+    assert f"TP {tp} x PP {pp} x DP 1, rollout TP {tp}" in log, log
+    state = _check_toy_run(out, 2, 32, log)
+    assert state["layout"] == {"tp": tp, "pp": pp, "dp": 1, "world": 2}, state
+    cfg = state["config"]
+    assert (cfg["trainer"]["nnodes"], cfg["trainer"]["n_gpus_per_node"]) == (1, 2)
+    assert cfg["actor_rollout_ref"]["rollout"]["tensor_model_parallel_size"] == tp
+    assert json.loads((out / "checkpoints/step_00000002/actor/mcore_rl.json").read_text())["written_at"]["tp"] == tp
+
+
+def test_multinode_tp_pp_sbatch_rejects_bad_sizes(slurm_cluster, tmp_path):
+    """TP=4 on a node of 2 ranks: the script stops (exit 2) with the numbers before starting the trainer."""
+    out = tmp_path / "run"
+    env, opts, args = _toy_job(out, None, 2, *SMALL, batch=32)
+    env.update(TP="4", PP="1")
+    res = slurm_cluster.run(REPO / "slurm/multinode_tp_pp.sbatch", args, env=env, opts=["--nodes=1", *opts], timeout=60)
+    log = res.log()
+    assert res.state == "FAILED" and res.exit_code == "2:0", f"{res.state} {res.exit_code}\n{log}"
+    assert "TP=4 must divide the 2 GPUs per node" in log, log
+    assert "== entry:" not in log and not out.exists(), log
 
 
 @pytest.mark.parametrize("how", ["time-limit SIGTERM (torchrun)", "preemption requeue (srun)"])
@@ -297,10 +284,11 @@ def test_train_sbatch_interrupted_requeues_and_resumes(slurm_cluster, tmp_path, 
     interrupted mid-run: either the time-limit warning (SIGTERM to the batch shell, which
     forwards it; the trainer checkpoints and the script requeues) or a preemption (`scontrol
     requeue`: Slurm itself terminates and requeues the job). The restarted job resumes from
-    the newest checkpoint, completes, and its metrics file has every step exactly once."""
+    the newest checkpoint, completes, and its metrics file has every step exactly once. The
+    overrides given to sbatch reach the trainer, with trainer.resume=auto appended."""
     out = tmp_path / "run"
     launcher = "torchrun" if "torchrun" in how else "srun"
-    env, opts, args = _toy_job(out, launcher, 6, "trainer.save_freq=1")
+    env, opts, args = _toy_job(out, launcher, 6, "trainer.save_freq=1", "data.seed=7")
     job = slurm_cluster.submit(REPO / "slurm/train.sbatch", args, env=env, opts=opts)
     deadline = time.monotonic() + 240
     while len(_steps(out)) < 2:
@@ -317,6 +305,9 @@ def test_train_sbatch_interrupted_requeues_and_resumes(slurm_cluster, tmp_path, 
     assert "resumed from" in log, log
     if launcher == "torchrun":
         assert "SIGTERM: stopped after step" in log and "requeueing job" in log, log
-    assert _steps(out) == [1, 2, 3, 4, 5, 6], log
+    assert f"2 rank(s)/node via {launcher}" in log, log
+    assert f"== entry: -m mcore_rl.trainer.main_ppo {' '.join(args)} trainer.resume=auto" in log, log
     assert "TP=1 PP=1 DP=2" in log and "Training completed" in log, log
-    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000006"
+    state = _check_toy_run(out, 6, 64, log)
+    assert state["layout"] == {"tp": 1, "pp": 1, "dp": 2, "world": 2}, state
+    assert state["config"]["data"]["seed"] == 7 and state["loader"]["seed"] == 7, state
