@@ -286,3 +286,32 @@ def test_make_engine_and_sampling_validation(tiny_model_factory):
     assert h.generate([[5, 6, 7]], Sampling(max_tokens=3, temperature=0))[0].finish_reason == "length"
     with pytest.raises(KeyError):
         h.load_weights([("not.a.param", torch.zeros(1))])
+
+
+@pytest.mark.skipif(not vllm_available(), reason="needs vllm")
+def test_cpu_tp_shared_memory_names_are_per_job(monkeypatch):
+    """Two rollout-TP jobs on one machine: vLLM's CPU communicator named both jobs' /dev/shm
+    segments alike (its init method is "env://" under the external launcher: ident "//")."""
+    from types import SimpleNamespace
+
+    from mcore_rl.rollout import vllm_engine
+
+    try:
+        from vllm.distributed.device_communicators.cpu_communicator import _CPUSHMDistributed
+    except ImportError:
+        pytest.skip("this vLLM has no CPU shared-memory communicator")
+    original = _CPUSHMDistributed.__dict__["make_group_name"]  # the staticmethod itself, restored below
+    monkeypatch.setenv("VLLM_DIST_IDENT", "//")  # what vLLM's CPU worker sets from "env://"
+    tp_group = SimpleNamespace(unique_name="tp:0", ranks=[0, 1])
+    names = []
+    try:
+        for port in ("29611", "29622"):
+            monkeypatch.setenv("MASTER_PORT", port)
+            _CPUSHMDistributed.make_group_name = original
+            _CPUSHMDistributed._mcore_rl_named = False
+            vllm_engine._job_unique_cpu_shm_names()
+            names.append(_CPUSHMDistributed.make_group_name(tp_group))
+    finally:
+        _CPUSHMDistributed.make_group_name = original
+        _CPUSHMDistributed._mcore_rl_named = False
+    assert names[0] != names[1] and all("/" not in n and "-tp:0-[0-1]-cpushm" in n for n in names), names

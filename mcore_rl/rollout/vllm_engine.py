@@ -57,16 +57,28 @@ def _prepare_env() -> None:
             "(with the multiprocess core, tensors sent to the worker arrive broken and load_weights cannot "
             "reach the model)")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    # vLLM's CPU TP communicator names its shared-memory segments after VLLM_DIST_IDENT (empty by
-    # default), so two jobs on one machine, or a job after a killed one, collide on /dev/shm
-    # ("create shm in SHMManager failed. errno: 17"). The job's rendezvous address is the same on its
-    # ranks and differs between jobs running at once.
-    if "MASTER_PORT" in os.environ:
-        os.environ.setdefault("VLLM_DIST_IDENT",
-                              f"mcore-rl-{os.environ.get('MASTER_ADDR', 'local')}-{os.environ['MASTER_PORT']}")
+    _job_unique_cpu_shm_names()
     # vLLM's FlashInfer sampler imports flashinfer eagerly; fall back to its torch sampler without it.
     if importlib.util.find_spec("flashinfer") is None:
         os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+
+
+def _job_unique_cpu_shm_names() -> None:
+    """vLLM's CPU TP communicator names its /dev/shm segments after the engine's init method, which
+    under the external launcher is ``env://`` in every job: two rollout-TP jobs on one machine
+    collide ("create shm in SHMManager failed. errno: 17"). Prefix the names with this job's
+    rendezvous address, the same on its ranks and different between jobs running at once."""
+    try:
+        from vllm.distributed.device_communicators.cpu_communicator import _CPUSHMDistributed
+    except ImportError:  # another vLLM layout: nothing to do
+        return
+    if "MASTER_PORT" not in os.environ or getattr(_CPUSHMDistributed, "_mcore_rl_named", False):
+        return
+    job = f"mcore-rl-{os.environ.get('MASTER_ADDR', 'local')}-{os.environ['MASTER_PORT']}"
+    name = _CPUSHMDistributed.make_group_name
+    _CPUSHMDistributed.make_group_name = staticmethod(  # (a "/" inside a shm name is invalid)
+        lambda communicator: f"{job}{name(communicator)}".replace("/", ""))
+    _CPUSHMDistributed._mcore_rl_named = True
 
 
 def _drop_tokenizerless_warmup_warning(record: logging.LogRecord) -> bool:
