@@ -122,14 +122,13 @@ def _toy_prompts(tokenizer_dir: str, max_len: int) -> list[list[int]]:
     return [ids for ids in (tok(t)["input_ids"] for t in PROMPT_TEXTS) if len(ids) <= max_len]
 
 
-def live_check(trainer, out_dir: str) -> dict:
+def live_check(trainer, cfg, out_dir: str) -> dict:
     """After fit(): the final weight sync exactly as a training step does it, then greedy tokens."""
     import torch.distributed as dist
 
-    cfg = trainer.cfg
     engine, resharder = trainer.engine, trainer.resharder
     rank = dist.get_rank() if dist.is_initialized() else 0
-    hf_dir = os.path.join(trainer.output_dir, "hf_model")
+    hf_dir = os.path.join(cfg.trainer.output_dir, "hf_model")
     max_len = int(cfg.data.max_prompt_length)
     prompts = _toy_prompts(hf_dir, max_len)
     max_tokens = int(cfg.data.max_response_length)
@@ -184,7 +183,7 @@ def train_entry(argv: list[str]) -> int:
         trainer.fit()
         if a.live:
             os.makedirs(a.live, exist_ok=True)
-            live_check(trainer, a.live)
+            live_check(trainer, cfg, a.live)
     except NonFiniteError as e:
         print(f"multi_gpu: {e}", file=sys.stderr)
         return 3

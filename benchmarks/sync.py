@@ -216,11 +216,11 @@ def bench_size(size: str, args) -> dict:
             assert res["fast_plan_bytes_per_rank"] == res["bytes_per_rank"], (res["fast_plan_bytes_per_rank"],
                                                                             res["bytes_per_rank"])
             for mode in ("graph", "hybrid", "foreach", "loop"):
+                torch.distributed.barrier()  # before any `continue`: every rank passes the same barriers
                 if mode == "graph" and fast.mode != "graph":
                     res["fast_graph_error"] = fast.graph_error
                     continue
                 fast.mode = mode
-                torch.distributed.barrier()
                 st = [fast.sync() for _ in range(args.reps * 4 + 2)][2:]
                 ev = common.time_fn(fast.copy, reps=args.reps * 4, warmup=2)  # device time of the copies alone
                 rows.append({"path": f"fast-{mode}", "seconds": common.med(s["sync/seconds"] for s in st),
