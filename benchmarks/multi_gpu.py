@@ -215,7 +215,7 @@ def fresh_entry(argv: list[str]) -> int:
                          gpu_memory_utilization=r.gpu_memory_utilization,
                          max_model_len=cfg.data.max_prompt_length + cfg.data.max_response_length,
                          enforce_eager=r.enforce_eager, kv_cache_gib_cpu=r.kv_cache_gib_cpu,
-                         enable_sleep_mode=bool(r.free_cache_engine))
+                         kv_cache_gib=r.get("kv_cache_gib"), enable_sleep_mode=bool(r.free_cache_engine))
     start_s = time.perf_counter() - t0
     res = {"rank": rank, "tokens": _greedy(engine, prompts, max_tokens), "engine_start_s": start_s,
            "engine": type(engine).__name__}
@@ -277,8 +277,9 @@ class Job:
 class Runner:
     """Runs jobs in list order; 1-rank jobs may run two at a time on two GPUs (`parallel`)."""
 
-    def __init__(self, slots: int, parallel: bool, budget_s: float, gpu: bool, env: dict):
+    def __init__(self, slots: int, parallel: bool, budget_s: float, gpu: bool, env: dict, share: int = 1):
         self.slots, self.parallel, self.budget_s, self.gpu, self.env = slots, parallel, budget_s, gpu, env
+        self.share = share  # jobs one GPU may hold at once (--share)
         self.t_start = time.time()
         self.running: list[Job] = []
         self.done: list[Job] = []
@@ -288,8 +289,12 @@ class Runner:
         return self.budget_s - (time.time() - self.t_start) if self.budget_s > 0 else float("inf")
 
     def _free_gpus(self):
-        used = {g for j in self.running for g in j.gpus}
-        return [g for g in range(self.slots) if g not in used]
+        """GPUs with room for one more job, least loaded first."""
+        load = {g: 0 for g in range(self.slots)}
+        for j in self.running:
+            for g in j.gpus:
+                load[g] += 1
+        return sorted((g for g in load if load[g] < self.share), key=lambda g: (load[g], g))
 
     def launch(self, job: Job) -> None:
         free = self._free_gpus()
@@ -465,7 +470,9 @@ class Runner:
                     break
                 busy = sum(j.nproc for j in self.running)
                 can_share = self.parallel and job.nproc == 1 and all(j.nproc == 1 for j in self.running)
-                if busy and not (can_share and busy + job.nproc <= self.slots):
+                fits = (len(self._free_gpus()) >= job.nproc if self.share > 1
+                        else not busy or (can_share and busy + job.nproc <= self.slots))
+                if not fits:
                     time.sleep(0.5)
                     continue
                 need = self.expected_s(job)
@@ -770,6 +777,10 @@ def main(argv=None) -> int:
     ap.add_argument("--eager", action="store_true", help="vLLM without CUDA graphs / compilation (faster starts)")
     ap.add_argument("--parallel", default="auto", choices=["auto", "on", "off"],
                     help="run two 1-rank jobs (references, fresh engines of TP 1) at once on two GPUs (auto: on GPU)")
+    ap.add_argument("--share", type=int, default=1,
+                    help="jobs one GPU may hold at once (> 1: runs of 2 ranks side by side too; every engine then "
+                         "gets a fixed KV cache, rollout.kv_cache_gib=1, since vLLM's memory profiling fails when "
+                         "another job frees GPU memory meanwhile)")
     ap.add_argument("--extra", nargs="*", default=[], help="more key=value overrides for every run")
     ap.add_argument("--continue", dest="cont", action="store_true",
                     help="--continue-from the last results in --workdir (a later call on the same warm machine)")
@@ -814,6 +825,8 @@ def main(argv=None) -> int:
               f"actor_rollout_ref.rollout.gpu_memory_utilization={args.gpu_mem}"]
     if args.eager:
         common.append("actor_rollout_ref.rollout.enforce_eager=true")
+    if args.share > 1:
+        common.append("actor_rollout_ref.rollout.kv_cache_gib=1")
 
     def overrides(algo, layout, run_dir):
         _, tp, pp, rtp, _ = LAYOUTS[layout]
@@ -871,11 +884,13 @@ def main(argv=None) -> int:
             jobs += pend1
             pend1 = []
     jobs += pend1
+    if args.share > 1:  # every training run first (side by side), then the fresh engines
+        jobs = [j for j in jobs if j.kind == "train"] + [j for j in jobs if j.kind != "train"]
 
     ref_prev = {a: r for (a, lay), r in prev_runs.items() if lay == "ref"}
 
     env_rec = _env_info(gpu, ngpu)
-    runner = Runner(ngpu if gpu else 2, parallel, args.budget_s, gpu, env)
+    runner = Runner(ngpu if gpu else 2, parallel or args.share > 1, args.budget_s, gpu, env, share=args.share)
     state = {"report": ""}
 
     def collect(final=False):
