@@ -8,13 +8,14 @@ update phases *move* is kept: the old code's DP all-gather of their outputs; the
 mini-batch denominators). Everything else is the trainer's own code: rollout slice, scoring,
 samples to training shards, log-prob inputs, advantages, metrics.
 
-Every torch.distributed call is counted on each rank by its payload: received bytes for
-all-gathers (object collectives by pickled size), tensor bytes for all-reduces and
-broadcasts, bytes sent and received for point-to-point. Peak RSS is sampled every 2 ms.
+Every torch.distributed call is counted on each rank by the bytes it receives: the others'
+parts of an all-gather (object collectives by pickled size), the tensor of an all-reduce or a
+broadcast, the receives of point-to-point. Peak RSS is sampled every 2 ms.
 
     python benchmarks/data_path.py                          # this checkout, 1 2 4 8 processes
     python benchmarks/data_path.py --old /tmp/old_tree      # and another tree (e.g. `git archive` of an older commit)
     python benchmarks/data_path.py --world 2 --prompts 64 --n 4 --response 64    # quick
+    python benchmarks/data_path.py --world 2,4,8 --tp 2     # samples move inside each TP group
 """
 
 from __future__ import annotations
@@ -99,8 +100,7 @@ class Counter:
             return 0 if dist.get_rank() == src else sum(len(pickle.dumps(o)) for o in objs)
 
         wrap("broadcast_object_list", bcast_objects)
-        wrap("batch_isend_irecv", lambda ops: sum(nbytes(op.tensor) for op in ops))
-        wrap("send", lambda t, *a, **k: nbytes(t))
+        wrap("batch_isend_irecv", lambda ops: sum(nbytes(op.tensor) for op in ops if op.op is not dist.isend))
         wrap("recv", lambda t, *a, **k: nbytes(t))
 
 
@@ -212,7 +212,9 @@ def worker(args) -> None:
         f"actor_rollout_ref.rollout.n={args.n}", f"data.max_response_length={args.response}",
         "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=1", "critic.ppo_micro_batch_size_per_gpu=1",
         f"data.toy_size={max(4096, 2 * args.prompts)}", f"trainer.output_dir={args.out}/run",
-        "trainer.resume=off", "trainer.logger=[console]", "actor_rollout_ref.rollout.name=hf"])
+        "trainer.resume=off", "trainer.logger=[console]", "actor_rollout_ref.rollout.name=hf",
+        f"actor_rollout_ref.actor.megatron.tensor_model_parallel_size={getattr(args, 'tp', 1)}",
+        "actor_rollout_ref.rollout.tensor_model_parallel_size=1"])
     trainer = trainer_mod.PPOTrainer(cfg)
     rank = trainer.rank
     rows, init = [], rss.now()
@@ -248,7 +250,7 @@ def launch(tree: str, world: int, args) -> list[dict]:
         env.pop(k, None)
     # worker options through the environment: torchrun's own parser would take `--n` for `--nnodes`
     env["DATA_PATH_WORKER"] = json.dumps({"out": out, "prompts": args.prompts, "mini": args.mini, "n": args.n,
-                                          "response": args.response, "steps": args.steps})
+                                          "response": args.response, "steps": args.steps, "tp": args.tp})
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", f"--master_port={_port()}",
            os.path.abspath(__file__)]
     r = subprocess.run(cmd, env=env, cwd=tree, capture_output=True, text=True, timeout=args.timeout)
@@ -276,6 +278,7 @@ def main(argv=None) -> None:
     p.add_argument("--n", type=int, default=8, help="samples per prompt")
     p.add_argument("--response", type=int, default=512, help="max response tokens (responses are 1/2 to 1x this)")
     p.add_argument("--steps", type=int, default=2, help="steps per run; the last is reported")
+    p.add_argument("--tp", type=int, default=1, help="training TP (rollout TP is 1: TP engines feed one shard)")
     p.add_argument("--old", default=None, help="another source tree to measure the same way")
     p.add_argument("--timeout", type=int, default=1800)
     p.add_argument("--json", default=None, help="write the summaries here")
@@ -285,7 +288,8 @@ def main(argv=None) -> None:
     trees = [("new", REPO)] + ([("old", os.path.abspath(args.old))] if args.old else [])
     results = []
     print(f"batch: {args.prompts} prompts x {args.n} samples, responses {args.response // 2}-{args.response} tokens, "
-          f"mini-batch {args.mini} prompts; step {args.steps} reported (max over ranks)")
+          f"mini-batch {args.mini} prompts; training TP={args.tp}, rollout TP=1; step {args.steps} reported "
+          f"(max over ranks)")
     print("| code | processes | data path KB/rank/step | all collectives KB | peak RSS MB | peak RSS over the idle trainer MB | s/step |")
     print("|---|---|---|---|---|---|---|")
     for world in [int(w) for w in args.world.split(",")]:
