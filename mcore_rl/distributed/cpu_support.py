@@ -10,7 +10,8 @@ behaviour never changes. What it redirects and why:
    are hard-coded in the optimizer (FP32Optimizer, MixedPrecisionOptimizer), grad-norm
    clipping, `local_multi_tensor_l2_norm` and the schedules' `total_num_tokens`.
    `current_device()` returns 0 and a `TorchFunctionMode` rewrites every cuda (or integer)
-   device argument, `.cuda()` and `.to('cuda')` to the CPU.
+   device argument, `.cuda()` and `.to('cuda')` to the CPU (to `parallel.device()`: ``cpu:0``
+   in strict device mode, so that tests can tell these buffers from host tensors).
 2. The RNG tracker (`tensor_parallel/random.py`) saves and restores CUDA generator states;
    they are pointed at the CPU default generator, so `model_parallel_cuda_manual_seed` and
    `get_cuda_rng_tracker().fork()` behave as on a GPU (forked streams per TP rank).
@@ -41,7 +42,6 @@ _CUDA_TYPE = {
     "torch.HalfTensor": "torch.cuda.HalfTensor",
     "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
 }
-_CPU = torch.device("cpu")
 
 
 def _is_cuda(dev) -> bool:
@@ -64,10 +64,18 @@ class _CudaToCpu(TorchFunctionMode):
             return _CUDA_TYPE.get(name, name)
         dev = kwargs.get("device")
         if dev is not None and _is_cuda(dev):
-            kwargs["device"] = _CPU
+            kwargs["device"] = _target()
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
-            args = (args[0], _CPU, *args[2:])
+            args = (args[0], _target(), *args[2:])
         return func(*args, **kwargs)
+
+
+def _target() -> torch.device:
+    """What cuda devices become: `parallel.device()`, i.e. cpu, or cpu:0 in strict device mode
+    (`parallel.strict_device_mode`), where megatron's own buffers must count as device tensors."""
+    from mcore_rl.distributed.parallel import device
+
+    return device()
 
 
 class _NoStream:

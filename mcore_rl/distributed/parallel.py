@@ -24,10 +24,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+_STRICT_DEVICE = os.environ.get("MCORE_RL_STRICT_DEVICE", "") == "1"
+
+
+def strict_device_mode(enable: bool = True) -> None:
+    """Tests on CPU: `device()` answers ``cpu:0`` instead of ``cpu`` (or ``MCORE_RL_STRICT_DEVICE=1``).
+
+    Same memory and kernels; the index lets a test tell tensors meant for the accelerator from
+    host tensors and catch a host tensor in a collective, which gloo accepts and NCCL rejects
+    (tests/strict_dist.py). No effect with CUDA.
+    """
+    global _STRICT_DEVICE
+    _STRICT_DEVICE = bool(enable)
+
+
 def device() -> torch.device:
+    """Where this rank's model, buffers and collective tensors live."""
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    return torch.device("cpu", 0) if _STRICT_DEVICE else torch.device("cpu")
 
 
 def _launch_env() -> None:
