@@ -17,10 +17,20 @@ import signal
 import sys
 
 
+def _stderr():
+    """A stream with a file descriptor (faulthandler writes from C): stderr, or the process's own
+    when stderr is replaced (e.g. captured by a test runner)."""
+    try:
+        sys.stderr.fileno()
+        return sys.stderr
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+        return sys.__stderr__
+
+
 def install_stack_dump_signal(sig: int = signal.SIGUSR1) -> None:
     """`kill -USR1 <pid>` prints every thread's stack and the run goes on."""
     if hasattr(signal, "SIGUSR1"):
-        faulthandler.register(sig, file=sys.stderr, all_threads=True, chain=False)
+        faulthandler.register(sig, file=_stderr(), all_threads=True, chain=False)
 
 
 @contextlib.contextmanager
@@ -29,7 +39,7 @@ def stack_dump_after(seconds: float | None):
     if not seconds or seconds <= 0:
         yield
         return
-    faulthandler.dump_traceback_later(seconds, repeat=False, file=sys.stderr, exit=False)
+    faulthandler.dump_traceback_later(seconds, repeat=False, file=_stderr(), exit=False)
     try:
         yield
     finally:

@@ -178,6 +178,11 @@ class VLLMEngine(RolloutEngine):
         dist_world = torch.distributed.get_world_size() if self._caller_owns_world else 1
         if tensor_parallel_size > 1 or dist_world > 1:
             kwargs["distributed_executor_backend"] = "external_launcher"
+        elif not self._caller_owns_world:
+            # vLLM then forms its own one-rank process group at tcp://<this host's IP>; on machines
+            # whose hostname resolves to an address they cannot reach, that waits forever. The engine
+            # only talks to itself.
+            os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
         kwargs.update(engine_kwargs)
 
         warmup_logger = logging.getLogger("vllm.renderers.base")
