@@ -165,31 +165,13 @@ def train_entry(argv: list[str]) -> int:
     ours, rest = _split(argv)
     a = ap.parse_args(ours)
     _rank_setup(a.pid_dir)
-    from mcore_rl.config import ConfigError, load_config
-    from mcore_rl.trainer.main_ppo import parse_args
+    from mcore_rl.trainer.main_ppo import main
 
-    config, overrides = parse_args(rest)
-    try:
-        cfg = load_config(config, overrides)
-        from mcore_rl.trainer.ppo_trainer import PPOTrainer
+    def live(trainer):
+        os.makedirs(a.live, exist_ok=True)
+        live_check(trainer, trainer.cfg, a.live)
 
-        trainer = PPOTrainer(cfg)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"multi_gpu: error: {e}", file=sys.stderr)
-        return 2
-    from mcore_rl.trainer.ppo_trainer import NonFiniteError
-
-    try:
-        trainer.fit()
-        if a.live:
-            os.makedirs(a.live, exist_ok=True)
-            live_check(trainer, cfg, a.live)
-    except NonFiniteError as e:
-        print(f"multi_gpu: {e}", file=sys.stderr)
-        return 3
-    finally:
-        trainer.close()
-    return 0
+    return main(rest, after_fit=live if a.live else None)
 
 
 def fresh_entry(argv: list[str]) -> int:

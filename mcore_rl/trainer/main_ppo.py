@@ -23,7 +23,9 @@ def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
     return config, argv
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, after_fit=None) -> int:
+    """Train; `after_fit(trainer)` runs after a finished `fit()`, before the engine closes (the
+    2-GPU benchmark checks the live engine against a fresh one there)."""
     from mcore_rl.config import ConfigError, load_config
     from mcore_rl.distributed.watchdog import install_stack_dump_signal
 
@@ -43,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         trainer.fit()
+        if after_fit is not None:
+            after_fit(trainer)
     except NonFiniteError as e:
         print(f"mcore-rl train: {e}", file=sys.stderr)
         return 3
