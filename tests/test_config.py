@@ -61,6 +61,8 @@ def test_word_reaches_the_consumer():
     ("actor_rollout_ref.rollout.free_cache_engine=maybe", "must be true or false"),
     ("data.train_batch_size=null", "cannot be null"),
     ("trainer.device=gpu", "must be one of auto, cpu, cuda"),
+    ("actor_rollout_ref.rollout.name=sglang", "SGLang is not supported; the rollout engine is vLLM"),
+    ("trainer.log_interval=0.5", "must be an integer"),
 ])
 def test_bad_values_fail_at_load(override, msg):
     with pytest.raises(ConfigError, match=msg.replace(".", r"\.")):

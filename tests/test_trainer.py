@@ -70,6 +70,18 @@ def test_algorithms_run_end_to_end(algo, backend, tmp_path):
     assert all(0.0 <= r["reward/mean"] <= 1.0 for r in rows)
 
 
+def test_log_interval_thins_the_console_not_the_metrics(tmp_path):
+    """verl's quick-start line sets trainer.log_interval: a console line every N steps and the last."""
+    args = [os.path.join(os.path.dirname(__file__), "..", "configs", "grpo.yaml"), "data.dataset_name=toy",
+            "data.max_prompt_length=8", "data.max_response_length=8", "actor_rollout_ref.rollout.name=hf",
+            "trainer.max_steps=3", "trainer.log_interval=2", "data.train_batch_size=8",
+            "actor_rollout_ref.actor.ppo_mini_batch_size=8", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8",
+            "trainer.logger=[console]", "trainer.export_hf_at_end=false"]
+    rows, stdout = train(tmp_path, args)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert "step    1 |" not in stdout and "step    2 |" in stdout and "step    3 |" in stdout, stdout[-2000:]
+
+
 def _main(args):
     from mcore_rl.trainer.main_ppo import main
 

@@ -71,7 +71,9 @@ def _choices() -> dict[str, tuple]:
 # is a value of its own rather than a yes/no: the boolean is turned back into the key's word.
 _FALSE_WORDS, _TRUE_WORDS = ("off", "false", "no"), ("on", "true", "yes")
 _WORDS = {"trainer.resume": ("auto", "off")}  # auto | off | PATH
-_NULLABLE = {"trainer.max_ckpt_to_keep"}  # null has a meaning (keep all) though the default is not null
+_NULLABLE = {"trainer.max_ckpt_to_keep"}
+_NOT_YET = {("actor_rollout_ref.rollout.name", "sglang"):
+            "SGLang is not supported; the rollout engine is vLLM (actor_rollout_ref.rollout.name=vllm, or auto)"}  # null has a meaning (keep all) though the default is not null
 
 
 def _check_values(schema: DictConfig, cfg: DictConfig) -> None:
@@ -92,6 +94,8 @@ def _check_values(schema: DictConfig, cfg: DictConfig) -> None:
                 continue
             raise ConfigError(f"{key} cannot be null (default {default!r})")
         if key in choices:
+            if (key, value) in _NOT_YET:
+                raise ConfigError(f"{key}={value}: {_NOT_YET[key, value]}")
             if value not in choices[key]:
                 raise ConfigError(f"{key}={value!r}: must be one of {', '.join(map(str, choices[key]))}")
             continue
@@ -156,6 +160,8 @@ def check_sizes(cfg: DictConfig, world_size: int, spec=None) -> None:
     if cfg.algorithm.adv_estimator in ("grpo", "rloo", "reinforce_plus_plus_baseline") and n < 2:
         problems.append(f"algorithm.adv_estimator={cfg.algorithm.adv_estimator} needs rollout.n >= 2 (got {n})")
     t = cfg.trainer
+    if t.log_interval < 1:
+        problems.append(f"trainer.log_interval={t.log_interval} must be >= 1")
     if (t.nnodes is None) != (t.n_gpus_per_node is None):
         problems.append("trainer.nnodes and trainer.n_gpus_per_node go together (or leave both null)")
     elif t.nnodes is not None and t.nnodes * t.n_gpus_per_node != world_size:
