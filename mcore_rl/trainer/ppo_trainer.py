@@ -484,7 +484,8 @@ class PPOTrainer:
                 self.bad_steps = self.bad_steps + 1 if skipped else 0
                 if self.layout.reports:
                     tracker.log(self.step, m)
-                    bar.write(console_line(self.step, m))
+                    if self.step % t.log_interval == 0 or self.step == t.max_steps:  # metrics.jsonl: every step
+                        bar.write(console_line(self.step, m))
                     bar.update(1)
                 if skipped:
                     _say(f"mcore_rl: step {self.step}: non-finite loss or gradient norm (actor loss "
