@@ -20,17 +20,28 @@ from mcore_rl.algorithms.utils import GroupIndex, dense_group_ids, masked_whiten
 
 def _group_stats(
     scores: torch.Tensor, group_index: GroupIndex
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample (group size, group sum, group mean, unbiased group std)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample (group size, group sum, group mean, unbiased group std, score minus group mean),
+    all in float64.
+
+    The statistics are taken in float64 and the centred score is exactly 0 in a group whose scores
+    are all equal: in float32 the rounding of the group mean leaves a residue of ~1 ulp, which the
+    division by (std + eps) with std ~ 1e-7 blows up to an advantage of order 1.
+    """
+    x = scores.to(torch.float64)
     ids = dense_group_ids(group_index, scores.device)
     n_groups = int(ids.max()) + 1 if ids.numel() else 0
-    zeros = torch.zeros(n_groups, dtype=scores.dtype, device=scores.device)
-    count = zeros.index_add(0, ids, torch.ones_like(scores))
-    total = zeros.index_add(0, ids, scores)
+    zeros = torch.zeros(n_groups, dtype=torch.float64, device=scores.device)
+    count = zeros.index_add(0, ids, torch.ones_like(x))
+    total = zeros.index_add(0, ids, x)
     mean = total / count
-    sq = zeros.index_add(0, ids, (scores - mean[ids]).pow(2))
+    lo = zeros.scatter_reduce(0, ids, x, "amin", include_self=False)
+    hi = zeros.scatter_reduce(0, ids, x, "amax", include_self=False)
+    equal = (lo == hi)[ids]
+    centered = torch.where(equal, torch.zeros_like(x), x - mean[ids])
+    sq = zeros.index_add(0, ids, centered.pow(2))
     std = (sq / (count - 1).clamp(min=1)).sqrt()
-    return count[ids], total[ids], mean[ids], std[ids]
+    return count[ids], total[ids], mean[ids], std[ids], centered
 
 
 def _broadcast(per_sample: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -86,12 +97,11 @@ def grpo(
     nearly always solved or nearly always failed). A single-sample group has no baseline, so it
     gets advantage 0 rather than its raw score (verl would pass the raw score through).
     """
-    count, _, mean, std = _group_stats(scores, group_index)
-    adv = scores - mean
+    count, _, _, std, adv = _group_stats(scores, group_index)
     if norm_by_std:
         adv = adv / (std + eps)
     adv = torch.where(count > 1, adv, torch.zeros_like(adv))
-    return _broadcast(adv, mask)
+    return _broadcast(adv.to(scores.dtype), mask)
 
 
 @torch.no_grad()
@@ -101,10 +111,10 @@ def rloo(scores: torch.Tensor, group_index: GroupIndex, mask: torch.Tensor) -> t
     Leaving the sample out keeps the baseline independent of it, so the estimator stays unbiased.
     Equal to n/(n-1) * (score - group mean). Single-sample groups get 0.
     """
-    count, total, _, _ = _group_stats(scores, group_index)
-    baseline = (total - scores) / (count - 1).clamp(min=1)
-    adv = torch.where(count > 1, scores - baseline, torch.zeros_like(scores))
-    return _broadcast(adv, mask)
+    count, _, _, _, centered = _group_stats(scores, group_index)
+    # score - mean of the others = n / (n - 1) * (score - group mean), from the exact centring
+    adv = torch.where(count > 1, centered * count / (count - 1).clamp(min=1), torch.zeros_like(centered))
+    return _broadcast(adv.to(scores.dtype), mask)
 
 
 @torch.no_grad()
@@ -145,8 +155,8 @@ def reinforce_plus_plus_baseline(
     without the per-group std division that makes GRPO over-weight near-deterministic prompts.
     A single-sample group's mean is its own score, so it gets 0 before whitening.
     """
-    _, _, mean, _ = _group_stats(scores, group_index)
-    return masked_whiten(_broadcast(scores - mean, mask), mask, group=group)
+    centered = _group_stats(scores, group_index)[4].to(scores.dtype)
+    return masked_whiten(_broadcast(centered, mask), mask, group=group)
 
 
 ADV_ESTIMATORS: dict[str, Callable[..., Any]] = {
@@ -174,9 +184,12 @@ def compute_advantages(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One entry point for the trainer: returns (advantages [B, T], returns [B, T] or None).
 
-    Pass everything you have; each estimator takes what it needs. `returns` (the critic target)
-    is only produced by "gae". For the outcome estimators, `scores` defaults to the sum of
-    `token_rewards` over valid tokens, so a KL-in-reward penalty is included in the score.
+    Each estimator takes what it needs. `returns` (the critic target) is only produced by "gae".
+    The outcome estimators (grpo, rloo, reinforce_plus_plus_baseline) take one score per sample:
+    `scores`, or, as in verl, the sum of `token_rewards` over valid tokens, so that whatever the
+    token rewards carry beyond the outcome (a KL-in-reward penalty: score - kl_coef * sum KL)
+    reaches them. Give them one of the two, not both: a raw `scores` next to shaped
+    `token_rewards` would silently drop the shaping.
     """
     if name not in ADV_ESTIMATORS:
         raise ValueError(f"unknown advantage estimator {name!r}; valid: {sorted(ADV_ESTIMATORS)}")
@@ -192,6 +205,9 @@ def compute_advantages(
     if name == "reinforce_plus_plus":
         return reinforce_plus_plus(need(token_rewards, "token_rewards"), mask, gamma, group=group), None
 
+    if scores is not None and token_rewards is not None:
+        raise ValueError(f"advantage estimator {name!r} takes `scores` or `token_rewards`, not both "
+                         "(its score is the sum of the token rewards)")
     if scores is None:
         rewards = need(token_rewards, "scores or token_rewards")
         scores = torch.where(mask.bool(), rewards, torch.zeros((), dtype=rewards.dtype,

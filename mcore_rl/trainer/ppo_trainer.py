@@ -398,9 +398,9 @@ class PPOTrainer:
             token_rewards, _ = apply_kl_in_reward(token_rewards, shard.old_logp, shard.ref_logp, mask,
                                                   cfg.algorithm.kl_ctrl.kl_coef, cfg.algorithm.kl_penalty)
         shard.advantages, shard.returns = compute_advantages(
-            cfg.algorithm.adv_estimator, mask=mask, token_rewards=token_rewards, scores=shard.scores,
-            values=shard.old_values, group_index=shard.prompt_index, gamma=cfg.algorithm.gamma,
-            lam=cfg.algorithm.lam, norm_by_std=cfg.algorithm.norm_adv_by_std_in_grpo, group=self.dp_group)
+            cfg.algorithm.adv_estimator, mask=mask, token_rewards=token_rewards, values=shard.old_values,
+            group_index=shard.prompt_index, gamma=cfg.algorithm.gamma, lam=cfg.algorithm.lam,
+            norm_by_std=cfg.algorithm.norm_adv_by_std_in_grpo, group=self.dp_group)
         timing["timing/advantage"] = time.perf_counter() - t
 
         t = time.perf_counter()

@@ -112,7 +112,7 @@ def update_actor(actor, opt, shard: Shard, cfg, minis: list[range], dp_group) ->
     keys = ["input_ids", "old_logp", "advantages", "mask"] + (["ref_logp"] if use_kl else [])
     denoms = mini_batch_denominators(shard, minis, agg, dp_group)
     history, bad = [], 0
-    norm_len = shard.input_ids.shape[1] - 1
+    norm_len = cfg.data.max_response_length  # Dr.GRPO's constant: the response budget, not the padded length
     for _ in range(a.ppo_epochs):
         for rows, denom in zip(minis, denoms):
 
@@ -154,7 +154,7 @@ def update_critic(critic, opt, shard: Shard, cfg, minis: list[range], dp_group) 
     agg = c.loss_agg_mode
     denoms = mini_batch_denominators(shard, minis, agg, dp_group)
     history, bad = [], 0
-    norm_len = shard.input_ids.shape[1] - 1
+    norm_len = cfg.data.max_response_length  # Dr.GRPO's constant: the response budget, not the padded length
     for _ in range(c.ppo_epochs):
         for rows, denom in zip(minis, denoms):
 
