@@ -1,4 +1,4 @@
-"""PPO-family losses: clipped policy loss, clipped value loss, KL estimators, entropy.
+"""PPO-family losses: clipped policy loss (and its GSPO / CISPO variants), clipped value loss, KL estimators, entropy.
 
 Inputs are per-token `[B, T]` tensors with a `mask` that is true on response tokens. Padded slots
 may hold anything (even NaN): they are selected away with `torch.where` before any arithmetic
@@ -115,6 +115,109 @@ def policy_loss(
         "ratio_mean": masked_mean(ratio, m).detach(),
     }
     return loss, metrics
+
+
+def gspo_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 3e-4,
+    clip_high: float = 4e-4,
+    dual_clip_c: float | None = None,
+    agg: str = "seq-mean-token-mean",
+    denominator: float | torch.Tensor | None = None,
+    norm_len: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GSPO (Group Sequence Policy Optimization, arXiv 2507.18071); returns (loss, metrics).
+
+    The importance ratio is taken per sequence, s_i = exp(mean_t (logp_t - old_logp_t)) (the
+    length-normalised likelihood ratio), and each token uses s_i,t = sg[s_i] * exp(logp_t - sg[logp_t]):
+    its value is s_i, its gradient that of the token's own log-prob scaled by s_i. Loss per token
+    -min(s_i,t * A_t, clip(s_i,t, 1 - clip_low, 1 + clip_high) * A_t); the clip ranges are far
+    smaller than PPO's (the paper uses 3e-4 / 4e-4), set them through clip_ratio_low/high.
+
+    Aggregation is always "seq-mean-token-mean" (mean over each response, then over responses),
+    the paper's objective and what verl's `compute_policy_loss_gspo` hard-codes: `agg` and
+    `norm_len` are accepted for a uniform signature and ignored; `denominator`, when given, must
+    be the number of sequences. `dual_clip_c` is ignored too (verl's GSPO has no dual clip).
+    The sequence log-ratio is clamped to [-20, 20] on its detached value, so the clamp never
+    cuts a gradient. Metrics as `policy_loss`; clipfrac_lower is 0.
+    """
+    del agg, norm_len, dual_clip_c
+    m = mask.bool()
+    lp = _zero_pad(logp, m)
+    log_ratio = _zero_pad(logp - old_logp, m)
+    lengths = m.sum(-1, keepdim=True).clamp(min=1).to(log_ratio.dtype)
+    seq_log_ratio = (log_ratio.sum(-1, keepdim=True) / lengths).clamp(-20.0, 20.0).detach()
+    # (lp - sg[lp]) is exactly 0 in value, so the value is exactly s_i (order as in verl).
+    ratio = torch.exp(lp - lp.detach() + seq_log_ratio)
+    adv = _zero_pad(advantages, m)
+
+    loss_unclipped = -adv * ratio
+    loss_clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    loss_mat = torch.maximum(loss_unclipped, loss_clipped)
+    loss = agg_loss(loss_mat, m, "seq-mean-token-mean", denominator=denominator)
+    metrics = {
+        "clipfrac": masked_mean((loss_clipped > loss_unclipped).float(), m).detach(),
+        "clipfrac_lower": torch.zeros((), device=logp.device),
+        "approx_kl": masked_mean(-log_ratio, m).detach(),
+        "ratio_mean": masked_mean(ratio, m).detach(),
+    }
+    return loss, metrics
+
+
+def cispo_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip_c: float | None = None,
+    agg: str = "token-mean",
+    denominator: float | torch.Tensor | None = None,
+    norm_len: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """CISPO (Clipped IS-weight Policy Optimization, MiniMax-M1, arXiv 2506.13585); returns (loss, metrics).
+
+    Per token loss -sg[clip(r_t, 1 - clip_low, 1 + clip_high)] * A_t * logp_t with
+    r_t = exp(logp_t - old_logp_t): the importance weight is clipped and stop-gradiented, and the
+    gradient flows through logp_t alone. Unlike PPO's clipped surrogate, no token loses its
+    gradient when its ratio leaves the range; the clip only bounds its weight.
+
+    Aggregated with `agg` like `policy_loss` (default token-mean, as verl's
+    `compute_policy_loss_cispo`); `dual_clip_c` is ignored (the weight is bounded already).
+    Metrics as `policy_loss`: clipfrac is the fraction of tokens whose weight was clipped;
+    clipfrac_lower is 0. The loss value is a REINFORCE-style -w * A * logp, not comparable in
+    magnitude with the PPO surrogate's.
+    """
+    del dual_clip_c
+    m = mask.bool()
+    lp = _zero_pad(logp, m)
+    log_ratio = _zero_pad(logp - old_logp, m).clamp(-20.0, 20.0)
+    ratio = torch.exp(log_ratio).detach()
+    weight = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    adv = _zero_pad(advantages, m)
+    loss_mat = -weight * adv * lp
+    loss = agg_loss(loss_mat, m, agg, denominator=denominator, norm_len=norm_len)
+    metrics = {
+        "clipfrac": masked_mean((weight != ratio).float(), m).detach(),
+        "clipfrac_lower": torch.zeros((), device=logp.device),
+        "approx_kl": masked_mean(-log_ratio, m).detach(),
+        "ratio_mean": masked_mean(ratio, m).detach(),
+    }
+    return loss, metrics
+
+
+POLICY_LOSSES = {"vanilla": policy_loss, "gspo": gspo_policy_loss, "cispo": cispo_policy_loss}
+
+
+def get_policy_loss(name: str):
+    """The policy-loss function for `actor.policy_loss` (vanilla | gspo | cispo); same signature."""
+    if name not in POLICY_LOSSES:
+        raise ValueError(f"unknown policy loss {name!r}; valid: {list(POLICY_LOSSES)}")
+    return POLICY_LOSSES[name]
 
 
 def value_loss(

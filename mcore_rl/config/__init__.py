@@ -57,6 +57,7 @@ def _choices() -> dict[str, tuple]:
         "actor_rollout_ref.model.dtype": ("float32", "bfloat16", "float16"),
         "actor_rollout_ref.model.transformer_impl": ("local", "transformer_engine"),
         "actor_rollout_ref.actor.loss_agg_mode": AGG_MODES,
+        "actor_rollout_ref.actor.policy_loss": ("vanilla", "gspo", "cispo"),
         "actor_rollout_ref.actor.kl_loss_type": tuple(KL_KINDS),
         "actor_rollout_ref.rollout.name": ("auto", "vllm", "hf"),
         "actor_rollout_ref.rollout.sync_fast_path": ("auto", "off"),

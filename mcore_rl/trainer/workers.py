@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from mcore_rl.algorithms import agg_loss, kl_penalty, policy_loss, value_loss
+from mcore_rl.algorithms import agg_loss, get_policy_loss, kl_penalty, policy_loss, value_loss
 from mcore_rl.distributed.comm import agree, all_reduce_scalars, group_size
 from mcore_rl.models.forward import run_microbatches, vocab_parallel_logprobs
 from mcore_rl.trainer.batch import Shard
@@ -116,12 +116,15 @@ def update_actor(actor, opt, shard: Shard, cfg, minis: list[range], dp_group) ->
     for _ in range(a.ppo_epochs):
         for rows, denom in zip(minis, denoms):
 
-            def fn(logits, mb, denom=denom):
+            def fn(logits, mb, denom=denom, rows=rows):
                 logp, ent = vocab_parallel_logprobs(logits[:, :-1], mb["input_ids"][:, 1:], spec.vocab_size, True)
                 mask = mb["mask"]
-                pg, m = policy_loss(logp, mb["old_logp"], mb["advantages"], mask, clip_low=a.clip_ratio_low,
-                                    clip_high=a.clip_ratio_high, dual_clip_c=a.clip_ratio_c, agg=agg,
-                                    denominator=denom, norm_len=norm_len)
+                # GSPO always aggregates seq-mean-token-mean: its denominator is the mini-batch's sequence count
+                pg_fn = policy_loss if a.policy_loss == "vanilla" else get_policy_loss(a.policy_loss)
+                pg_denom = float(len(rows) * group_size(dp_group)) if a.policy_loss == "gspo" else denom
+                pg, m = pg_fn(logp, mb["old_logp"], mb["advantages"], mask, clip_low=a.clip_ratio_low,
+                              clip_high=a.clip_ratio_high, dual_clip_c=a.clip_ratio_c, agg=agg,
+                              denominator=pg_denom, norm_len=norm_len)
                 loss = pg
                 ent_loss = agg_loss(ent, mask, agg, denominator=denom, norm_len=norm_len)
                 if want_ent:
