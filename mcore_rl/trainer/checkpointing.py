@@ -191,14 +191,10 @@ def set_rng_state(state: dict) -> None:
 # ------------------------------------------------------------------------------ save / load
 def all_finite(*models) -> bool:
     """True when every parameter of every model is finite on every rank (collective)."""
-    ok = all(bool(torch.isfinite(p).all()) for m in models if m is not None for p in _inner(m).parameters())
-    flag = torch.tensor([0.0 if ok else 1.0])
-    if dist.is_initialized():
-        from mcore_rl.distributed import device
+    from mcore_rl.distributed.comm import agree
 
-        flag = flag.to(device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return float(flag) == 0.0
+    ok = all(bool(torch.isfinite(p).all()) for m in models if m is not None for p in _inner(m).parameters())
+    return not agree(not ok)
 
 
 def save_checkpoint(root: str, step: int, *, actor, actor_opt, critic=None, critic_opt=None,

@@ -501,7 +501,7 @@ class PPOTrainer:
                             f"that returns inf/NaN, fp16 overflow")
                 if t.save_freq > 0 and self.step % t.save_freq == 0 and not skipped:
                     self.save_checkpoint()  # not after a skipped update: the last good one stays newest
-                if self._agree(self._term_requested):
+                if comm.agree(self._term_requested):  # ranks see the signal at different times
                     if self.last_saved_step != self.step:
                         self.save_checkpoint()
                     self.stopped_by_signal = True
@@ -526,10 +526,6 @@ class PPOTrainer:
         if not self._term_requested:
             print(f"mcore_rl: rank {self.rank}: SIGTERM received; checkpointing after step {self.step}", flush=True)
         self._term_requested = True
-
-    def _agree(self, flag: bool) -> bool:
-        """True on every rank when it is True on any (ranks see signals at different times)."""
-        return comm.agree(flag)
 
     def close(self) -> None:
         if getattr(self, "engine", None) is not None:
