@@ -315,3 +315,44 @@ def test_cpu_tp_shared_memory_names_are_per_job(monkeypatch):
         _CPUSHMDistributed.make_group_name = original
         _CPUSHMDistributed._mcore_rl_named = False
     assert names[0] != names[1] and all("/" not in n and "-tp:0-[0-1]-cpushm" in n for n in names), names
+
+
+_RENDEZVOUS_CHILD = """
+import datetime, os, socket, sys
+import torch.distributed as dist
+from mcore_rl.rollout.vllm_engine import own_rendezvous
+
+def one_rank_group():  # what vLLM does for a one-rank engine: a new group at a fresh tcp:// address
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=float(sys.argv[2])))
+    dist.destroy_process_group()
+
+assert os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+if sys.argv[1] == "own":
+    with own_rendezvous():
+        one_rank_group()
+    assert os.environ["TORCHELASTIC_USE_AGENT_STORE"] == "True"  # restored for the caller
+else:
+    one_rank_group()
+print("GROUP-UP")
+"""
+
+
+@pytest.mark.parametrize("mode", ["own", "plain"])
+def test_one_rank_engine_group_forms_under_torchrun(tmp_path, mode):
+    """Under torchrun a one-rank engine's own process group waited forever for torchrun's agent
+    store (a fresh engine beside the trainer hung on two GPUs). `own_rendezvous` lets it form;
+    without it the same group times out (the check that the test sees the trap)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "child.py"
+    script.write_text(_RENDEZVOUS_CHILD)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_port=0",
+           str(script), mode, "30" if mode == "own" else "3"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    if mode == "own":
+        assert r.returncode == 0 and "GROUP-UP" in r.stdout, r.stderr[-2000:]
+    else:
+        assert r.returncode != 0 and "GROUP-UP" not in r.stdout

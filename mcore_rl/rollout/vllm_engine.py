@@ -32,6 +32,7 @@ give different TP groups different seeds (e.g. ``seed + dp_rank``).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib.util
 import logging
@@ -79,6 +80,22 @@ def _job_unique_cpu_shm_names() -> None:
     _CPUSHMDistributed.make_group_name = staticmethod(  # (a "/" inside a shm name is invalid)
         lambda communicator: f"{job}{name(communicator)}".replace("/", ""))
     _CPUSHMDistributed._mcore_rl_named = True
+
+
+@contextlib.contextmanager
+def own_rendezvous():
+    """Let a one-rank engine form its own process group under torchrun.
+
+    torchrun tells every process group its workers form to use the agent's store
+    (``TORCHELASTIC_USE_AGENT_STORE``); vLLM's one-rank group at a fresh tcp:// address would then
+    wait, as a client, for a store that nobody serves. The flag is hidden while the engine starts.
+    """
+    saved = os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["TORCHELASTIC_USE_AGENT_STORE"] = saved
 
 
 def _drop_tokenizerless_warmup_warning(record: logging.LogRecord) -> bool:
@@ -189,7 +206,8 @@ class VLLMEngine(RolloutEngine):
         if _drop_tokenizerless_warmup_warning not in warmup_logger.filters:
             warmup_logger.addFilter(_drop_tokenizerless_warmup_warning)
         t0 = time.perf_counter()
-        self.llm = vllm.LLM(**kwargs)
+        with contextlib.nullcontext() if self._caller_owns_world else own_rendezvous():
+            self.llm = vllm.LLM(**kwargs)
         self.start_time_s = time.perf_counter() - t0
         self._asleep = False
         self._awake_tags: set[str] = set()
