@@ -356,3 +356,37 @@ def test_one_rank_engine_group_forms_under_torchrun(tmp_path, mode):
         assert r.returncode == 0 and "GROUP-UP" in r.stdout, r.stderr[-2000:]
     else:
         assert r.returncode != 0 and "GROUP-UP" not in r.stdout
+
+
+def _free_port() -> int:
+    # (torchrun's --master_port=0 leaves its workers' env:// rendezvous waiting)
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_TP2_CHILD = """
+import sys
+from mcore_rl.rollout import Sampling, make_engine
+eng = make_engine("vllm", model_path=sys.argv[1], tensor_parallel_size=2, max_model_len=64, dtype="float32")
+out = eng.generate([[5, 6, 7, 8]], Sampling(max_tokens=4, temperature=0, ignore_eos=True))
+print("TOKENS", out[0].token_ids, flush=True)
+eng.close()
+"""
+
+
+@needs_vllm
+def test_rollout_tp2_engine_under_torchrun(tmp_path, tiny_model_factory):
+    """`torchrun --nproc_per_node=2` with no process group of the caller's (the rollout command and
+    benchmark): the TP=2 engine joins torchrun's world through its agent store and generates."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "child.py"
+    script.write_text(_TP2_CHILD)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           str(script), tiny_model_factory("llama", seed=0)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.count("TOKENS") == 2, (r.stdout[-1000:], r.stderr[-3000:])

@@ -193,20 +193,22 @@ class VLLMEngine(RolloutEngine):
         # A process group that exists now belongs to the caller (the trainer); close() keeps it.
         self._caller_owns_world = torch.distributed.is_available() and torch.distributed.is_initialized()
         dist_world = torch.distributed.get_world_size() if self._caller_owns_world else 1
+        own_group = False  # under the external launcher vLLM joins the launcher's world (env://)
         if tensor_parallel_size > 1 or dist_world > 1:
             kwargs["distributed_executor_backend"] = "external_launcher"
         elif not self._caller_owns_world:
             # vLLM then forms its own one-rank process group at tcp://<this host's IP>; on machines
             # whose hostname resolves to an address they cannot reach, that waits forever. The engine
-            # only talks to itself.
+            # only talks to itself. Under torchrun, see own_rendezvous.
             os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+            own_group = True
         kwargs.update(engine_kwargs)
 
         warmup_logger = logging.getLogger("vllm.renderers.base")
         if _drop_tokenizerless_warmup_warning not in warmup_logger.filters:
             warmup_logger.addFilter(_drop_tokenizerless_warmup_warning)
         t0 = time.perf_counter()
-        with contextlib.nullcontext() if self._caller_owns_world else own_rendezvous():
+        with own_rendezvous() if own_group else contextlib.nullcontext():
             self.llm = vllm.LLM(**kwargs)
         self.start_time_s = time.perf_counter() - t0
         self._asleep = False
