@@ -238,7 +238,7 @@ def test_verl_quick_start_line_runs(tmp_path):
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
     assert "ppo_mini_batch_size=4 (was 32)" in r.stderr
     assert "step   10 |" in r.stdout and "Training completed" in r.stdout
-    sglang = subprocess.run(cmd[:5] + ["actor_rollout_ref.rollout.name=sglang"] + cmd[6:], cwd=tmp_path,
+    sglang = subprocess.run(cmd[:6] + ["actor_rollout_ref.rollout.name=sglang"] + cmd[7:], cwd=tmp_path,
                             capture_output=True, text=True, timeout=120, env=env)
     assert sglang.returncode == 2 and "the rollout engine is vLLM" in sglang.stderr
 
