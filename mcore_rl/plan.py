@@ -390,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
                           "inputs": asdict(p), "estimate": asdict(est)}, indent=1, default=str))
         return rc
     env = LaunchEnv(rank=0, world_size=p.world_size, local_rank=0, local_world_size=p.gpus_per_node, node_rank=0,
-                    num_nodes=p.nodes, master_addr="", master_port=0, launcher="single" if p.world_size == 1 else "torchrun")
+                    num_nodes=p.nodes, master_addr="", master_port=0,
+                    launcher="single" if p.world_size == 1 else "torchrun")
     for line in describe_layout(layout, env) + format_report(spec, p, est):
         print(line)
     return rc

@@ -193,7 +193,8 @@ def test_cli_reads_the_trainers_defaults_and_keys(model_dir, capsys):
     rc = plan.main([f"actor_rollout_ref.model.path={model_dir}", "--json", "trainer.nnodes=1",
                     "trainer.n_gpus_per_node=4", "actor_rollout_ref.rollout.tensor_model_parallel_size=4",
                     "actor_rollout_ref.rollout.gpu_memory_utilization=0.6", "actor_rollout_ref.model.dtype=float32",
-                    "actor_rollout_ref.actor.use_distributed_optimizer=true", "actor_rollout_ref.rollout.free_cache_engine=false",
+                    "actor_rollout_ref.actor.use_distributed_optimizer=true",
+                    "actor_rollout_ref.rollout.free_cache_engine=false",
                     "data.max_prompt_length=100", "data.max_response_length=28"])
     assert rc == 0
     doc = json.loads(capsys.readouterr().out)

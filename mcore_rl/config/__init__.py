@@ -86,12 +86,13 @@ def _load_overrides(overrides: list[str]) -> DictConfig:
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"overrides must be key=value, got {bad}")
-    for o in overrides:
+    for o in overrides:  # one at a time, to name the one that fails
         try:
             OmegaConf.from_dotlist([o])
         except yaml.YAMLError as e:
+            key = o.split("=", 1)[0]
             raise ConfigError(f"override {o!r}: the value is not valid YAML ({getattr(e, 'problem', None) or e}); "
-                              f"a string holding [ ] {{ }} or quotes needs YAML quotes: '{o.split('=', 1)[0]}=\"...\"'") from None
+                              f"a string holding [ ] {{ }} or quotes needs YAML quotes: '{key}=\"...\"'") from None
         except OmegaConfBaseException as e:
             raise ConfigError(f"override {o!r}: {str(e).splitlines()[0]}") from None
     return OmegaConf.from_dotlist(list(overrides))
