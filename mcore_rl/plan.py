@@ -1,12 +1,13 @@
 """`mcore-rl plan`: a dry run that says, before a job is queued, how ranks will be laid out
 and whether actor, critic, reference and the vLLM engine fit in each GPU's memory.
 
-    mcore-rl plan actor_rollout_ref.model.path=/models/Qwen2.5-7B \\
-        actor_rollout_ref.actor.megatron.tensor_model_parallel_size=4 \\
-        --nodes 2 --gpus-per-node 8 [--gpu-mem-gib 80] [--json]
+    mcore-rl plan [CONFIG.yaml] [key=value ...] [--nodes N] [--gpus-per-node G] [--gpu-mem-gib 80] [--json]
 
-Only the model's config.json is read (no weights, no GPU, no torch). Overrides are verl-style
-`key=value` pairs parsed with omegaconf; missing keys take the defaults in `DEFAULTS`.
+The config is read as `mcore-rl train` reads it: the same defaults, presets and checks, batch
+sizes fitted the same way, and the same size checks (TP against the model's heads, ...). The
+model's shape is the trainer's reading of its config.json (`ArchSpec`; no weights, no GPU);
+with no `actor_rollout_ref.model.path` the toy model is planned, as `mcore-rl train` would
+train it. Exit codes: 0 fits, 1 does not fit, 2 bad configuration.
 All numbers are estimates; the formulas and their assumptions are in `estimate_memory`.
 """
 
@@ -15,129 +16,39 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from dataclasses import asdict, dataclass, field
 
 from mcore_rl.distributed.env import LaunchEnv
 from mcore_rl.distributed.layout import describe_layout, rank_layout
+from mcore_rl.models.arch import ArchSpec, UnsupportedModelError, arch_from_hf_config
 
-__all__ = ["ModelShape", "ParamCounts", "PlanInputs", "MemoryEstimate", "model_shape_from_hf", "count_params",
-           "params_per_gpu", "estimate_memory", "plan_inputs_from_config", "DEFAULTS", "main"]
+__all__ = ["ParamCounts", "PlanInputs", "MemoryEstimate", "count_params", "params_per_gpu", "estimate_memory",
+           "plan_inputs_from_config", "model_spec", "main"]
 
 GiB = 1024**3
 
-# verl-style keys this command reads, with the value used when the key is absent.
-# None means "derived" (see plan_inputs_from_config).
-DEFAULTS: dict[str, object] = {
-    "actor_rollout_ref.model.path": None,
-    "actor_rollout_ref.model.dtype": "bf16",
-    "actor_rollout_ref.actor.megatron.tensor_model_parallel_size": 1,
-    "actor_rollout_ref.actor.megatron.pipeline_model_parallel_size": 1,
-    "actor_rollout_ref.actor.megatron.context_parallel_size": 1,
-    "actor_rollout_ref.actor.use_distributed_optimizer": True,
-    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": 1,
-    "actor_rollout_ref.actor.use_kl_loss": False,
-    "actor_rollout_ref.actor.megatron.param_offload": False,
-    "actor_rollout_ref.actor.megatron.grad_offload": False,
-    "actor_rollout_ref.actor.megatron.optimizer_offload": False,
-    "actor_rollout_ref.ref.megatron.param_offload": False,
-    "actor_rollout_ref.rollout.tensor_model_parallel_size": None,  # = actor TP
-    "actor_rollout_ref.rollout.gpu_memory_utilization": 0.5,
-    "actor_rollout_ref.rollout.n": 1,
-    "algorithm.adv_estimator": "gae",
-    "algorithm.use_kl_in_reward": False,
-    "critic.megatron.tensor_model_parallel_size": None,  # = actor TP
-    "critic.megatron.pipeline_model_parallel_size": None,  # = actor PP
-    "critic.megatron.param_offload": False,
-    "critic.megatron.grad_offload": False,
-    "critic.megatron.optimizer_offload": False,
-    "critic.ppo_micro_batch_size_per_gpu": None,  # = actor's
-    "data.train_batch_size": 1024,
-    "data.max_prompt_length": 512,
-    "data.max_response_length": 512,
-    "trainer.nnodes": 1,
-    "trainer.n_gpus_per_node": 8,
-}
-
 # Constants of the estimate (see estimate_memory).
-VOCAB_DIVISIBLE_BY = 128  # megatron's make_vocab_size_divisible_by; padded to a multiple of this * TP
 ACT_BYTES_PER_SBH = 34  # Korthikanti et al. 2022, 16-bit activations per (token x hidden) per layer
 FIXED_OVERHEAD_GIB = 1.5  # CUDA context, NCCL buffers, allocator slack, per GPU, always present
 VLLM_NON_KV_GIB = 1.5  # vLLM's profiled activation peak + CUDA graphs, inside its budget
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # actor_rollout_ref.model.dtype
 
 
 # ---------------------------------------------------------------------------------------
-# model shape and parameter count
+# parameter count
 # ---------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ModelShape:
-    arch: str  # "llama" family (llama, qwen2, qwen3, mistral) or "opt"
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    ffn: int
-    vocab: int
-    tied: bool
-    qkv_bias: bool = False
-    o_bias: bool = False
-    mlp_bias: bool = False
-    qk_norm: bool = False
-    embed_dim: int = 0  # OPT word_embed_proj_dim; 0 = hidden
-    max_positions: int = 0  # OPT learned positions (+2 offset rows)
-    final_norm: bool = True
-
-    @property
-    def e(self) -> int:
-        return self.embed_dim or self.hidden
-
-
-_LLAMA_LIKE = {"llama", "qwen2", "qwen3", "mistral"}
-
-
-def model_shape_from_hf(cfg: dict) -> ModelShape:
-    """Shape of a HF causal LM from its config.json dict (Llama/Qwen2/Qwen3/Mistral/OPT)."""
-    mt = str(cfg.get("model_type", "")).lower()
-    if mt == "opt":
-        h = int(cfg["hidden_size"])
-        bias = bool(cfg.get("enable_bias", True))
-        return ModelShape(
-            arch="opt", hidden=h, layers=int(cfg["num_hidden_layers"]), heads=int(cfg["num_attention_heads"]),
-            kv_heads=int(cfg["num_attention_heads"]), head_dim=h // int(cfg["num_attention_heads"]),
-            ffn=int(cfg["ffn_dim"]), vocab=int(cfg["vocab_size"]), tied=bool(cfg.get("tie_word_embeddings", True)),
-            qkv_bias=bias, o_bias=bias, mlp_bias=bias, embed_dim=int(cfg.get("word_embed_proj_dim") or h),
-            max_positions=int(cfg.get("max_position_embeddings", 2048)),
-            final_norm=bool(cfg.get("do_layer_norm_before", True)) and not cfg.get("_remove_final_layer_norm", False),
-        )
-    if mt not in _LLAMA_LIKE:
-        raise ValueError(f"model_type {mt!r} is not supported by the planner (supported: {sorted(_LLAMA_LIKE | {'opt'})})")
-    h, nh = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-    attn_bias = bool(cfg.get("attention_bias", False))
-    return ModelShape(
-        arch=mt, hidden=h, layers=int(cfg["num_hidden_layers"]), heads=nh,
-        kv_heads=int(cfg.get("num_key_value_heads") or nh),
-        head_dim=int(cfg.get("head_dim") or h // nh), ffn=int(cfg["intermediate_size"]),
-        vocab=int(cfg["vocab_size"]), tied=bool(cfg.get("tie_word_embeddings", False)),
-        qkv_bias=(mt == "qwen2") or attn_bias,
-        o_bias=attn_bias and mt in ("llama", "qwen3"),
-        mlp_bias=bool(cfg.get("mlp_bias", False)) and mt == "llama",
-        qk_norm=(mt == "qwen3"),
-    )
-
 
 @dataclass(frozen=True)
 class ParamCounts:
     """Parameters by where megatron puts them. *_sharded are split over TP; the rest is
     replicated in every TP rank (norms, row-parallel biases, learned positions)."""
 
-    embedding: int  # vocab x embed_dim, unpadded
-    first_extra: int  # replicated, first stage only (OPT positions, project_in)
+    embedding: int  # vocab x hidden, unpadded
+    first_extra: int  # replicated, first stage only (learned positions)
     layer_sharded: int
     layer_replicated: int
-    last_extra: int  # replicated, last stage only (final norm, OPT project_out)
+    last_extra: int  # replicated, last stage only (final norm)
     lm_head: int  # 0 when tied to the embedding
     layers: int
 
@@ -148,50 +59,40 @@ class ParamCounts:
                 + self.last_extra + self.lm_head)
 
 
-def count_params(s: ModelShape) -> ParamCounts:
-    """Exact parameter count of the HF model, split by how megatron shards it."""
-    h, e = s.hidden, s.e
-    q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
-    if s.arch == "opt":
-        sharded = (3 * h * h + (3 * h if s.qkv_bias else 0)  # q,k,v (column parallel)
-                   + h * h  # out_proj (row parallel)
-                   + h * s.ffn + (s.ffn if s.mlp_bias else 0)  # fc1 (column parallel)
-                   + s.ffn * h)  # fc2 (row parallel)
-        replicated = (h if s.o_bias else 0) + (h if s.mlp_bias else 0) + 2 * 2 * h  # row biases, 2 LayerNorms
-        first_extra = (s.max_positions + 2) * h + (e * h if e != h else 0)
-        last_extra = (2 * h if s.final_norm else 0) + (h * e if e != h else 0)
-    else:
-        sharded = (h * (q + 2 * kv) + ((q + 2 * kv) if s.qkv_bias else 0)  # q,k,v
-                   + q * h  # o_proj
-                   + 3 * h * s.ffn + (2 * s.ffn if s.mlp_bias else 0))  # gate, up, down
-        replicated = 2 * h + (h if s.o_bias else 0) + (h if s.mlp_bias else 0) + (2 * s.head_dim if s.qk_norm else 0)
-        first_extra = 0
-        last_extra = h if s.final_norm else 0
+def count_params(spec: ArchSpec) -> ParamCounts:
+    """Exact parameter count of the model, split by how megatron shards it."""
+    h, f = spec.hidden_size, spec.ffn_hidden_size
+    q, kv = spec.num_attention_heads * spec.head_dim, spec.num_query_groups * spec.head_dim
+    fc1 = f * (2 if spec.gated_mlp else 1)
+    norm = h * (2 if spec.normalization == "LayerNorm" else 1)
+    sharded = (h * (q + 2 * kv) + ((q + 2 * kv) if spec.qkv_bias else 0)  # q,k,v (column parallel)
+               + q * h  # output projection (row parallel)
+               + h * fc1 + (fc1 if spec.linear_bias else 0)  # fc1 (gate+up when gated)
+               + f * h)  # fc2 (row parallel)
+    replicated = (2 * norm + (2 * h if spec.linear_bias else 0)  # two norms, the row-parallel biases
+                  + (2 * spec.head_dim if spec.qk_layernorm else 0))
+    positions = ((spec.max_position_embeddings + spec.position_offset) * h
+                 if spec.position_embedding == "learned_absolute" else 0)
     return ParamCounts(
-        embedding=s.vocab * e, first_extra=first_extra, layer_sharded=sharded, layer_replicated=replicated,
-        last_extra=last_extra, lm_head=0 if s.tied else s.vocab * e, layers=s.layers,
+        embedding=spec.vocab_size * h, first_extra=positions, layer_sharded=sharded, layer_replicated=replicated,
+        last_extra=norm, lm_head=0 if spec.tied_embeddings else spec.vocab_size * h, layers=spec.num_layers,
     )
 
 
-def padded_vocab(vocab: int, tp: int) -> int:
-    """Megatron pads the vocabulary to a multiple of 128 * TP."""
-    m = VOCAB_DIVISIBLE_BY * tp
-    return -(-vocab // m) * m
-
-
-def params_per_gpu(pc: ParamCounts, s: ModelShape, tp: int, pp: int, value_head: bool = False) -> int:
+def params_per_gpu(pc: ParamCounts, spec: ArchSpec, tp: int, pp: int, value_head: bool = False) -> int:
     """Parameters held by one GPU of the most loaded pipeline stage (first or last).
 
-    Layers are split ceil(L/pp) per stage; the (padded) embedding sits on the first stage and
-    the output layer on the last (tied embeddings: the last stage keeps its own copy when
-    pp > 1, as megatron does). A critic's output layer is a value head of `hidden` params.
+    Layers are split ceil(L/pp) per stage; the embedding (vocab padded as the model pads it,
+    `ArchSpec.padded_vocab_size`) sits on the first stage and the output layer on the last
+    (tied embeddings: the last stage keeps its own copy when pp > 1, as megatron does). A
+    critic's output layer is a value head, hidden -> 1 with a bias.
     """
-    vp = padded_vocab(s.vocab, tp)
+    h = spec.hidden_size
     per_layer = pc.layer_sharded / tp + pc.layer_replicated
     stage_layers = math.ceil(pc.layers / pp)
-    emb = vp * s.e / tp
-    out = s.hidden if value_head else (vp * s.e / tp)
-    needs_out = value_head or not s.tied or pp > 1
+    emb = spec.padded_vocab_size * h / tp
+    out = h + 1 if value_head else emb
+    needs_out = value_head or not spec.tied_embeddings or pp > 1
     if pp == 1:
         return round(stage_layers * per_layer + emb + pc.first_extra + pc.last_extra + (out if needs_out else 0))
     first = stage_layers * per_layer + emb + pc.first_extra
@@ -205,29 +106,27 @@ def params_per_gpu(pc: ParamCounts, s: ModelShape, tp: int, pp: int, value_head:
 
 @dataclass
 class PlanInputs:
+    """What the estimate reads, all from the config (`plan_inputs_from_config`) but the machine."""
+
     nodes: int
     gpus_per_node: int
-    gpu_mem_gib: float = 80.0
-    dtype_bytes: int = 2
-    tp: int = 1
-    pp: int = 1
-    cp: int = 1
-    rollout_tp: int = 1
-    gpu_memory_utilization: float = 0.5
-    rollout_n: int = 1
-    distributed_optimizer: bool = True
-    micro_batch: int = 1
-    max_prompt_length: int = 512
-    max_response_length: int = 512
-    train_batch_size: int = 1024
-    critic: bool = True
-    critic_tp: int = 1
-    critic_pp: int = 1
-    critic_micro_batch: int = 1
-    ref: bool = False
-    actor_offload: tuple[bool, bool, bool] = (False, False, False)  # params, grads, optimizer
-    critic_offload: tuple[bool, bool, bool] = (False, False, False)
-    ref_param_offload: bool = False
+    gpu_mem_gib: float
+    dtype_bytes: int
+    tp: int
+    pp: int
+    rollout_tp: int
+    gpu_memory_utilization: float
+    kv_cache_gib: float | None  # a fixed KV cache instead of what gpu_memory_utilization leaves
+    free_cache_engine: bool  # vLLM sleeps (weights and KV cache off the GPU) while Megatron trains
+    rollout_n: int
+    distributed_optimizer: bool
+    micro_batch: int
+    critic_micro_batch: int
+    max_prompt_length: int
+    max_response_length: int
+    train_batch_size: int
+    critic: bool
+    ref: bool
 
     @property
     def world_size(self) -> int:
@@ -241,11 +140,15 @@ class ModelMemory:
     grads: float
     optimizer: float
     activations: float
-    resident_in_rollout: float  # what stays on GPU while vLLM generates
+
+    @property
+    def resident(self) -> float:
+        """What stays on the GPU outside its own training phase."""
+        return self.weights + self.grads + self.optimizer
 
     @property
     def train_total(self) -> float:
-        return self.weights + self.grads + self.optimizer + self.activations
+        return self.resident + self.activations
 
 
 @dataclass
@@ -270,7 +173,7 @@ class MemoryEstimate:
     problems: list[str] = field(default_factory=list)
 
 
-def estimate_memory(shape: ModelShape, p: PlanInputs) -> MemoryEstimate:
+def estimate_memory(spec: ArchSpec, p: PlanInputs) -> MemoryEstimate:
     """Per-GPU memory, in bytes, of one colocated PPO/GRPO rank. Formulas (b = dtype bytes,
     P = parameters on this GPU from `params_per_gpu`, L = layers, h = hidden size):
 
@@ -279,75 +182,76 @@ def estimate_memory(shape: ModelShape, p: PlanInputs) -> MemoryEstimate:
                                                training; it is not sharded by the distributed
                                                optimizer (reduce-scatter into it)
     optimizer   P * (8 + 4 if b < 4 else 8)    Adam exp_avg + exp_avg_sq fp32 (8) + fp32 master
-                / (dp * cp) with the           copy of 16-bit params (4); the distributed optimizer
-                distributed optimizer          shards it over the data-parallel(+context) group
+                / dp with the                  copy of 16-bit params (4); the distributed optimizer
+                distributed optimizer          shards it over the data-parallel group
     activations per layer and micro-batch: 34 * s * mb * h / tp bytes (Korthikanti et al.
                 2022, flash attention so no s^2 term, sequence parallel so all of it is split
                 by TP, no recompute), s = max_prompt + max_response (padded worst case);
                 the first pipeline stage holds pp micro-batches of ceil(L/pp) layers (1F1B),
                 the last stage one micro-batch plus fp32 logits and their gradient,
                 2 * 4 * s * mb * vocab_padded / tp; activations = max of the two stages.
-                The critic's value head has no vocab-sized logits.
+                The critic's value head has no vocab-sized logits. The critic shares the
+                actor's TP/PP grid (megatron's parallel state is global).
     ref         weights only (no grads/optimizer/backward), present when a KL term is used.
-    vLLM        its budget is gpu_memory_utilization * GPU memory; inside it: weights
-                (all params * b / rollout_tp), VLLM_NON_KV_GIB for profiled activations and
-                CUDA graphs, and the rest is KV cache. KV per token per GPU =
-                2 (K,V) * L * ceil(kv_heads / rollout_tp) * head_dim * b.
-                While Megatron trains, vLLM sleeps (KV freed, weights off the GPU): 0.
+    vLLM        its budget is gpu_memory_utilization * GPU memory (or weights + VLLM_NON_KV_GIB
+                + rollout.kv_cache_gib when that is set); inside it: weights (all params * b /
+                rollout_tp), VLLM_NON_KV_GIB for profiled activations and CUDA graphs, and the
+                rest is KV cache. KV per token per GPU = 2 (K,V) * L * ceil(kv_heads / rollout_tp)
+                * head_dim * b. While Megatron trains, vLLM sleeps (rollout.free_cache_engine:
+                KV freed, weights off the GPU) or keeps its whole budget.
     overhead    FIXED_OVERHEAD_GIB in every phase (CUDA context, NCCL, fragmentation).
 
-    Phases (peak = the largest): rollout = Megatron states left resident (params/grads/optimizer
-    not offloaded) + vLLM budget; actor train = actor weights+grads+optimizer+activations + the
-    other models' resident states; critic train likewise. Offload flags move a state off the GPU
-    outside the phase that needs it.
+    Phases (peak = the largest): rollout = every Megatron model's states + vLLM budget; actor
+    train = actor states + activations + the other models' states (+ vLLM when it does not
+    sleep); critic train likewise.
     """
     b = p.dtype_bytes
-    pc = count_params(shape)
+    pc = count_params(spec)
     s = p.max_prompt_length + p.max_response_length
     opt_per_param = 8 + (4 if b < 4 else 0)
+    dp = p.world_size // (p.tp * p.pp)
 
-    def model_mem(tp: int, pp: int, mb: int, trainable: bool, value_head: bool, offload) -> ModelMemory:
-        n = params_per_gpu(pc, shape, tp, pp, value_head=value_head)
-        weights = n * b
-        grads = n * 4.0 if trainable else 0.0
-        opt_shards = (p.world_size // (tp * pp)) if p.distributed_optimizer else 1  # dp * cp
-        optimizer = n * opt_per_param / opt_shards if trainable else 0.0
+    def model_mem(mb: int, trainable: bool, value_head: bool) -> ModelMemory:
+        n = params_per_gpu(pc, spec, p.tp, p.pp, value_head=value_head)
         act = 0.0
         if trainable:
-            per_layer = ACT_BYTES_PER_SBH * s * mb * shape.hidden / tp
-            stage_layers = math.ceil(shape.layers / pp)
-            logits = 0.0 if value_head else 2 * 4 * s * mb * padded_vocab(shape.vocab, tp) / tp
-            first = stage_layers * pp * per_layer  # 1F1B warm-up: pp micro-batches in flight
+            per_layer = ACT_BYTES_PER_SBH * s * mb * spec.hidden_size / p.tp
+            stage_layers = math.ceil(spec.num_layers / p.pp)
+            logits = 0.0 if value_head else 2 * 4 * s * mb * spec.padded_vocab_size / p.tp
+            first = stage_layers * p.pp * per_layer  # 1F1B warm-up: pp micro-batches in flight
             last = stage_layers * per_layer + logits
-            act = last if pp == 1 else max(first, last)
-        off_w, off_g, off_o = offload
-        resident = (0 if off_w else weights) + (0 if off_g else grads) + (0 if off_o else optimizer)
-        return ModelMemory(params=n, weights=weights, grads=grads, optimizer=optimizer, activations=act,
-                           resident_in_rollout=resident)
+            act = last if p.pp == 1 else max(first, last)
+        return ModelMemory(params=n, weights=n * b, grads=n * 4.0 if trainable else 0.0,
+                           optimizer=n * opt_per_param / (dp if p.distributed_optimizer else 1) if trainable else 0.0,
+                           activations=act)
 
-    actor = model_mem(p.tp, p.pp, p.micro_batch, True, False, p.actor_offload)
-    critic = model_mem(p.critic_tp, p.critic_pp, p.critic_micro_batch, True, True, p.critic_offload) if p.critic else None
-    ref = model_mem(p.tp, p.pp, p.micro_batch, False, False, (p.ref_param_offload, False, False)) if p.ref else None
+    actor = model_mem(p.micro_batch, True, False)
+    critic = model_mem(p.critic_micro_batch, True, True) if p.critic else None
+    ref = model_mem(p.micro_batch, False, False) if p.ref else None
 
     gpu = p.gpu_mem_gib * GiB
     overhead = FIXED_OVERHEAD_GIB * GiB
-    vllm_budget = p.gpu_memory_utilization * gpu
     vllm_weights = pc.total * b / p.rollout_tp
     vllm_other = VLLM_NON_KV_GIB * GiB
+    if p.kv_cache_gib:
+        vllm_budget = vllm_weights + vllm_other + p.kv_cache_gib * GiB
+    else:
+        vllm_budget = p.gpu_memory_utilization * gpu
     vllm_kv = vllm_budget - vllm_weights - vllm_other
-    kv_per_token = 2 * shape.layers * math.ceil(shape.kv_heads / p.rollout_tp) * shape.head_dim * b
+    kv_per_token = 2 * spec.num_layers * math.ceil(spec.num_query_groups / p.rollout_tp) * spec.head_dim * b
     kv_tokens = max(0, int(vllm_kv // kv_per_token))
     rollout_dp = p.world_size // p.rollout_tp
     seqs_per_engine = math.ceil(p.train_batch_size * p.rollout_n / rollout_dp)
 
     models = {"actor": actor, "critic": critic, "ref": ref}
-    resident = {k: m.resident_in_rollout for k, m in models.items() if m is not None}
+    resident = {k: m.resident for k, m in models.items() if m is not None}
+    vllm_in_training = 0.0 if p.free_cache_engine else vllm_budget
     phases = {"rollout": overhead + sum(resident.values()) + vllm_budget}
     for name in ("actor", "critic"):
         m = models[name]
         if m is not None:
             others = sum(v for k, v in resident.items() if k != name)
-            phases[f"{name} train"] = overhead + m.train_total + others
+            phases[f"{name} train"] = overhead + m.train_total + others + vllm_in_training
     peak = max(phases.values())
 
     problems = []
@@ -371,72 +275,34 @@ def estimate_memory(shape: ModelShape, p: PlanInputs) -> MemoryEstimate:
 # config -> inputs
 # ---------------------------------------------------------------------------------------
 
-_DTYPE_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "half": 2, "fp32": 4, "float32": 4, "float": 4}
+def model_spec(cfg) -> ArchSpec:
+    """The model the trainer would build: `actor_rollout_ref.model.path`, or the toy model."""
+    path = cfg.actor_rollout_ref.model.path
+    if path:
+        return arch_from_hf_config(str(path))
+    if cfg.data.dataset_name != "toy":
+        raise ValueError("actor_rollout_ref.model.path is required (only the toy dataset builds its own model)")
+    from mcore_rl.toy import TOY_MODEL_CONFIG, TOY_VOCAB
+
+    return arch_from_hf_config({"architectures": ["LlamaForCausalLM"], "vocab_size": len(TOY_VOCAB), **TOY_MODEL_CONFIG})
 
 
-def _get_raw(cfg, key: str):
-    from omegaconf import OmegaConf
-
-    return OmegaConf.select(cfg, key, default=None)
-
-
-def _get(cfg, key: str):
-    val = _get_raw(cfg, key)
-    return DEFAULTS.get(key) if val is None else val
-
-
-def _bool(v) -> bool:
-    if isinstance(v, str):
-        return v.strip().lower() in ("1", "true", "yes", "on")
-    return bool(v)
-
-
-def plan_inputs_from_config(cfg, nodes: int | None, gpus_per_node: int | None, gpu_mem_gib: float) -> PlanInputs:
-    """Read the verl-style keys (see DEFAULTS) into PlanInputs."""
-    g = lambda k: _get(cfg, k)  # noqa: E731
-    dtype = str(g("actor_rollout_ref.model.dtype")).lower()
-    if dtype not in _DTYPE_BYTES:
-        raise ValueError(f"actor_rollout_ref.model.dtype={dtype!r}: expected one of {sorted(_DTYPE_BYTES)}")
-    tp = int(g("actor_rollout_ref.actor.megatron.tensor_model_parallel_size"))
-    pp = int(g("actor_rollout_ref.actor.megatron.pipeline_model_parallel_size"))
-    rollout_tp = g("actor_rollout_ref.rollout.tensor_model_parallel_size")
-    # verl spells it under megatron.; accept both, the short form first.
-    dist_opt = _get_raw(cfg, "actor_rollout_ref.actor.use_distributed_optimizer")
-    if dist_opt is None:
-        dist_opt = _get_raw(cfg, "actor_rollout_ref.actor.megatron.use_distributed_optimizer")
-    if dist_opt is None:
-        dist_opt = DEFAULTS["actor_rollout_ref.actor.use_distributed_optimizer"]
-    mb = int(g("actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu"))
-    critic_mb = g("critic.ppo_micro_batch_size_per_gpu")
+def plan_inputs_from_config(cfg, nodes: int, gpus_per_node: int, gpu_mem_gib: float) -> PlanInputs:
+    """The trainer's config keys, as the trainer reads them, into PlanInputs."""
+    a, r = cfg.actor_rollout_ref, cfg.actor_rollout_ref.rollout
     return PlanInputs(
-        nodes=int(nodes if nodes is not None else g("trainer.nnodes")),
-        gpus_per_node=int(gpus_per_node if gpus_per_node is not None else g("trainer.n_gpus_per_node")),
-        gpu_mem_gib=float(gpu_mem_gib), dtype_bytes=_DTYPE_BYTES[dtype], tp=tp, pp=pp,
-        cp=int(g("actor_rollout_ref.actor.megatron.context_parallel_size")),
-        rollout_tp=int(rollout_tp if rollout_tp is not None else tp),
-        gpu_memory_utilization=float(g("actor_rollout_ref.rollout.gpu_memory_utilization")),
-        rollout_n=int(g("actor_rollout_ref.rollout.n")),
-        distributed_optimizer=_bool(dist_opt), micro_batch=mb,
-        max_prompt_length=int(g("data.max_prompt_length")), max_response_length=int(g("data.max_response_length")),
-        train_batch_size=int(g("data.train_batch_size")),
-        critic=str(g("algorithm.adv_estimator")).lower() == "gae",
-        critic_tp=int(g("critic.megatron.tensor_model_parallel_size") or tp),
-        critic_pp=int(g("critic.megatron.pipeline_model_parallel_size") or pp),
-        critic_micro_batch=int(critic_mb if critic_mb is not None else mb),
-        ref=_bool(g("actor_rollout_ref.actor.use_kl_loss")) or _bool(g("algorithm.use_kl_in_reward")),
-        actor_offload=tuple(_bool(g(f"actor_rollout_ref.actor.megatron.{k}_offload")) for k in ("param", "grad", "optimizer")),
-        critic_offload=tuple(_bool(g(f"critic.megatron.{k}_offload")) for k in ("param", "grad", "optimizer")),
-        ref_param_offload=_bool(g("actor_rollout_ref.ref.megatron.param_offload")),
+        nodes=nodes, gpus_per_node=gpus_per_node, gpu_mem_gib=float(gpu_mem_gib),
+        dtype_bytes=DTYPE_BYTES[a.model.dtype],
+        tp=a.actor.megatron.tensor_model_parallel_size, pp=a.actor.megatron.pipeline_model_parallel_size,
+        rollout_tp=r.tensor_model_parallel_size, gpu_memory_utilization=r.gpu_memory_utilization,
+        kv_cache_gib=r.kv_cache_gib, free_cache_engine=r.free_cache_engine, rollout_n=r.n,
+        distributed_optimizer=a.actor.use_distributed_optimizer,
+        micro_batch=a.actor.ppo_micro_batch_size_per_gpu, critic_micro_batch=cfg.critic.ppo_micro_batch_size_per_gpu,
+        max_prompt_length=cfg.data.max_prompt_length, max_response_length=cfg.data.max_response_length,
+        train_batch_size=cfg.data.train_batch_size,
+        critic=cfg.algorithm.adv_estimator == "gae",  # as the trainer decides
+        ref=a.actor.use_kl_loss or cfg.algorithm.use_kl_in_reward,
     )
-
-
-def load_hf_config(path: str) -> dict:
-    """config.json of a HF checkpoint directory (or the file itself)."""
-    f = os.path.join(path, "config.json") if os.path.isdir(path) else path
-    if not os.path.isfile(f):
-        raise FileNotFoundError(f"no config.json at {path!r} (actor_rollout_ref.model.path)")
-    with open(f) as fh:
-        return json.load(fh)
 
 
 # ---------------------------------------------------------------------------------------
@@ -447,25 +313,28 @@ def _g(x: float) -> str:
     return f"{x / GiB:7.2f}"
 
 
-def format_report(shape: ModelShape, p: PlanInputs, est: MemoryEstimate) -> list[str]:
+def format_report(spec: ArchSpec, p: PlanInputs, est: MemoryEstimate) -> list[str]:
     lines = [
-        f"model: {shape.arch}, {est.total_params / 1e9:.3f} B params (hidden {shape.hidden}, layers {shape.layers}, "
-        f"heads {shape.heads}/{shape.kv_heads} kv, vocab {shape.vocab}, tied {shape.tied}), dtype bytes {p.dtype_bytes}",
+        f"model: {spec.hf_architecture}, {est.total_params / 1e9:.3f} B params (hidden {spec.hidden_size}, "
+        f"layers {spec.num_layers}, heads {spec.num_attention_heads}/{spec.num_query_groups} kv, vocab {spec.vocab_size} "
+        f"padded to {spec.padded_vocab_size}, tied {spec.tied_embeddings}), dtype bytes {p.dtype_bytes}",
         f"memory per GPU (GiB), most loaded pipeline stage; GPU {p.gpu_mem_gib:g} GiB; "
-        f"distributed optimizer {'on' if p.distributed_optimizer else 'off'}; seq {est.seq_len}, micro-batch {p.micro_batch}",
-        f"  {'':<22}{'params':>9} {'weights':>7} {'grads':>7} {'optim':>7} {'activ':>7} {'train':>7} {'in rollout':>10}",
+        f"distributed optimizer {'on' if p.distributed_optimizer else 'off'}; seq {est.seq_len}, "
+        f"micro-batch {p.micro_batch} (critic {p.critic_micro_batch})",
+        f"  {'':<22}{'params':>9} {'weights':>7} {'grads':>7} {'optim':>7} {'activ':>7} {'train':>7}",
     ]
-    rows = [("actor", f"tp{p.tp} pp{p.pp}", est.actor), ("critic", f"tp{p.critic_tp} pp{p.critic_pp}", est.critic),
-            ("ref", f"tp{p.tp} pp{p.pp}", est.ref)]
-    for name, par, m in rows:
+    for name, m in (("actor", est.actor), ("critic", est.critic), ("ref", est.ref)):
         if m is None:
             why = "no critic (adv_estimator != gae)" if name == "critic" else "no reference (no KL term)"
             lines.append(f"  {name:<7}{'':<15}  -- {why}")
             continue
-        lines.append(f"  {name:<7}{par:<15}{m.params / 1e6:8.1f}M {_g(m.weights)} {_g(m.grads)} {_g(m.optimizer)} "
-                     f"{_g(m.activations)} {_g(m.train_total)} {_g(m.resident_in_rollout):>10}")
+        lines.append(f"  {name:<7}{f'tp{p.tp} pp{p.pp}':<15}{m.params / 1e6:8.1f}M {_g(m.weights)} {_g(m.grads)} "
+                     f"{_g(m.optimizer)} {_g(m.activations)} {_g(m.train_total)}")
+    budget = (f"kv_cache_gib {p.kv_cache_gib:g}" if p.kv_cache_gib
+              else f"gpu_memory_utilization {p.gpu_memory_utilization:g}")
     lines += [
-        f"  vLLM (tp {p.rollout_tp}, gpu_memory_utilization {p.gpu_memory_utilization:g} = {est.vllm_budget / GiB:.2f} GiB): "
+        f"  vLLM (tp {p.rollout_tp}, {budget} = {est.vllm_budget / GiB:.2f} GiB, "
+        f"{'sleeps' if p.free_cache_engine else 'stays'} while Megatron trains): "
         f"weights {est.vllm_weights / GiB:.2f}, other {est.vllm_other / GiB:.2f}, KV cache {est.vllm_kv / GiB:.2f} GiB "
         f"= {est.kv_tokens} tokens = {est.kv_tokens // max(1, est.seq_len)} sequences of {est.seq_len} at once "
         f"(each engine generates {est.seqs_per_engine} per step)",
@@ -479,50 +348,53 @@ def format_report(shape: ModelShape, p: PlanInputs, est: MemoryEstimate) -> list
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mcore-rl plan", description=__doc__.split("\n\n")[0])
-    ap.add_argument("overrides", nargs="*", help="verl-style key=value config overrides")
-    ap.add_argument("--nodes", type=int, default=None, help="number of nodes (default: trainer.nnodes or 1)")
-    ap.add_argument("--gpus-per-node", type=int, default=None, help="GPUs per node (default: trainer.n_gpus_per_node or 8)")
+    ap.add_argument("args", nargs="*", metavar="[CONFIG.yaml] key=value",
+                    help="a preset or your YAML, then config overrides, as for mcore-rl train")
+    ap.add_argument("--nodes", type=int, default=None, help="number of nodes (default: trainer.nnodes, else 1)")
+    ap.add_argument("--gpus-per-node", type=int, default=None,
+                    help="GPUs per node (default: trainer.n_gpus_per_node, else 1)")
     ap.add_argument("--gpu-mem-gib", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
     ap.add_argument("--json", action="store_true", help="print the layout and estimate as JSON")
     return ap
 
 
+def _plan(args):
+    from mcore_rl.config import check_sizes, fit_batch_sizes, read_config
+
+    path, overrides = (args.args[0], args.args[1:]) if args.args and "=" not in args.args[0] else (None, args.args)
+    cfg, explicit = read_config(path, overrides)
+    t = cfg.trainer
+    nodes = next(n for n in (args.nodes, t.nnodes, 1) if n is not None)
+    gpus = next(n for n in (args.gpus_per_node, t.n_gpus_per_node, 1) if n is not None)
+    if nodes < 1 or gpus < 1:
+        raise ValueError(f"--nodes and --gpus-per-node must be >= 1 (got {nodes}, {gpus})")
+    fit_batch_sizes(cfg, explicit, nodes * gpus)
+    spec = model_spec(cfg)
+    check_sizes(cfg, nodes * gpus, spec)
+    p = plan_inputs_from_config(cfg, nodes, gpus, args.gpu_mem_gib)
+    layout = rank_layout(p.world_size, p.tp, p.pp, rollout_tp=p.rollout_tp)
+    return spec, p, layout, estimate_memory(spec, p)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
-    from omegaconf import OmegaConf
-
-    bad = [o for o in args.overrides if "=" not in o]
-    if bad:
-        print(f"mcore-rl plan: expected key=value overrides, got {bad}", file=sys.stderr)
-        return 2
     try:
-        cfg = OmegaConf.from_dotlist(args.overrides)
-        model_path = _get(cfg, "actor_rollout_ref.model.path")
-        if not model_path:
-            raise ValueError("actor_rollout_ref.model.path=DIR (a HF checkpoint with config.json) is required")
-        shape = model_shape_from_hf(load_hf_config(str(model_path)))
-        p = plan_inputs_from_config(cfg, args.nodes, args.gpus_per_node, args.gpu_mem_gib)
-        layout = rank_layout(p.world_size, p.tp, p.pp, p.cp, rollout_tp=p.rollout_tp)
-        if p.critic and (p.critic_tp, p.critic_pp) != (p.tp, p.pp):
-            rank_layout(p.world_size, p.critic_tp, p.critic_pp, p.cp)  # validates the critic's grid too
-        est = estimate_memory(shape, p)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"mcore-rl plan: {e}", file=sys.stderr)
+        spec, p, layout, est = _plan(args)
+    except (ValueError, FileNotFoundError, UnsupportedModelError) as e:  # ConfigError is a ValueError
+        print(f"mcore-rl plan: error: {e}", file=sys.stderr)
         return 2
-    env = LaunchEnv(rank=0, world_size=p.world_size, local_rank=0, local_world_size=p.gpus_per_node, node_rank=0,
-                    num_nodes=p.nodes, master_addr="", master_port=0, launcher="single" if p.world_size == 1 else "torchrun")
+    rc = 0 if est.fits else 1
     if args.json:
         print(json.dumps({"layout": {"tp_groups": layout.tp_groups, "pp_groups": layout.pp_groups,
                                      "dp_groups": layout.dp_groups, "rollout_groups": layout.rollout_groups},
                           "inputs": asdict(p), "estimate": asdict(est)}, indent=1, default=str))
-        return 0
-    for line in describe_layout(layout, env):
+        return rc
+    env = LaunchEnv(rank=0, world_size=p.world_size, local_rank=0, local_world_size=p.gpus_per_node, node_rank=0,
+                    num_nodes=p.nodes, master_addr="", master_port=0,
+                    launcher="single" if p.world_size == 1 else "torchrun")
+    for line in describe_layout(layout, env) + format_report(spec, p, est):
         print(line)
-    if p.critic and (p.critic_tp, p.critic_pp) != (p.tp, p.pp):
-        print(f"critic uses its own grid: tp {p.critic_tp} x pp {p.critic_pp}")
-    for line in format_report(shape, p, est):
-        print(line)
-    return 0
+    return rc
 
 
 if __name__ == "__main__":

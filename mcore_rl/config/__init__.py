@@ -1,34 +1,51 @@
 """Configuration: `configs/defaults.yaml` is the schema, presets and `key=value` overrides go on top.
 
 Validation happens here, before any process group, model or engine exists:
+- malformed YAML, in a file or an override, fails with the place;
 - an unknown key fails and names the closest valid keys;
+- a value of the wrong type or out of range fails with what it must be (`rules.py`);
 - sizes that cannot work fail with the numbers (`check_sizes`, given the world size).
+
+The presets ship inside the package (`mcore_rl/configs`, the repository's `configs/`), so
+`mcore-rl train`, `mcore-rl plan` and the Slurm scripts read the same defaults wherever the
+package is installed.
 """
 
 from __future__ import annotations
 
 import difflib
 import os
+import sys
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+from mcore_rl.config.rules import BOOLEAN_WORDS, FALSE_WORDS, NOT_YET, TRUE_WORDS, Rule, rules
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULTS = CONFIG_DIR / "defaults.yaml"
 TOY = CONFIG_DIR / "toy.yaml"
+
+__all__ = ["CONFIG_DIR", "DEFAULTS", "TOY", "ConfigError", "load_config", "read_config", "fit_batch_sizes",
+           "check_sizes", "launch_world_size", "to_plain"]
 
 
 class ConfigError(ValueError):
     pass
 
 
-def _flat_keys(cfg, prefix: str = "") -> list[str]:
+def _flat_keys(cfg, prefix: str = "", leaves: bool = False) -> list[str]:
+    """Dotted keys, sections included unless `leaves`; interpolations stay unresolved (they resolve
+    only in the merged config)."""
     keys = []
-    for k, v in cfg.items():
+    for k, v in cfg.items_ex(resolve=False):
         full = f"{prefix}{k}"
-        keys.append(full)
+        if not (leaves and isinstance(v, DictConfig)):
+            keys.append(full)
         if isinstance(v, DictConfig):
-            keys += _flat_keys(v, full + ".")
+            keys += _flat_keys(v, full + ".", leaves)
     return keys
 
 
@@ -46,92 +63,194 @@ def _check_keys(schema: DictConfig, cfg: DictConfig, where: str) -> None:
             raise ConfigError(f"unknown config key {key!r} (from {where}){hint}")
 
 
-def _choices() -> dict[str, tuple]:
-    """Keys that take one of a few words (the estimators and modes come from their own modules)."""
-    from mcore_rl.algorithms.advantages import ADV_ESTIMATORS
-    from mcore_rl.algorithms.losses import AGG_MODES, KL_KINDS
-
-    return {
-        "data.apply_chat_template": ("auto", "true", "false"),
-        "data.on_bad_row": ("skip", "error"),
-        "actor_rollout_ref.model.dtype": ("float32", "bfloat16", "float16"),
-        "actor_rollout_ref.model.transformer_impl": ("local", "transformer_engine"),
-        "actor_rollout_ref.actor.loss_agg_mode": AGG_MODES,
-        "actor_rollout_ref.actor.policy_loss": ("vanilla", "gspo", "cispo"),
-        "actor_rollout_ref.actor.kl_loss_type": tuple(KL_KINDS),
-        "actor_rollout_ref.rollout.name": ("auto", "vllm", "hf"),
-        "actor_rollout_ref.rollout.sync_fast_path": ("auto", "off"),
-        "critic.loss_agg_mode": AGG_MODES,
-        "algorithm.adv_estimator": tuple(ADV_ESTIMATORS),
-        "algorithm.kl_penalty": tuple(KL_KINDS),
-        "trainer.device": ("auto", "cpu", "cuda"),
-    }
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or e}{where}"
 
 
-# Words that YAML reads as booleans (`key=off` arrives as False) and the keys where such a word
-# is a value of its own rather than a yes/no: the boolean is turned back into the key's word.
-_FALSE_WORDS, _TRUE_WORDS = ("off", "false", "no"), ("on", "true", "yes")
-_WORDS = {"trainer.resume": ("auto", "off")}  # auto | off | PATH
-_NULLABLE = {"trainer.max_ckpt_to_keep"}
-_NOT_YET = {("actor_rollout_ref.rollout.name", "sglang"):
-            "SGLang is not supported; the rollout engine is vLLM (actor_rollout_ref.rollout.name=vllm, or auto)"}  # null has a meaning (keep all) though the default is not null
+def _load_file(file: Path) -> DictConfig:
+    if not file.is_file():
+        raise ConfigError(f"config file {file} not found (presets: "
+                          f"{', '.join(sorted(p.name for p in CONFIG_DIR.glob('*.yaml')))})")
+    try:
+        layer = OmegaConf.load(file)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{file} is not valid YAML: {_yaml_problem(e)}") from None
+    if not isinstance(layer, DictConfig):
+        raise ConfigError(f"{file} must be a YAML mapping of config sections (data:, trainer:, ...)")
+    return layer
+
+
+def _load_overrides(overrides: list[str]) -> DictConfig:
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"overrides must be key=value, got {bad}")
+    for o in overrides:  # one at a time, to name the one that fails
+        try:
+            OmegaConf.from_dotlist([o])
+        except yaml.YAMLError as e:
+            key = o.split("=", 1)[0]
+            raise ConfigError(f"override {o!r}: the value is not valid YAML ({getattr(e, 'problem', None) or e}); "
+                              f"a string holding [ ] {{ }} or quotes needs YAML quotes: '{key}=\"...\"'") from None
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"override {o!r}: {str(e).splitlines()[0]}") from None
+    return OmegaConf.from_dotlist(list(overrides))
+
+
+def _value_ok(value, want: type) -> bool:
+    if want is bool:
+        return isinstance(value, bool)
+    if want is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if want is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, want)
+
+
+def _check_one(key: str, value, default, rule: Rule) -> None:
+    """One value against its rule (or its default's type); raises ConfigError saying what it must be."""
+    if value is None:
+        if default is None or rule.null:
+            return
+        raise ConfigError(f"{key} cannot be null (default {default!r})")
+    if isinstance(value, str) and (key, value) in NOT_YET:
+        raise ConfigError(f"{key}={value}: {NOT_YET[key, value]}")
+    if rule.words:
+        if value not in rule.words:
+            raise ConfigError(f"{key}={value!r}: must be {rule.describe()}")
+        return
+    if isinstance(default, ListConfig) or rule.items or rule.length:
+        items = list(value) if isinstance(value, ListConfig) else None
+        if (items is None or (rule.length and len(items) != rule.length)
+                or (rule.items and any(i not in rule.items for i in items))
+                or (not rule.items and not all(_value_ok(i, float) and _in_range(i, rule) for i in items))):
+            raise ConfigError(f"{key}={_show(value)}: must be {rule.describe()} (default {_show(default)})")
+        return
+    want = rule.type or (type(default) if default is not None else None)
+    if want is None:
+        return
+    if not _value_ok(value, want) or not _in_range(value, rule):
+        shown = Rule(type=want, lo=rule.lo, hi=rule.hi, open_lo=rule.open_lo).describe()
+        raise ConfigError(f"{key}={value!r}: must be {shown} (default {default!r})")
+
+
+def _in_range(value, rule: Rule) -> bool:
+    if rule.lo is not None and (value <= rule.lo if rule.open_lo else value < rule.lo):
+        return False
+    return rule.hi is None or value <= rule.hi
+
+
+def _show(v) -> str:
+    return str(OmegaConf.to_container(v)) if isinstance(v, (DictConfig, ListConfig)) else repr(v)
 
 
 def _check_values(schema: DictConfig, cfg: DictConfig) -> None:
-    """Types from the defaults, words from `_choices`; YAML booleans mapped back to words."""
-    choices = _choices()
+    """Every leaf against `rules()` or its default's type; YAML booleans turned back into words."""
+    table = rules()
     for key in _flat_keys(schema):
-        default, value = OmegaConf.select(schema, key), OmegaConf.select(cfg, key)
-        if isinstance(default, (DictConfig, ListConfig)):
+        default = OmegaConf.select(schema, key)
+        if isinstance(default, DictConfig):
             continue
-        words = choices.get(key) or _WORDS.get(key)
+        try:
+            value = OmegaConf.select(cfg, key)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{key}: {str(e).splitlines()[0]}") from None
+        rule = table.get(key, Rule())
+        words = rule.words or BOOLEAN_WORDS.get(key)
         if words and isinstance(value, bool):
-            word = next((w for w in (_TRUE_WORDS if value else _FALSE_WORDS) if w in words), None)
+            word = next((w for w in (TRUE_WORDS if value else FALSE_WORDS) if w in words), None)
             if word is not None:
                 OmegaConf.update(cfg, key, word)
                 value = word
-        if value is None:
-            if default is None or key in _NULLABLE:
-                continue
-            raise ConfigError(f"{key} cannot be null (default {default!r})")
-        if key in choices:
-            if (key, value) in _NOT_YET:
-                raise ConfigError(f"{key}={value}: {_NOT_YET[key, value]}")
-            if value not in choices[key]:
-                raise ConfigError(f"{key}={value!r}: must be one of {', '.join(map(str, choices[key]))}")
-            continue
-        if default is None:
-            continue
-        want = type(default)
-        ok = (isinstance(value, bool) if want is bool else
-              isinstance(value, int) and not isinstance(value, bool) if want is int else
-              isinstance(value, (int, float)) and not isinstance(value, bool) if want is float else
-              isinstance(value, want))
-        if not ok:
-            kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(want, want.__name__)
-            raise ConfigError(f"{key}={value!r}: must be {kind} (default {default!r})")
+        if rule.items and isinstance(value, str):  # verl's `trainer.logger=console`: a list of one
+            OmegaConf.update(cfg, key, [value], merge=False)
+            value = OmegaConf.select(cfg, key)
+        _check_one(key, value, default, rule)
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> DictConfig:
-    """defaults.yaml <- preset/user YAML (`path`, default the toy config) <- overrides."""
-    schema = OmegaConf.load(DEFAULTS)
-    cfg = schema
-    layers = [(TOY if path is None else Path(path), None)]
+def _shipped(file: Path) -> bool:
+    """A preset of the package (its values are defaults that may adapt), not the user's own file."""
+    return file.resolve().parent == CONFIG_DIR.resolve()
+
+
+def read_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> tuple[DictConfig, set[str]]:
+    """defaults.yaml <- preset/user YAML (`path`, default the toy preset) <- overrides, checked key by key.
+
+    Returns the config and the keys the user wrote (their own YAML file and the overrides):
+    those are never adapted by `fit_batch_sizes`.
+    """
+    schema = _load_file(DEFAULTS)
+    cfg, explicit = schema, set()
+    file = TOY if path is None else Path(path)
+    layers = [(str(file), _load_file(file), not _shipped(file))]
     if overrides:
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ConfigError(f"overrides must be key=value, got {bad}")
-        layers.append((None, OmegaConf.from_dotlist(list(overrides))))
-    for file, layer in layers:
-        if file is not None:
-            if not file.exists():
-                raise ConfigError(f"config file {file} not found (presets: {', '.join(p.name for p in CONFIG_DIR.glob('*.yaml'))})")
-            layer = OmegaConf.load(file)
-        _check_keys(schema, layer, str(file) if file else "command line")
+        layers.append(("command line", _load_overrides(list(overrides)), True))
+    for where, layer, users in layers:
+        _check_keys(schema, layer, where)
         cfg = OmegaConf.merge(cfg, layer)
+        if users:
+            explicit |= set(_flat_keys(layer, leaves=True))
     _check_values(schema, cfg)
     OmegaConf.set_struct(cfg, True)
+    return cfg, explicit
+
+
+def launch_world_size() -> int:
+    """Ranks of this job as the launcher says (torchrun's WORLD_SIZE, else Slurm's task count, else 1)."""
+    return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                world_size: int | None = None) -> DictConfig:
+    """The checked config, with default batch sizes fitted to the user's batch and `world_size` ranks
+    (default: this job's, from the launcher's environment)."""
+    cfg, explicit = read_config(path, overrides)
+    fit_batch_sizes(cfg, explicit, launch_world_size() if world_size is None else world_size)
     return cfg
+
+
+def _largest_divisor(n: int, at_most: int, multiple_of: int = 1) -> int | None:
+    return next((d for d in range(min(at_most, n), 0, -1) if n % d == 0 and d % multiple_of == 0), None)
+
+
+def fit_batch_sizes(cfg: DictConfig, explicit: set[str], world_size: int) -> None:
+    """Mini- and micro-batch sizes that come from the defaults or a shipped preset and do not divide
+    the batch (`data.train_batch_size=4` against a preset's mini-batch of 32) become the largest size
+    that does, with a one-line note; a size the user wrote is left for `check_sizes` to refuse.
+
+    As in verl, `ppo_mini_batch_size` counts prompts and must divide `data.train_batch_size`; a
+    smaller mini-batch means more optimizer steps per batch, hence the note. The micro-batch only
+    bounds memory (the loss does not depend on it).
+    """
+    a = cfg.actor_rollout_ref
+    model_parallel = a.actor.megatron.tensor_model_parallel_size * a.actor.megatron.pipeline_model_parallel_size
+    if world_size % model_parallel:
+        return  # check_sizes names the problem
+    dp, batch = world_size // model_parallel, cfg.data.train_batch_size
+    changed = []
+    key = "actor_rollout_ref.actor.ppo_mini_batch_size"
+    mini = a.actor.ppo_mini_batch_size
+    if key not in explicit and (batch % mini or mini % dp):
+        new = _largest_divisor(batch, mini, dp)
+        if new:
+            a.actor.ppo_mini_batch_size = new
+            changed.append(f"{key}={new} (was {mini})")
+    per_rank = a.actor.ppo_mini_batch_size * a.rollout.n // dp
+    if a.actor.ppo_mini_batch_size % dp == 0:
+        for key in ("actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu", "critic.ppo_micro_batch_size_per_gpu"):
+            micro = OmegaConf.select(cfg, key)
+            if key not in explicit and per_rank % micro:
+                new = _largest_divisor(per_rank, micro)
+                OmegaConf.update(cfg, key, new)
+                changed.append(f"{key}={new} (was {micro})")
+    if changed and _rank() == 0:
+        print(f"mcore_rl: note: fitted to data.train_batch_size={batch} on {dp} data-parallel rank(s): "
+              f"{', '.join(changed)}; set them to choose", file=sys.stderr, flush=True)
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
 
 
 def check_sizes(cfg: DictConfig, world_size: int, spec=None) -> None:
@@ -148,7 +267,7 @@ def check_sizes(cfg: DictConfig, world_size: int, spec=None) -> None:
     n = a.rollout.n
     if a.actor.ppo_mini_batch_size > cfg.data.train_batch_size or cfg.data.train_batch_size % a.actor.ppo_mini_batch_size:
         problems.append(f"data.train_batch_size={cfg.data.train_batch_size} is not a multiple of "
-                        f"actor.ppo_mini_batch_size={a.actor.ppo_mini_batch_size}")
+                        f"actor.ppo_mini_batch_size={a.actor.ppo_mini_batch_size} (prompts per optimizer step)")
     if a.actor.ppo_mini_batch_size % dp:
         problems.append(f"actor.ppo_mini_batch_size={a.actor.ppo_mini_batch_size} is not divisible by DP={dp}: "
                         f"every mini-batch is split by whole prompts (with their rollout.n samples) over DP ranks")
@@ -161,8 +280,6 @@ def check_sizes(cfg: DictConfig, world_size: int, spec=None) -> None:
     if cfg.algorithm.adv_estimator in ("grpo", "rloo", "reinforce_plus_plus_baseline") and n < 2:
         problems.append(f"algorithm.adv_estimator={cfg.algorithm.adv_estimator} needs rollout.n >= 2 (got {n})")
     t = cfg.trainer
-    if t.log_interval < 1:
-        problems.append(f"trainer.log_interval={t.log_interval} must be >= 1")
     if (t.nnodes is None) != (t.n_gpus_per_node is None):
         problems.append("trainer.nnodes and trainer.n_gpus_per_node go together (or leave both null)")
     elif t.nnodes is not None and t.nnodes * t.n_gpus_per_node != world_size:
