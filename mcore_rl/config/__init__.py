@@ -50,6 +50,8 @@ def _choices() -> dict[str, tuple]:
     """Keys that take one of a few words (the estimators and modes come from their own modules)."""
     from mcore_rl.algorithms.advantages import ADV_ESTIMATORS
     from mcore_rl.algorithms.losses import AGG_MODES, KL_KINDS
+    from mcore_rl.algorithms.rollout_correction import IS_LEVELS, IS_MODES
+    from mcore_rl.models.optim import LR_DECAY_STYLES
 
     return {
         "data.apply_chat_template": ("auto", "true", "false"),
@@ -61,6 +63,11 @@ def _choices() -> dict[str, tuple]:
         "actor_rollout_ref.actor.kl_loss_type": tuple(KL_KINDS),
         "actor_rollout_ref.rollout.name": ("auto", "vllm", "hf"),
         "actor_rollout_ref.rollout.sync_fast_path": ("auto", "off"),
+        "actor_rollout_ref.rollout.logprobs_mode": ("raw_logprobs", "processed_logprobs"),
+        "actor_rollout_ref.actor.optim.lr_decay_style": LR_DECAY_STYLES,
+        "critic.optim.lr_decay_style": LR_DECAY_STYLES,
+        "algorithm.rollout_is_level": IS_LEVELS,
+        "algorithm.rollout_is_mode": IS_MODES,
         "critic.loss_agg_mode": AGG_MODES,
         "algorithm.adv_estimator": tuple(ADV_ESTIMATORS),
         "algorithm.kl_penalty": tuple(KL_KINDS),
@@ -112,6 +119,22 @@ def _check_values(schema: DictConfig, cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value!r}: must be {kind} (default {default!r})")
 
 
+def _check_settings(cfg: DictConfig) -> None:
+    """Values that are each well-typed but do not work (together)."""
+    from mcore_rl.algorithms.rollout_correction import rollout_is_problems
+    from mcore_rl.models.optim import schedule_problems
+
+    problems = rollout_is_problems(cfg.algorithm)
+    problems += schedule_problems(cfg.actor_rollout_ref.actor.optim, cfg.trainer.max_steps, "actor_rollout_ref.actor.optim")
+    problems += schedule_problems(cfg.critic.optim, cfg.trainer.max_steps, "critic.optim")
+    if cfg.trainer.test_freq > 0 and cfg.data.val_files is None:
+        problems.append(f"trainer.test_freq={cfg.trainer.test_freq} needs data.val_files (toy: the toy task's split)")
+    if cfg.actor_rollout_ref.rollout.val_kwargs.n < 1:
+        problems.append(f"actor_rollout_ref.rollout.val_kwargs.n={cfg.actor_rollout_ref.rollout.val_kwargs.n} must be >= 1")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> DictConfig:
     """defaults.yaml <- preset/user YAML (`path`, default the toy config) <- overrides."""
     schema = OmegaConf.load(DEFAULTS)
@@ -130,6 +153,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         _check_keys(schema, layer, str(file) if file else "command line")
         cfg = OmegaConf.merge(cfg, layer)
     _check_values(schema, cfg)
+    _check_settings(cfg)
     OmegaConf.set_struct(cfg, True)
     return cfg
 
