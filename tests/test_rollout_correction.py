@@ -234,8 +234,8 @@ def test_config_checks():
     from mcore_rl.config import ConfigError, load_config
 
     cfg = load_config(None, [])
-    assert cfg.algorithm.rollout_is is False and cfg.algorithm.rollout_is_threshold is None  # off by default
-    for bad, msg in ((["algorithm.rollout_is=true"], "needs algorithm.rollout_is_threshold"),
+    assert cfg.algorithm.rollout_is is False  # off by default (the threshold's metrics are still logged)
+    for bad, msg in ((["algorithm.rollout_is=true", "algorithm.rollout_is_threshold=null"], "cannot be null"),
                      (["algorithm.rollout_is_mode=clip"], "truncate, mask"),
                      (["algorithm.rollout_is_level=seq"], "token, sequence, geometric"),
                      (["algorithm.rollout_is_threshold=0"], "positive number"),
@@ -301,7 +301,7 @@ def test_toy_run_with_rollout_temperature_mismatch(tmp_path):
     res = run_ranks(_run_worker, 1, str(tmp_path))[0]
     raw = res["raw"]["metrics"]
     assert raw["mismatch/k3_kl"] < 1e-8 and abs(raw["mismatch/ratio_max"] - 1) < 1e-4, raw
-    assert "mismatch/is_weight_mean" not in raw  # no threshold: metrics of the mismatch only
+    assert raw["mismatch/truncated_fraction"] == 0 and raw["mismatch/masked_fraction"] == 0  # default threshold 2
     for name, level, mode, upper in (("tis", "token", "truncate", 1.2), ("seq_mis", "sequence", "mask", 2.0)):
         r = res[name]
         m = r["metrics"]

@@ -150,8 +150,6 @@ def rollout_is_problems(alg) -> list[str]:
     """What is wrong with the `algorithm.rollout_is*` settings (empty: fine); checked at load."""
     problems = []
     upper, lower, veto = alg.rollout_is_threshold, alg.rollout_is_threshold_lower, alg.rollout_is_veto_threshold
-    if alg.rollout_is and upper is None:
-        problems.append("algorithm.rollout_is=true needs algorithm.rollout_is_threshold (e.g. 2.0)")
     for name, v in (("rollout_is_threshold", upper), ("rollout_is_threshold_lower", lower),
                     ("rollout_is_veto_threshold", veto)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):

@@ -127,7 +127,7 @@ def rollout_correction(shard: Shard, alg, dp_group) -> tuple[torch.Tensor | None
     sums, lo, hi = mismatch_sums(shard.old_logp, shard.rollout_logprobs, mask, **kw)
     sums = all_reduce(sums, dp_group)
     neg_lo, hi = all_reduce(torch.stack([-lo, hi]), dp_group, op="max").unbind()
-    metrics = mismatch_metrics(sums, -neg_lo, hi, with_is=alg.rollout_is_threshold is not None)
+    metrics = mismatch_metrics(sums, -neg_lo, hi, with_is=True)
     if not alg.rollout_is:
         return None, None, metrics
     weights, keep = rollout_is_weights(shard.old_logp, shard.rollout_logprobs, mask, **kw)
