@@ -206,3 +206,35 @@ def _decode(ids):
     from mcore_rl.toy import TOY_VOCAB
 
     return "".join(TOY_VOCAB[i] for i in ids if TOY_VOCAB[i] not in ("<pad>", "<s>", "</s>", "<unk>"))
+
+
+# ---------------------------------------------------------------- under the strict harness
+@pytest.mark.train
+def test_new_collectives_take_device_tensors_in_one_order(tmp_path):
+    """DP=2 GRPO step under tests/strict_dist.py with validation (before training and after the
+    step), the rollout correction (sequence-level masking, veto) and an LR warmup on: no host
+    tensor in any collective, the same sequence of collectives on both ranks."""
+    import json
+
+    import strict_dist
+
+    argv = [str(strict_dist.REPO / "configs" / "grpo.yaml"), "data.dataset_name=toy", "data.train_batch_size=4",
+            "actor_rollout_ref.rollout.n=2", "actor_rollout_ref.actor.ppo_mini_batch_size=4",
+            "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2", "critic.ppo_micro_batch_size_per_gpu=2",
+            "actor_rollout_ref.rollout.name=hf", "trainer.max_steps=1", "trainer.logger=[console]",
+            "trainer.export_hf_at_end=false", "trainer.dist_timeout_s=60", "data.val_files=toy", "trainer.test_freq=1",
+            "actor_rollout_ref.rollout.val_kwargs.n=2", "actor_rollout_ref.rollout.val_kwargs.do_sample=true",
+            "algorithm.rollout_is=true", "algorithm.rollout_is_level=sequence", "algorithm.rollout_is_mode=mask",
+            "algorithm.rollout_is_veto_threshold=1e-4", "actor_rollout_ref.actor.optim.lr_warmup_steps_ratio=0.5",
+            f"trainer.output_dir={tmp_path / 'run'}"]
+    logs = tmp_path / "logs"
+    p = strict_dist.launch("mcore_rl.trainer.main_ppo:main", [argv], log_dir=logs, timeout_s=60, wall_s=420)
+    try:
+        problems = ""
+        strict_dist.check_logs(logs, 2)
+    except AssertionError as e:
+        problems = str(e)
+    assert p.returncode == 0 and not problems, f"{problems}\n--- exit code {p.returncode}:\n{strict_dist.excerpt(p.stdout)}"
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [0, 1]
+    assert "val/reward/pass@2" in rows[0] and "val/reward/pass@2" in rows[1] and "mismatch/k3_kl" in rows[1]
