@@ -4,7 +4,9 @@ Each rank works on its training shard (`Shard`, whole prompts; the same on the r
 model-parallel group) and keeps the results there: nothing per-token crosses DP ranks. Losses
 are normalised by the counts of the whole mini-batch (tokens or sequences, all-reduced over
 DP by the caller), which makes the gradient independent of the TP/PP/DP layout and of the
-micro-batch size; metrics are all-reduced scalars.
+micro-batch size; metrics are all-reduced scalars. The rollout correction
+(`algorithm.rollout_is*`) is computed on each rank's own shard: its weights multiply the policy
+loss, and the tokens it rejects leave the actor's loss and those counts.
 """
 
 from __future__ import annotations
@@ -148,8 +150,8 @@ def update_actor(actor, opt, shard: Shard, cfg, minis: list[range], dp_group) ->
         (["is_weights"] if cols else [])
     denoms = mini_batch_denominators(shard, minis, agg, dp_group, keep)
     # GSPO always aggregates seq-mean-token-mean: its denominator is the mini-batch's sequence count
-    pg_denoms = mini_batch_denominators(shard, minis, "seq-mean-token-mean", dp_group, keep) if a.policy_loss == "gspo" \
-        else denoms
+    gspo = a.policy_loss == "gspo"
+    pg_denoms = mini_batch_denominators(shard, minis, "seq-mean-token-mean", dp_group, keep) if gspo else denoms
     history, bad = [], 0
     norm_len = cfg.data.max_response_length  # Dr.GRPO's constant: the response budget, not the padded length
     for _ in range(a.ppo_epochs):
