@@ -140,6 +140,15 @@ def toy_prompts(n: int, seed: int = 0, num_digits: int = TOY_PROMPT_DIGITS, sep:
     return rows
 
 
+def toy_val_prompts() -> list[dict]:
+    """The toy task's validation split: each of its ten prompts ``"0:"`` .. ``"9:"`` once.
+
+    The task has no unseen prompts to hold out; the split weighs every digit the same, so the
+    validation reward reads the policy on the whole task without sampling noise in the prompts.
+    """
+    return [{"prompt": d + ":", "ground_truth": d} for d in TOY_DIGITS]
+
+
 def toy_target(prompt: str) -> str:
     """The digit the answer must repeat: the last digit of the prompt (before the ':')."""
     for ch in reversed(prompt):

@@ -1,4 +1,5 @@
-"""RL algorithms in plain PyTorch: advantage estimators, PPO losses, KL estimators, DAPO filters.
+"""RL algorithms in plain PyTorch: advantage estimators, PPO losses, KL estimators, DAPO filters,
+rollout/training mismatch correction.
 
 Nothing here knows about Megatron or vLLM: inputs are per-token `[B, T]` tensors plus a mask,
 so the same code serves the trainer and the unit tests.
@@ -28,11 +29,20 @@ from mcore_rl.algorithms.losses import (
     policy_loss,
     value_loss,
 )
+from mcore_rl.algorithms.rollout_correction import (
+    IS_LEVELS,
+    IS_MODES,
+    mismatch_metrics,
+    mismatch_sums,
+    rollout_is_weights,
+)
 from mcore_rl.algorithms.utils import dense_group_ids, masked_mean, masked_sum, masked_whiten
 
 __all__ = [
     "ADV_ESTIMATORS",
     "AGG_MODES",
+    "IS_LEVELS",
+    "IS_MODES",
     "KL_KINDS",
     "POLICY_LOSSES",
     "agg_loss",
@@ -50,10 +60,13 @@ __all__ = [
     "masked_mean",
     "masked_sum",
     "masked_whiten",
+    "mismatch_metrics",
+    "mismatch_sums",
     "overlong_penalty",
     "policy_loss",
     "reinforce_plus_plus",
     "reinforce_plus_plus_baseline",
     "rloo",
+    "rollout_is_weights",
     "value_loss",
 ]

@@ -4,6 +4,9 @@ Inputs are per-token `[B, T]` tensors with a `mask` that is true on response tok
 may hold anything (even NaN): they are selected away with `torch.where` before any arithmetic
 that could spread them, so they reach neither the loss nor the gradients.
 
+`is_weights` (optional, `[B, T]`, no gradient) multiplies each token's policy loss after the clip:
+the rollout/training mismatch correction of `rollout_correction.py` (verl's `rollout_is_weights`).
+
 Metrics come back as detached 0-dim tensors, not Python floats, so the trainer can all-reduce
 them across ranks and sync with the device once per step instead of once per metric.
 """
@@ -19,6 +22,13 @@ AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mea
 
 def _zero_pad(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _weighted(loss_mat: torch.Tensor, is_weights: torch.Tensor | None, m: torch.Tensor) -> torch.Tensor:
+    """The per-token loss times the rollout importance weights (none: unchanged)."""
+    if is_weights is None:
+        return loss_mat
+    return loss_mat * _zero_pad(is_weights.detach().to(loss_mat.dtype), m)
 
 
 def agg_loss(
@@ -73,6 +83,7 @@ def policy_loss(
     agg: str = "token-mean",
     denominator: float | torch.Tensor | None = None,
     norm_len: int | None = None,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO clipped surrogate loss; returns (loss, metrics).
 
@@ -107,6 +118,7 @@ def policy_loss(
     else:
         clipfrac_lower = torch.zeros((), device=logp.device)
 
+    loss_mat = _weighted(loss_mat, is_weights, m)
     loss = agg_loss(loss_mat, m, agg, denominator=denominator, norm_len=norm_len)
     metrics = {
         "clipfrac": clipfrac.detach(),
@@ -128,6 +140,7 @@ def gspo_policy_loss(
     agg: str = "seq-mean-token-mean",
     denominator: float | torch.Tensor | None = None,
     norm_len: int | None = None,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GSPO (Group Sequence Policy Optimization, arXiv 2507.18071); returns (loss, metrics).
 
@@ -156,7 +169,7 @@ def gspo_policy_loss(
 
     loss_unclipped = -adv * ratio
     loss_clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    loss_mat = torch.maximum(loss_unclipped, loss_clipped)
+    loss_mat = _weighted(torch.maximum(loss_unclipped, loss_clipped), is_weights, m)
     loss = agg_loss(loss_mat, m, "seq-mean-token-mean", denominator=denominator)
     metrics = {
         "clipfrac": masked_mean((loss_clipped > loss_unclipped).float(), m).detach(),
@@ -178,6 +191,7 @@ def cispo_policy_loss(
     agg: str = "token-mean",
     denominator: float | torch.Tensor | None = None,
     norm_len: int | None = None,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """CISPO (Clipped IS-weight Policy Optimization, MiniMax-M1, arXiv 2506.13585); returns (loss, metrics).
 
@@ -199,7 +213,7 @@ def cispo_policy_loss(
     ratio = torch.exp(log_ratio).detach()
     weight = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     adv = _zero_pad(advantages, m)
-    loss_mat = -weight * adv * lp
+    loss_mat = _weighted(-weight * adv * lp, is_weights, m)
     loss = agg_loss(loss_mat, m, agg, denominator=denominator, norm_len=norm_len)
     metrics = {
         "clipfrac": masked_mean((weight != ratio).float(), m).detach(),

@@ -169,6 +169,22 @@ def _check_values(schema: DictConfig, cfg: DictConfig) -> None:
         _check_one(key, value, default, rule)
 
 
+def _check_settings(cfg: DictConfig) -> None:
+    """Values that are each well-typed but do not work (together)."""
+    from mcore_rl.algorithms.rollout_correction import rollout_is_problems
+    from mcore_rl.models.optim import schedule_problems
+
+    problems = rollout_is_problems(cfg.algorithm)
+    problems += schedule_problems(cfg.actor_rollout_ref.actor.optim, cfg.trainer.max_steps, "actor_rollout_ref.actor.optim")
+    problems += schedule_problems(cfg.critic.optim, cfg.trainer.max_steps, "critic.optim")
+    if cfg.trainer.test_freq > 0 and cfg.data.val_files is None:
+        problems.append(f"trainer.test_freq={cfg.trainer.test_freq} needs data.val_files (toy: the toy task's split)")
+    if cfg.actor_rollout_ref.rollout.val_kwargs.n < 1:
+        problems.append(f"actor_rollout_ref.rollout.val_kwargs.n={cfg.actor_rollout_ref.rollout.val_kwargs.n} must be >= 1")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
 def _shipped(file: Path) -> bool:
     """A preset of the package (its values are defaults that may adapt), not the user's own file."""
     return file.resolve().parent == CONFIG_DIR.resolve()
@@ -192,6 +208,7 @@ def read_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         if users:
             explicit |= set(_flat_keys(layer, leaves=True))
     _check_values(schema, cfg)
+    _check_settings(cfg)
     OmegaConf.set_struct(cfg, True)
     return cfg, explicit
 

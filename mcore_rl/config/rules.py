@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cache
 
+from omegaconf import ListConfig
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -30,7 +32,8 @@ class Rule:
             return "a list of " + ", ".join(self.items)
         if self.length:
             return f"a list of {self.length} numbers" + self._range()
-        kind = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(self.type, "a value")
+        kind = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+                PATHS: "a path or a list of paths"}.get(self.type, "a value")
         return kind + self._range()
 
     def _range(self) -> str:
@@ -41,6 +44,7 @@ class Rule:
         return ""
 
 
+PATHS = (str, ListConfig)  # one file / folder, or several
 POSITIVE = Rule(type=int, lo=1)
 NON_NEGATIVE = Rule(type=float, lo=0)
 FRACTION = Rule(type=float, lo=0, hi=1)  # a probability, or gamma / lambda
@@ -58,8 +62,12 @@ def rules() -> dict[str, Rule]:
     """The table. Word lists of estimators and loss modes come from the modules that define them."""
     from mcore_rl.algorithms.advantages import ADV_ESTIMATORS
     from mcore_rl.algorithms.losses import AGG_MODES, KL_KINDS
+    from mcore_rl.algorithms.rollout_correction import IS_LEVELS, IS_MODES
+    from mcore_rl.models.optim import LR_DECAY_STYLES
 
     agg, kl = Rule(words=tuple(AGG_MODES)), Rule(words=tuple(KL_KINDS))
+    decay = {"lr_decay_style": Rule(words=tuple(LR_DECAY_STYLES)), "lr_decay_steps": POSITIVE,
+             "lr_warmup_steps_ratio": FRACTION, "lr_warmup_init": NON_NEGATIVE, "min_lr": NON_NEGATIVE}
     return {
         "data.train_batch_size": POSITIVE,
         "data.max_prompt_length": POSITIVE,
@@ -69,10 +77,11 @@ def rules() -> dict[str, Rule]:
         "data.on_bad_row": Rule(words=("skip", "error")),
         "data.seed": Rule(type=int, lo=0),
         "data.toy_size": POSITIVE,
+        "data.val_files": Rule(type=PATHS),
         "actor_rollout_ref.model.path": Rule(type=str),
         "actor_rollout_ref.model.dtype": Rule(words=("float32", "bfloat16", "float16")),
         "actor_rollout_ref.model.transformer_impl": Rule(words=("local", "transformer_engine")),
-        **_under("actor_rollout_ref.actor.optim", OPTIM),
+        **_under("actor_rollout_ref.actor.optim", {**OPTIM, **decay}),
         "actor_rollout_ref.actor.ppo_mini_batch_size": POSITIVE,
         "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": POSITIVE,
         "actor_rollout_ref.actor.ppo_epochs": POSITIVE,
@@ -94,11 +103,14 @@ def rules() -> dict[str, Rule]:
         "actor_rollout_ref.rollout.gpu_memory_utilization": SHARE,
         "actor_rollout_ref.rollout.enforce_eager": Rule(type=bool),
         "actor_rollout_ref.rollout.sync_fast_path": Rule(words=("auto", "off")),
+        "actor_rollout_ref.rollout.val_kwargs.n": POSITIVE,
+        "actor_rollout_ref.rollout.val_kwargs.top_p": SHARE,
+        "actor_rollout_ref.rollout.logprobs_mode": Rule(words=("raw_logprobs", "processed_logprobs")),
         "actor_rollout_ref.rollout.kv_cache_gib_cpu": Rule(type=float, lo=0, open_lo=True),
         "actor_rollout_ref.rollout.kv_cache_gib": Rule(type=float, lo=0, open_lo=True),
         "actor_rollout_ref.rollout.sync_bucket_mb": POSITIVE,
         "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu": POSITIVE,
-        **_under("critic.optim", OPTIM),
+        **_under("critic.optim", {**OPTIM, **decay}),
         "critic.ppo_micro_batch_size_per_gpu": POSITIVE,
         "critic.ppo_epochs": POSITIVE,
         "critic.cliprange_value": NON_NEGATIVE,
@@ -108,6 +120,11 @@ def rules() -> dict[str, Rule]:
         "algorithm.lam": FRACTION,
         "algorithm.kl_penalty": kl,
         "algorithm.kl_ctrl.kl_coef": NON_NEGATIVE,
+        "algorithm.rollout_is_level": Rule(words=tuple(IS_LEVELS)),
+        "algorithm.rollout_is_mode": Rule(words=tuple(IS_MODES)),
+        "algorithm.rollout_is_threshold": Rule(type=float, lo=0, open_lo=True),
+        "algorithm.rollout_is_threshold_lower": Rule(type=float, lo=0, open_lo=True),
+        "algorithm.rollout_is_veto_threshold": Rule(type=float, lo=0, open_lo=True),
         "algorithm.overlong_buffer.len": POSITIVE,
         "algorithm.overlong_buffer.penalty_factor": NON_NEGATIVE,
         "trainer.max_steps": POSITIVE,

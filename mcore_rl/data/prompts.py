@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 # Tried in order when answer_key is not given.
 DEFAULT_ANSWER_KEYS = ("reward_model.ground_truth", "ground_truth", "answer")
 TOY_DATASET_SIZE = 1024
+VAL_SPLITS = ("test", "val", "validation")  # names of a validation split
 
 
 @dataclass
@@ -155,12 +156,16 @@ def _resolve_dir(path: str, split: str | None) -> str:
 
 def iter_rows(source: str, split: str | None = None, toy_size: int = TOY_DATASET_SIZE,
               seed: int = 0) -> Iterator[tuple[str, Any]]:
-    """(where, row dict) for every row of `source`."""
+    """(where, row dict) for every row of `source`; for "toy", `split` "test" (or "val") is the
+    toy task's validation split, anything else its training rows."""
     if source == "toy":
-        from mcore_rl.toy import toy_prompts
+        from mcore_rl.toy import toy_prompts, toy_val_prompts
 
-        for i, r in enumerate(toy_prompts(toy_size, seed=seed)):
-            yield f"toy row {i}", {"prompt": r["prompt"], "reward_model": {"ground_truth": r["ground_truth"]}}
+        val = split in VAL_SPLITS
+        rows = toy_val_prompts() if val else toy_prompts(toy_size, seed=seed)
+        for i, r in enumerate(rows):
+            yield (f"toy {split} row {i}" if val else f"toy row {i}"), {
+                "prompt": r["prompt"], "reward_model": {"ground_truth": r["ground_truth"]}}
         return
     path = os.path.expanduser(source)
     if not os.path.exists(path):

@@ -157,9 +157,10 @@ class PPOTrainer:
         from converters.hf_io import load_hf_into_model
         from mcore_rl.data import PromptLoader, load_prompts
         from mcore_rl.models.build import build_model
-        from mcore_rl.models.optim import wrap_for_training
+        from mcore_rl.models.optim import LRSchedule, wrap_for_training
         from mcore_rl.resharding import Resharder
         from mcore_rl.rewards import get_reward_fn
+        from mcore_rl.trainer.validation import load_val_dataset
         from megatron.core import parallel_state as ps
 
         cfg, a = self.cfg, self.cfg.actor_rollout_ref
@@ -174,7 +175,8 @@ class PPOTrainer:
             if optim is None:
                 return m, None
             return wrap_for_training(m, lr=optim.lr, weight_decay=optim.weight_decay, clip_grad=optim.clip_grad,
-                                     betas=tuple(optim.betas), use_distributed_optimizer=a.actor.use_distributed_optimizer)
+                                     betas=tuple(optim.betas), use_distributed_optimizer=a.actor.use_distributed_optimizer,
+                                     min_lr=optim.min_lr)
 
         t0 = time.perf_counter()
         self.actor, self.actor_opt = model("actor", a.actor.optim)
@@ -182,6 +184,8 @@ class PPOTrainer:
         self.critic, self.critic_opt = model("critic", cfg.critic.optim) if self.use_critic else (None, None)
         self.need_ref = a.actor.use_kl_loss or cfg.algorithm.use_kl_in_reward
         self.ref = model("reference")[0] if self.need_ref else None
+        self.actor_lr = LRSchedule(self.actor_opt, a.actor.optim, cfg.trainer.max_steps)
+        self.critic_lr = LRSchedule(self.critic_opt, cfg.critic.optim, cfg.trainer.max_steps) if self.use_critic else None
         _say(f"mcore_rl: models ready in {time.perf_counter() - t0:.1f}s "
              f"({self.spec.hf_architecture}, {self.spec.num_params() / 1e6:.2f}M params, "
              f"TP={ps.get_tensor_model_parallel_world_size()} PP={ps.get_pipeline_model_parallel_world_size()} "
@@ -200,6 +204,7 @@ class PPOTrainer:
             _say(f"mcore_rl: skipped bad data row: {bad}")
         # every rank reads the step's prompts (small); the layout says which it generates and trains on
         self.loader = PromptLoader(self.dataset, train_batch_size=d.train_batch_size, seed=d.seed, shuffle=d.shuffle)
+        self.val_dataset = load_val_dataset(cfg, self.tokenizer)
         self.reward_fn = get_reward_fn(cfg.reward.name)
         self.step = 0
         self.bad_steps = 0  # consecutive steps with a skipped (non-finite) update
@@ -271,7 +276,7 @@ class PPOTrainer:
             gpu_memory_utilization=r.gpu_memory_utilization,
             max_model_len=self.cfg.data.max_prompt_length + self.cfg.data.max_response_length,
             enforce_eager=r.enforce_eager, kv_cache_gib_cpu=r.kv_cache_gib_cpu, kv_cache_gib=r.kv_cache_gib,
-            enable_sleep_mode=bool(r.free_cache_engine))
+            enable_sleep_mode=bool(r.free_cache_engine), logprobs_mode=r.logprobs_mode.removesuffix("_logprobs"))
         # free_cache_engine: the engine sleeps after generating (level 2: weights and KV cache
         # dropped; the next step's sync rewrites every weight) and wakes before the sync.
         self._engine_sleeps = bool(r.free_cache_engine) and bool(getattr(engine, "sleep_enabled", False))
@@ -353,10 +358,8 @@ class PPOTrainer:
                                f"{len(order) * n // self.layout.dp}")
         return shard
 
-    def train_step(self) -> dict:
-        cfg, a = self.cfg, self.cfg.actor_rollout_ref
-        timing, t_step = {}, time.perf_counter()
-        rows = self.loader.next_batch()
+    def _sync_weights(self, timing: dict) -> None:
+        """The actor's current weights into the rollout engine, which is then ready to generate."""
         if self._engine_sleeps:  # weights first, sync, then the KV cache: lowest peak memory
             t = time.perf_counter()
             self.engine.wake_up(tags=["weights"])
@@ -368,6 +371,12 @@ class PPOTrainer:
             t = time.perf_counter()
             self.engine.wake_up(tags=["kv_cache"])
             timing["timing/wake"] += time.perf_counter() - t
+
+    def train_step(self) -> dict:
+        cfg, a = self.cfg, self.cfg.actor_rollout_ref
+        timing, t_step = {}, time.perf_counter()
+        rows = self.loader.next_batch()
+        self._sync_weights(timing)
         local = self._rollout(rows, timing)
         metrics: dict = self._reward_metrics(local)
         if cfg.algorithm.overlong_buffer.enable:
@@ -404,6 +413,9 @@ class PPOTrainer:
         timing["timing/advantage"] = time.perf_counter() - t
 
         t = time.perf_counter()
+        metrics["actor/lr"] = self.actor_lr.set_step(self.step)  # from the step number: a resume continues it
+        if self.use_critic:
+            metrics["critic/lr"] = self.critic_lr.set_step(self.step)
         per = a.actor.ppo_mini_batch_size // self.layout.dp * a.rollout.n  # this rank's rows of a mini-batch
         minis = [range(i, i + per) for i in range(0, len(shard), per)]
         if self.use_critic:
@@ -473,12 +485,16 @@ class PPOTrainer:
             previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         t0 = time.perf_counter()
         history = []
+        if self.val_dataset is not None and t.val_before_train and self.step == 0:
+            self._validate(tracker, history)
         bar = tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step", disable=not self.layout.reports, leave=False)
         try:
             while self.step < t.max_steps:
                 self.step += 1
                 with stack_dump_after(t.dist_timeout_s):  # a step that long is waiting somewhere: say where
                     m = self.train_step()
+                    if self._validation_due():
+                        m.update(self._validate())
                 history.append({"step": self.step, **m})
                 skipped = m.get("actor/skipped_updates", 0) + m.get("critic/skipped_updates", 0)
                 self.bad_steps = self.bad_steps + 1 if skipped else 0
@@ -521,6 +537,24 @@ class PPOTrainer:
         _say(f"Training completed in {time.perf_counter() - t0:.1f}s ({self.step} steps); metrics: "
              f"{os.path.join(self.output_dir, 'metrics.jsonl')}")
         return history
+
+    def _validation_due(self) -> bool:
+        t = self.cfg.trainer
+        return (self.val_dataset is not None and t.test_freq > 0
+                and (self.step % t.test_freq == 0 or self.step == t.max_steps))
+
+    def _validate(self, tracker=None, history=None) -> dict:
+        """Validation metrics at the current step; with `tracker`, logged as a row of their own
+        (the initial model, step 0)."""
+        from mcore_rl.trainer.validation import val_line, validate
+
+        m = validate(self)
+        _say(val_line(self.step, m))
+        if history is not None:
+            history.append({"step": self.step, **m})
+        if tracker is not None:
+            tracker.log(self.step, m)
+        return m
 
     def _on_sigterm(self, signum, frame) -> None:
         if not self._term_requested:

@@ -4,7 +4,9 @@ Each rank works on its training shard (`Shard`, whole prompts; the same on the r
 model-parallel group) and keeps the results there: nothing per-token crosses DP ranks. Losses
 are normalised by the counts of the whole mini-batch (tokens or sequences, all-reduced over
 DP by the caller), which makes the gradient independent of the TP/PP/DP layout and of the
-micro-batch size; metrics are all-reduced scalars.
+micro-batch size; metrics are all-reduced scalars. The rollout correction
+(`algorithm.rollout_is*`) is computed on each rank's own shard: its weights multiply the policy
+loss, and the tokens it rejects leave the actor's loss and those counts.
 """
 
 from __future__ import annotations
@@ -13,8 +15,17 @@ import math
 
 import torch
 
-from mcore_rl.algorithms import agg_loss, get_policy_loss, kl_penalty, policy_loss, value_loss
-from mcore_rl.distributed.comm import agree, all_reduce_scalars, group_size
+from mcore_rl.algorithms import (
+    agg_loss,
+    get_policy_loss,
+    kl_penalty,
+    mismatch_metrics,
+    mismatch_sums,
+    policy_loss,
+    rollout_is_weights,
+    value_loss,
+)
+from mcore_rl.distributed.comm import agree, all_reduce, all_reduce_scalars, group_size
 from mcore_rl.models.forward import run_microbatches, vocab_parallel_logprobs
 from mcore_rl.trainer.batch import Shard
 
@@ -25,9 +36,12 @@ def _device():
     return device()
 
 
-def _micro_batches(shard: Shard, rows: range, micro: int, keys) -> list[dict]:
+def _micro_batches(shard: Shard, rows: range, micro: int, keys, cols: dict | None = None) -> list[dict]:
+    """Micro-batches of `keys` over `rows`, on the device; `cols` gives columns (or a loss mask)
+    that replace the shard's own."""
     dev = _device()
-    cols = {k: (shard.mask if k == "mask" else getattr(shard, k)) for k in keys}
+    given = cols or {}
+    cols = {k: given[k] if k in given else shard.mask if k == "mask" else getattr(shard, k) for k in keys}
     return [{k: cols[k][i:min(i + micro, rows.stop)].to(dev) for k in keys} for i in range(rows.start, rows.stop, micro)]
 
 
@@ -92,14 +106,34 @@ def _finite(out: list[dict], key: str) -> bool:
     return all(math.isfinite(float(o[key])) for o in out)
 
 
-def mini_batch_denominators(shard: Shard, minis: list[range], agg: str, dp_group) -> list[float]:
+def mini_batch_denominators(shard: Shard, minis: list[range], agg: str, dp_group,
+                            mask: torch.Tensor | None = None) -> list[float]:
     """Each mini-batch's loss denominator over all DP ranks: its valid tokens ("token-mean") or
-    its sequences (the "seq-mean-*" modes). One all-reduce for the whole step."""
-    if agg != "token-mean":
-        return [float(len(rows) * group_size(dp_group)) for rows in minis]
+    its sequences (the "seq-mean-*" modes). One all-reduce for the whole step. `mask` (default
+    the response mask) is the loss mask: sequences rejected by the rollout correction drop out."""
+    if mask is None:
+        if agg != "token-mean":
+            return [float(len(rows) * group_size(dp_group)) for rows in minis]
+        mask = shard.mask
+    per = [mask[rows.start:rows.stop] for rows in minis]
+    local = [float(m.sum() if agg == "token-mean" else m.any(-1).sum()) for m in per]
+    return [max(c, 1.0) for c in all_reduce_scalars(local, dp_group)]
+
+
+def rollout_correction(shard: Shard, alg, dp_group) -> tuple[torch.Tensor | None, torch.Tensor | None, dict]:
+    """(importance weights, loss mask) of this rank's shard, both None unless
+    `algorithm.rollout_is`, and the step's rollout/training mismatch metrics (over DP)."""
+    kw = dict(threshold=alg.rollout_is_threshold, threshold_lower=alg.rollout_is_threshold_lower,
+              level=alg.rollout_is_level, mode=alg.rollout_is_mode, veto_threshold=alg.rollout_is_veto_threshold)
     mask = shard.mask
-    counts = all_reduce_scalars([float(mask[rows.start:rows.stop].sum()) for rows in minis], dp_group)
-    return [max(c, 1.0) for c in counts]
+    sums, lo, hi = mismatch_sums(shard.old_logp, shard.rollout_logprobs, mask, **kw)
+    sums = all_reduce(sums, dp_group)
+    neg_lo, hi = all_reduce(torch.stack([-lo, hi]), dp_group, op="max").unbind()
+    metrics = mismatch_metrics(sums, -neg_lo, hi, with_is=True)
+    if not alg.rollout_is:
+        return None, None, metrics
+    weights, keep = rollout_is_weights(shard.old_logp, shard.rollout_logprobs, mask, **kw)
+    return weights, keep, metrics
 
 
 def update_actor(actor, opt, shard: Shard, cfg, minis: list[range], dp_group) -> dict[str, float]:
@@ -109,22 +143,28 @@ def update_actor(actor, opt, shard: Shard, cfg, minis: list[range], dp_group) ->
     agg = a.loss_agg_mode
     use_kl = a.use_kl_loss and shard.ref_logp is not None
     want_ent = a.entropy_coeff != 0
-    keys = ["input_ids", "old_logp", "advantages", "mask"] + (["ref_logp"] if use_kl else [])
-    denoms = mini_batch_denominators(shard, minis, agg, dp_group)
+    # rollout correction: weights in the policy loss; rejected tokens leave the whole actor loss
+    is_weights, keep, mismatch = rollout_correction(shard, cfg.algorithm, dp_group)
+    cols = {} if keep is None else {"mask": keep, "is_weights": is_weights}
+    keys = ["input_ids", "old_logp", "advantages", "mask"] + (["ref_logp"] if use_kl else []) + \
+        (["is_weights"] if cols else [])
+    denoms = mini_batch_denominators(shard, minis, agg, dp_group, keep)
+    # GSPO always aggregates seq-mean-token-mean: its denominator is the mini-batch's sequence count
+    gspo = a.policy_loss == "gspo"
+    pg_denoms = mini_batch_denominators(shard, minis, "seq-mean-token-mean", dp_group, keep) if gspo else denoms
     history, bad = [], 0
     norm_len = cfg.data.max_response_length  # Dr.GRPO's constant: the response budget, not the padded length
     for _ in range(a.ppo_epochs):
-        for rows, denom in zip(minis, denoms):
+        for rows, denom, pg_denom in zip(minis, denoms, pg_denoms):
 
-            def fn(logits, mb, denom=denom, rows=rows):
+            def fn(logits, mb, denom=denom, pg_denom=pg_denom):
                 logp, ent = vocab_parallel_logprobs(logits[:, :-1], mb["input_ids"][:, 1:], spec.vocab_size, True)
                 mask = mb["mask"]
-                # GSPO always aggregates seq-mean-token-mean: its denominator is the mini-batch's sequence count
                 pg_fn = policy_loss if a.policy_loss == "vanilla" else get_policy_loss(a.policy_loss)
-                pg_denom = float(len(rows) * group_size(dp_group)) if a.policy_loss == "gspo" else denom
-                pg, m = pg_fn(logp, mb["old_logp"], mb["advantages"], mask, clip_low=a.clip_ratio_low,
-                              clip_high=a.clip_ratio_high, dual_clip_c=a.clip_ratio_c, agg=agg,
-                              denominator=pg_denom, norm_len=norm_len)
+                pg, m = pg_fn(
+                    logp, mb["old_logp"], mb["advantages"], mask, clip_low=a.clip_ratio_low,
+                    clip_high=a.clip_ratio_high, dual_clip_c=a.clip_ratio_c, agg=agg, denominator=pg_denom,
+                    norm_len=norm_len, is_weights=mb.get("is_weights"))
                 loss = pg
                 ent_loss = agg_loss(ent, mask, agg, denominator=denom, norm_len=norm_len)
                 if want_ent:
@@ -139,7 +179,7 @@ def update_actor(actor, opt, shard: Shard, cfg, minis: list[range], dp_group) ->
                 metrics["actor/loss"] = loss.detach()
                 return loss, metrics
 
-            out = run_microbatches(actor, _micro_batches(shard, rows, a.ppo_micro_batch_size_per_gpu, keys), fn)
+            out = run_microbatches(actor, _micro_batches(shard, rows, a.ppo_micro_batch_size_per_gpu, keys, cols), fn)
             ok, grad_norm = _step(actor, opt, _finite(out, "actor/loss"))
             bad += not ok
             names = ("actor/loss", "actor/pg_loss", "actor/entropy") + (("actor/kl_loss",) if use_kl else ())
@@ -149,7 +189,7 @@ def update_actor(actor, opt, shard: Shard, cfg, minis: list[range], dp_group) ->
             history.append({**summed, **m, "actor/grad_norm": grad_norm})
     result = {k: sum(h[k] for h in history) / len(history) for k in history[0]}
     result["actor/skipped_updates"] = bad
-    return result
+    return {**result, **mismatch}
 
 
 def update_critic(critic, opt, shard: Shard, cfg, minis: list[range], dp_group) -> dict[str, float]:
