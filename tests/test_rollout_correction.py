@@ -238,7 +238,7 @@ def test_config_checks():
     for bad, msg in ((["algorithm.rollout_is=true", "algorithm.rollout_is_threshold=null"], "cannot be null"),
                      (["algorithm.rollout_is_mode=clip"], "truncate, mask"),
                      (["algorithm.rollout_is_level=seq"], "token, sequence, geometric"),
-                     (["algorithm.rollout_is_threshold=0"], "positive number"),
+                     (["algorithm.rollout_is_threshold=0"], "must be a number > 0"),
                      (["algorithm.rollout_is_threshold=2", "algorithm.rollout_is_threshold_lower=3"], "is above"),
                      (["actor_rollout_ref.rollout.logprobs_mode=processed"], "raw_logprobs, processed_logprobs")):
         with pytest.raises(ConfigError, match=msg):

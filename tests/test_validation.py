@@ -64,7 +64,7 @@ def test_config_checks():
     assert cfg.data.val_files is None and cfg.trainer.test_freq == -1  # no validation by default
     with pytest.raises(ConfigError, match="trainer.test_freq=5 needs data.val_files"):
         load_config(None, ["trainer.test_freq=5"])
-    with pytest.raises(ConfigError, match="val_kwargs.n=0 must be >= 1"):
+    with pytest.raises(ConfigError, match="val_kwargs.n=0: must be an integer >= 1"):
         load_config(None, ["actor_rollout_ref.rollout.val_kwargs.n=0"])
 
 

@@ -179,8 +179,6 @@ def _check_settings(cfg: DictConfig) -> None:
     problems += schedule_problems(cfg.critic.optim, cfg.trainer.max_steps, "critic.optim")
     if cfg.trainer.test_freq > 0 and cfg.data.val_files is None:
         problems.append(f"trainer.test_freq={cfg.trainer.test_freq} needs data.val_files (toy: the toy task's split)")
-    if cfg.actor_rollout_ref.rollout.val_kwargs.n < 1:
-        problems.append(f"actor_rollout_ref.rollout.val_kwargs.n={cfg.actor_rollout_ref.rollout.val_kwargs.n} must be >= 1")
     if problems:
         raise ConfigError("; ".join(problems))
 
