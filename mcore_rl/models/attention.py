@@ -1,18 +1,33 @@
-"""Core attention through `F.scaled_dot_product_attention` for the local (non-TE) spec.
+"""Core attention through torch kernels for the local (non-TE) spec, padded or packed.
 
 megatron-core's local `DotProductAttention` materialises the full [b*heads, s, s] score
-matrix with an fp32 softmax: at 4k tokens it is the memory and speed limit (FIELD_NOTES:
-13.6% MFU, OOM at 4x4096). SDPA dispatches to flash / memory-efficient kernels on GPU and
-a fused kernel on CPU. It plugs into the spec's `core_attention` slot with the same
-constructor and forward signature. Causal masking only: right-padded batches need no mask
+matrix with an fp32 softmax: at 4k tokens it is the memory and speed limit (13.6% MFU, OOM
+at 4x4096 on an H100). SDPA dispatches to flash / memory-efficient kernels on GPU and a
+fused kernel on CPU. `SDPAttention` plugs into the spec's `core_attention` slot with the same
+constructor and forward signature.
+
+Padded input ([s, b, heads, d]): causal masking only; right-padded batches need no mask
 because valid tokens never attend to the padding that follows them.
+
+Packed input (THD, `packed_seq_params` with `cu_seqlens`; megatron hands q/k/v as
+[t, heads, d]): causal within each sequence, nothing across. Kernels, by preference
+(`MCORE_RL_PACKED_ATTENTION=varlen|flex|sdpa` picks one):
+- varlen: torch's variable-length flash-attention (`torch.nn.attention.varlen`), CUDA, bf16/fp16;
+- flex: FlexAttention with a document-causal block mask, compiled (CUDA);
+- sdpa: one SDPA call per sequence; the CPU path, and the exact twin of the padded path.
 """
 
 from __future__ import annotations
 
+import inspect
+import os
+import warnings
+
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
+
+PACKED_KERNELS = ("auto", "varlen", "flex", "sdpa")
 
 
 class SDPAttention(MegatronModule):
@@ -26,13 +41,131 @@ class SDPAttention(MegatronModule):
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None, **kwargs):
+        dropout = self.dropout if self.training else 0.0
         if packed_seq_params is not None:
-            raise NotImplementedError("SDPAttention does not take packed sequences")
+            if packed_seq_params.qkv_format != "thd":
+                raise NotImplementedError(f"SDPAttention takes packed sequences in THD format, "
+                                          f"not {packed_seq_params.qkv_format!r}")
+            return packed_attention(query, key, value, packed_seq_params, self.softmax_scale, dropout)
         # [s, b, heads, d] -> [b, heads, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, scale=self.softmax_scale,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=q.size(1) != k.size(1))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale, dropout_p=dropout,
+                                             enable_gqa=q.size(1) != k.size(1))
         s, b = query.size(0), query.size(1)
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+
+# ------------------------------------------------------------------ packed (THD) kernels
+def packed_attention(q, k, v, params, scale=None, dropout: float = 0.0, kernel: str | None = None) -> torch.Tensor:
+    """Causal attention within each packed sequence: q [t, hq, d], k/v [t, hkv, d] -> [t, hq * d]."""
+    kernel = kernel or packed_kernel(q, dropout)
+    if kernel == "varlen":
+        out = _varlen(q, k, v, params, scale)
+    elif kernel == "flex":
+        out = _flex(q, k, v, params, scale)
+    else:
+        out = _per_sequence(q, k, v, params, scale, dropout)
+    return out.reshape(q.size(0), -1)
+
+
+def packed_kernel(q: torch.Tensor, dropout: float = 0.0) -> str:
+    """The kernel for this input: the env's choice, else the fastest one that runs here."""
+    want = os.environ.get("MCORE_RL_PACKED_ATTENTION", "auto").strip().lower()
+    if want not in PACKED_KERNELS:
+        raise ValueError(f"MCORE_RL_PACKED_ATTENTION={want!r}: must be one of {', '.join(PACKED_KERNELS)}")
+    if want != "auto":
+        return want
+    if not q.is_cuda or dropout > 0:
+        return "sdpa"
+    if q.dtype in (torch.bfloat16, torch.float16) and _varlen_fn() is not None:
+        return "varlen"
+    return "flex" if _flex_fn() is not None else "sdpa"
+
+
+def _bounds(params) -> list[int]:
+    b = getattr(params, "mcore_rl_bounds", None)
+    return b if b is not None else params.cu_seqlens_q.tolist()
+
+
+def _per_sequence(q, k, v, params, scale, dropout):
+    b = _bounds(params)
+    gqa = q.size(1) != k.size(1)
+    outs = []
+    for s, e in zip(b[:-1], b[1:]):
+        qi, ki, vi = (t[s:e].transpose(0, 1)[None] for t in (q, k, v))  # [1, heads, len, d]
+        o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, dropout_p=dropout, enable_gqa=gqa)
+        outs.append(o[0].transpose(0, 1))
+    return torch.cat(outs) if outs else q.new_zeros(q.shape)
+
+
+_VARLEN: list = []
+
+
+def _varlen_fn():
+    """torch's varlen flash attention and how to ask it for causal masking / GQA (its signature
+    changed between torch releases), or None where torch has none."""
+    if not _VARLEN:
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+
+            params = inspect.signature(varlen_attn).parameters
+            _VARLEN.append((varlen_attn, "window_size" in params, "enable_gqa" in params))
+        except Exception:
+            _VARLEN.append(None)
+    return _VARLEN[0]
+
+
+def _varlen(q, k, v, params, scale):
+    fn, windowed, has_gqa = _varlen_fn()
+    kw = {"scale": scale}
+    kw.update({"window_size": (-1, 0)} if windowed else {"is_causal": True})
+    if q.size(1) != k.size(1):
+        if has_gqa:
+            kw["enable_gqa"] = True
+        else:  # the flash kernel reads grouped heads natively; older wrappers check the head counts
+            rep = q.size(1) // k.size(1)
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    cu = params.cu_seqlens_q.to(device=q.device, dtype=torch.int32)
+    return fn(q, k, v, cu, cu, params.max_seqlen_q, params.max_seqlen_kv, **kw)
+
+
+_FLEX: dict = {}
+
+
+def _flex_fn():
+    if "fn" not in _FLEX:
+        try:
+            from torch.nn.attention.flex_attention import flex_attention
+
+            _FLEX["fn"] = torch.compile(flex_attention, dynamic=True) if torch.cuda.is_available() else flex_attention
+        except Exception as e:  # pragma: no cover - torch without FlexAttention
+            warnings.warn(f"FlexAttention unavailable: {e}")
+            _FLEX["fn"] = None
+    return _FLEX["fn"]
+
+
+def _document_mask(params, t: int, device):
+    """The block mask of causal attention within each sequence, built once per micro-batch (every
+    layer reuses it)."""
+    cached = getattr(params, "mcore_rl_block_mask", None)
+    if cached is not None:
+        return cached
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    b = _bounds(params)
+    doc = torch.repeat_interleave(torch.arange(len(b) - 1, device=device),
+                                  torch.tensor([e - s for s, e in zip(b[:-1], b[1:])], device=device))
+
+    def causal_within(bi, h, q_idx, kv_idx):
+        return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
+
+    mask = create_block_mask(causal_within, None, None, t, t, device=device)
+    params.mcore_rl_block_mask = mask
+    return mask
+
+
+def _flex(q, k, v, params, scale):
+    mask = _document_mask(params, q.size(0), q.device)
+    qh, kh, vh = (x.transpose(0, 1)[None] for x in (q, k, v))  # [1, heads, t, d]
+    out = _flex_fn()(qh, kh, vh, block_mask=mask, scale=scale, enable_gqa=q.size(1) != k.size(1))
+    return out[0].transpose(0, 1)
