@@ -105,6 +105,39 @@ def test_packed_attention_is_causal_within_each_sequence(kernel):
     assert k.grad[~outside].abs().max() > 0
 
 
+def test_packed_rope_equals_megatrons_per_sequence_rope():
+    """One rotary kernel over the packed row (freqs gathered at each token's position in its
+    sequence) gives megatron-core's per-sequence THD RoPE, bit for bit."""
+    from megatron.core.models.common.embeddings import rope_utils
+    from megatron.core.transformer import TransformerConfig
+
+    import megatron.core.transformer.attention as mattn
+    from mcore_rl.models.attention import install_packed_rope, packed_positions
+
+    install_packed_rope()
+    lens = [5, 1, 17, 9]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    assert packed_positions(cu, 32).tolist() == [p for n in lens for p in range(n)]
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(32, 4, 16, generator=g)
+    inv = 1.0 / 10000 ** (torch.arange(0, 16, 2).float() / 16)
+    freqs = torch.outer(torch.arange(max(lens)).float(), inv)
+    freqs = torch.cat([freqs, freqs], -1)[:, None, None, :]  # [max_len, 1, 1, d], as megatron's table
+    config = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4)
+
+    class OneRank:
+        def size(self):
+            return 1
+
+        def rank(self):
+            return 0
+
+    want = rope_utils._apply_rotary_pos_emb_thd(t, cu, freqs, cp_group=OneRank())
+    got = mattn.apply_rotary_pos_emb(t, freqs, config=config, cu_seqlens=cu, cp_group=OneRank())
+    assert torch.equal(got, want)
+    assert not torch.equal(got, rope_utils._apply_rotary_pos_emb_bshd(t.unsqueeze(1), freqs[:1].expand(32, -1, -1, -1))[:, 0])
+
+
 # ---------------------------------------------------------------- the models, packed vs padded
 P_MAX, R_MAX, ROWS = 6, 10, 16  # per DP rank: 16 rows, two mini-batches of 8
 BUDGET = 40                     # a few packed micro-batches of different lengths per mini-batch

@@ -15,6 +15,12 @@ Packed input (THD, `packed_seq_params` with `cu_seqlens`; megatron hands q/k/v a
 - varlen: torch's variable-length flash-attention (`torch.nn.attention.varlen`), CUDA, bf16/fp16;
 - flex: FlexAttention with a document-causal block mask, compiled (CUDA);
 - sdpa: one SDPA call per sequence; the CPU path, and the exact twin of the padded path.
+
+RoPE on packed input: megatron-core applies it sequence by sequence (a few small kernels per
+sequence, per layer, for q and k, after a host sync on `cu_seqlens`), which on a GPU costs
+about as much as the layer's matmuls when micro-batches hold dozens of sequences.
+`install_packed_rope` routes that case to one gather of the frequency table at each token's
+position in its sequence and one rotary kernel over the whole row: the same numbers.
 """
 
 from __future__ import annotations
@@ -169,3 +175,35 @@ def _flex(q, k, v, params, scale):
     qh, kh, vh = (x.transpose(0, 1)[None] for x in (q, k, v))  # [1, heads, t, d]
     out = _flex_fn()(qh, kh, vh, block_mask=mask, scale=scale, enable_gqa=q.size(1) != k.size(1))
     return out[0].transpose(0, 1)
+
+
+# ------------------------------------------------------------------ RoPE on packed rows
+def packed_positions(cu_seqlens: torch.Tensor, t: int) -> torch.Tensor:
+    """Each token's position within its sequence, [t] long, computed on cu_seqlens' device (no sync)."""
+    cu = cu_seqlens.to(torch.long)
+    idx = torch.arange(t, device=cu.device)
+    return idx - cu[torch.searchsorted(cu[1:], idx, right=True)]
+
+
+def install_packed_rope() -> None:
+    """Route megatron-core's THD RoPE (`apply_rotary_pos_emb` with `cu_seqlens`, as its attention
+    calls it) to one rotary kernel over the packed row; every other case goes to megatron's own."""
+    import megatron.core.transformer.attention as mattn
+    from megatron.core.models.common.embeddings import rope_utils
+
+    if getattr(mattn.apply_rotary_pos_emb, "mcore_rl_packed", False):
+        return
+    original = rope_utils.apply_rotary_pos_emb
+
+    def apply_rotary_pos_emb(t, freqs, config, cu_seqlens=None, mscale=1.0, cp_group=None, **kwargs):
+        flat = (cu_seqlens is not None and not kwargs and not config.apply_rope_fusion
+                and not config.multi_latent_attention and (cp_group is None or cp_group.size() == 1)
+                and not (cu_seqlens.numel() > 2 and freqs.size(0) == t.size(0)))  # not the exact-offset table
+        if not flat:
+            return original(t, freqs, config, cu_seqlens=cu_seqlens, mscale=mscale, cp_group=cp_group, **kwargs)
+        per_token = freqs[packed_positions(cu_seqlens, t.size(0)).to(freqs.device)]  # [t, 1, 1, d]
+        return rope_utils._apply_rotary_pos_emb_bshd(t.unsqueeze(1), per_token, rotary_interleaved=config.rotary_interleaved,
+                                                     mscale=mscale).squeeze(1)
+
+    apply_rotary_pos_emb.mcore_rl_packed = True
+    mattn.apply_rotary_pos_emb = apply_rotary_pos_emb
