@@ -65,13 +65,23 @@ class SDPAttention(MegatronModule):
 def packed_attention(q, k, v, params, scale=None, dropout: float = 0.0, kernel: str | None = None) -> torch.Tensor:
     """Causal attention within each packed sequence: q [t, hq, d], k/v [t, hkv, d] -> [t, hq * d]."""
     kernel = kernel or packed_kernel(q, dropout)
-    if kernel == "varlen":
-        out = _varlen(q, k, v, params, scale)
-    elif kernel == "flex":
-        out = _flex(q, k, v, params, scale)
-    else:
+    if kernel == "sdpa":
         out = _per_sequence(q, k, v, params, scale, dropout)
+    else:
+        try:
+            out = (_varlen if kernel == "varlen" else _flex)(q, k, v, params, scale)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # a torch build whose kernel does not run here: say so once, use the next one
+            if kernel in _BROKEN or os.environ.get("MCORE_RL_PACKED_ATTENTION", "auto") != "auto":
+                raise
+            _BROKEN[kernel] = f"{type(e).__name__}: {str(e)[:200]}"
+            warnings.warn(f"packed attention: the {kernel} kernel failed ({_BROKEN[kernel]}); using another")
+            return packed_attention(q, k, v, params, scale, dropout)
     return out.reshape(q.size(0), -1)
+
+
+_BROKEN: dict[str, str] = {}
 
 
 def packed_kernel(q: torch.Tensor, dropout: float = 0.0) -> str:
@@ -83,9 +93,9 @@ def packed_kernel(q: torch.Tensor, dropout: float = 0.0) -> str:
         return want
     if not q.is_cuda or dropout > 0:
         return "sdpa"
-    if q.dtype in (torch.bfloat16, torch.float16) and _varlen_fn() is not None:
+    if q.dtype in (torch.bfloat16, torch.float16) and "varlen" not in _BROKEN and _varlen_fn() is not None:
         return "varlen"
-    return "flex" if _flex_fn() is not None else "sdpa"
+    return "flex" if "flex" not in _BROKEN and _flex_fn() is not None else "sdpa"
 
 
 def _bounds(params) -> list[int]:
