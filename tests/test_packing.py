@@ -60,6 +60,19 @@ def test_balance_order_keeps_mini_batches_and_evens_tokens():
     assert balance_order(order, tokens, mini, 1) == order
 
 
+def test_budget_below_the_longest_sequence_fails_at_start():
+    from mcore_rl.config import ConfigError, check_sizes, load_config
+
+    cfg = load_config(None, ["data.max_prompt_length=100", "data.max_response_length=400",
+                             "actor_rollout_ref.ref.log_prob_max_token_len_per_gpu=499"])
+    with pytest.raises(ConfigError, match=r"ref.log_prob_max_token_len_per_gpu=499 is below the longest sequence.* 500"):
+        check_sizes(cfg, 1)
+    check_sizes(load_config(None, ["data.max_prompt_length=100", "data.max_response_length=400",
+                                   "actor_rollout_ref.ref.log_prob_max_token_len_per_gpu=500"]), 1)
+    check_sizes(load_config(None, ["actor_rollout_ref.actor.use_dynamic_bsz=false",  # padded: no budget
+                                   "actor_rollout_ref.ref.log_prob_max_token_len_per_gpu=1"]), 1)
+
+
 # ---------------------------------------------------------------- attention
 def _reference_attention(q, k, v, bounds):
     """Causal softmax attention within each sequence, float64, written out."""
