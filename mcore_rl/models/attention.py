@@ -124,21 +124,24 @@ def _varlen_fn():
         try:
             from torch.nn.attention.varlen import varlen_attn
 
-            params = inspect.signature(varlen_attn).parameters
-            _VARLEN.append((varlen_attn, "window_size" in params, "enable_gqa" in params))
+            params = inspect.signature(varlen_attn).parameters  # 2.10: is_causal; 2.11: window_size, scale; 2.12: enable_gqa
+            _VARLEN.append((varlen_attn, "window_size" in params, "enable_gqa" in params, "scale" in params))
         except Exception:
             _VARLEN.append(None)
     return _VARLEN[0]
 
 
 def _varlen(q, k, v, params, scale):
-    fn, windowed, has_gqa = _varlen_fn()
-    kw = {"scale": scale}
-    kw.update({"window_size": (-1, 0)} if windowed else {"is_causal": True})
+    fn, windowed, has_gqa, has_scale = _varlen_fn()
+    kw = {"window_size": (-1, 0)} if windowed else {"is_causal": True}
+    if scale is not None:  # None: the kernel's default, 1/sqrt(head size), as SDPA's
+        if not has_scale:
+            raise NotImplementedError("this torch's varlen_attn takes no softmax scale")
+        kw["scale"] = scale
     if q.size(1) != k.size(1):
         if has_gqa:
             kw["enable_gqa"] = True
-        else:  # the flash kernel reads grouped heads natively; older wrappers check the head counts
+        else:  # no GQA switch in this torch: repeat the KV heads
             rep = q.size(1) // k.size(1)
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     cu = params.cu_seqlens_q.to(device=q.device, dtype=torch.int32)
