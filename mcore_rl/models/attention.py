@@ -178,7 +178,8 @@ def _document_mask(params, t: int, device):
     def causal_within(bi, h, q_idx, kv_idx):
         return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
 
-    mask = create_block_mask(causal_within, None, None, t, t, device=device)
+    # compiled on CUDA: the eager builder materialises t x t entries (GBs at 16k tokens)
+    mask = create_block_mask(causal_within, None, None, t, t, device=device, _compile=device.type == "cuda")
     params.mcore_rl_block_mask = mask
     return mask
 
