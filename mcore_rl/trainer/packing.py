@@ -62,14 +62,15 @@ def balance_order(order: Sequence[int], tokens: Sequence[float], mini: int, dp: 
     out = []
     for i in range(0, len(order), mini):
         chunk = order[i:i + mini]
+        at = {p: j for j, p in enumerate(chunk)}
         per = len(chunk) // dp
         ranks: list[list[int]] = [[] for _ in range(dp)]
         load = [0.0] * dp
-        for p in sorted(chunk, key=lambda p: (-float(tokens[p]), chunk.index(p))):
+        for p in sorted(chunk, key=lambda p: (-float(tokens[p]), at[p])):
             d = min((d for d in range(dp) if len(ranks[d]) < per), key=lambda d: (load[d], d))
             ranks[d].append(p)
             load[d] += float(tokens[p])
-        out += [p for r in ranks for p in sorted(r, key=chunk.index)]
+        out += [p for r in ranks for p in sorted(r, key=at.get)]
     return out
 
 
