@@ -24,12 +24,17 @@ from mcore_rl.trainer.packing import balance_order, dp_imbalance, token_budget_b
 
 # ---------------------------------------------------------------- grouping and balancing
 def realistic_lengths(n: int, max_len: int, seed: int = 0) -> list[int]:
-    """Lognormal lengths with mean a quarter of `max_len`, 10% of them at `max_len` (as the benchmark draws)."""
-    rng = random.Random(seed)
-    sigma = 1.0
-    mu = math.log(0.25 * max_len) - sigma ** 2 / 2
-    return [max_len if rng.random() < 0.1 else max(1, min(max_len, round(rng.lognormvariate(mu, sigma))))
-            for _ in range(n)]
+    """Response lengths as `benchmarks/grpo_step.py --lengths realistic` draws them (mean a quarter
+    of `max_len`, a tenth at `max_len`, lognormal in between)."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "grpo_step.py")
+    spec = importlib.util.spec_from_file_location("grpo_step_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    draw = bench.length_sampler(max_len, random.Random(seed))
+    return [draw() for _ in range(n)]
 
 
 def test_token_budget_bins_cover_every_row_within_the_budget():
@@ -46,12 +51,14 @@ def test_token_budget_bins_cover_every_row_within_the_budget():
 
 def test_balance_order_keeps_mini_batches_and_evens_tokens():
     dp, mini, n = 8, 32, 8  # 32 prompts a mini-batch, 8 samples each, over 8 DP ranks: 4 prompts a rank
+    lens = realistic_lengths(128 * n * 5, 4096)
+    assert abs(sum(lens) / len(lens) / 4096 - 0.25) < 0.02 and 0.1 <= lens.count(4096) / len(lens) < 0.13
     for seed in range(5):
         rng = random.Random(seed)
         order = list(range(128))
         rng.shuffle(order)
-        sample_lens = realistic_lengths(128 * n, 4096, seed)
-        tokens = [sum(sample_lens[p * n:(p + 1) * n]) + 8 * 128 for p in range(128)]  # responses + prompts
+        sample_lens = lens[seed * 128 * n:(seed + 1) * 128 * n]
+        tokens = [sum(sample_lens[p * n:(p + 1) * n]) + n * 128 for p in range(128)]  # responses + prompts
         out = balance_order(order, tokens, mini, dp)
         for i in range(0, 128, mini):
             assert sorted(out[i:i + mini]) == sorted(order[i:i + mini])  # same prompts in each mini-batch
