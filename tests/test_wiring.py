@@ -95,10 +95,12 @@ def _recording_step(grads: list):
 # ---------------------------------------------------------------- 1. micro-batch size
 def _micro_worker(model, reward, out):
     metrics = {}
-    for micro in (4, 16):
+    # padded micro-batches of 4 and 16 rows; packed ones of at most 24 real tokens (several a mini-batch)
+    for micro, dyn in ((4, "false"), (16, "false"), ("packed", "true")):
         # 16 prompts x 2 samples, mini-batches of 8 prompts (16 rows): two updates, the second at ratio != 1
         tr = _trainer(f"{out}/micro{micro}", model, reward, "data.train_batch_size=16",
-                      f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={micro}",
+                      f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={4 if micro == 'packed' else micro}",
+                      f"actor_rollout_ref.actor.use_dynamic_bsz={dyn}", "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=24",
                       "actor_rollout_ref.actor.use_kl_loss=true", "actor_rollout_ref.actor.kl_loss_coef=0.5",
                       "actor_rollout_ref.actor.entropy_coeff=0.01")
         tr.step = 1
@@ -109,16 +111,18 @@ def _micro_worker(model, reward, out):
 
 @pytest.mark.train
 def test_loss_does_not_depend_on_micro_batch_size(setup, tmp_path):
-    """The same step at micro-batch 4 (4 micro-batches per mini-batch) and 16 (one): same loss,
-    policy loss, KL loss, entropy and gradient norm. A denominator per micro-batch (instead of the
-    mini-batch's token count) scales the 4-micro-batch loss and gradient."""
+    """The same step at micro-batch 4 (4 micro-batches per mini-batch), 16 (one) and packed into
+    micro-batches of at most 24 real tokens: same loss, policy loss, KL loss, entropy and gradient
+    norm. A denominator per micro-batch (instead of the mini-batch's token count) scales the
+    4-micro-batch loss and gradient."""
     m = run_ranks(_micro_worker, 1, *setup, str(tmp_path))[0]
-    a, b = m[4], m[16]
-    for k in ("reward/mean", "response/length_mean"):  # the same rollout
-        assert a[k] == b[k], (k, a[k], b[k])
+    b = m[16]
     assert abs(b["actor/pg_loss"]) > 1e-4 and b["actor/grad_norm"] > 1e-3  # something to compare
-    for k in ("actor/loss", "actor/pg_loss", "actor/kl_loss", "actor/entropy", "actor/grad_norm"):
-        assert math.isclose(a[k], b[k], rel_tol=1e-5, abs_tol=1e-8), (k, a[k], b[k])
+    for a in (m[4], m["packed"]):
+        for k in ("reward/mean", "response/length_mean"):  # the same rollout
+            assert a[k] == b[k], (k, a[k], b[k])
+        for k in ("actor/loss", "actor/pg_loss", "actor/kl_loss", "actor/entropy", "actor/grad_norm"):
+            assert math.isclose(a[k], b[k], rel_tol=1e-5, abs_tol=1e-8), (k, a[k], b[k])
 
 
 # ---------------------------------------------------------------- 2. KL loss gradient

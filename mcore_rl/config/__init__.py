@@ -292,6 +292,15 @@ def check_sizes(cfg: DictConfig, world_size: int, spec=None) -> None:
         if mini % (dp * micro):
             problems.append(f"mini-batch of {mini} sequences (ppo_mini_batch_size={a.actor.ppo_mini_batch_size} x "
                             f"rollout.n={n}) is not divisible by DP={dp} x {name}={micro}")
+    if a.actor.use_dynamic_bsz:
+        longest = cfg.data.max_prompt_length + cfg.data.max_response_length
+        for name, budget in (("actor.ppo_max_token_len_per_gpu", a.actor.ppo_max_token_len_per_gpu),
+                             ("rollout.log_prob_max_token_len_per_gpu", a.rollout.log_prob_max_token_len_per_gpu),
+                             ("ref.log_prob_max_token_len_per_gpu", a.ref.log_prob_max_token_len_per_gpu),
+                             ("critic.ppo_max_token_len_per_gpu", cfg.critic.ppo_max_token_len_per_gpu)):
+            if budget < longest:
+                problems.append(f"{name}={budget} is below the longest sequence, max_prompt_length + "
+                                f"max_response_length = {longest} (actor.use_dynamic_bsz packs whole sequences)")
     if cfg.algorithm.adv_estimator in ("grpo", "rloo", "reinforce_plus_plus_baseline") and n < 2:
         problems.append(f"algorithm.adv_estimator={cfg.algorithm.adv_estimator} needs rollout.n >= 2 (got {n})")
     t = cfg.trainer

@@ -57,6 +57,9 @@ def transformer_config(spec: ArchSpec, dtype: torch.dtype = torch.float32, **ove
 def layer_spec(spec: ArchSpec, transformer_impl: str = "local"):
     from megatron.core.models.gpt import gpt_layer_specs
 
+    from mcore_rl.models.attention import install_packed_rope
+
+    install_packed_rope()  # packed micro-batches: one RoPE kernel per row, not one per sequence
     if transformer_impl == "transformer_engine":
         if not te_available():
             raise RuntimeError("transformer_impl=transformer_engine but transformer_engine is not importable; "

@@ -275,11 +275,13 @@ def _broadcast_from_last_stage(obj):
     return box[0]
 
 
-def run_microbatches(model, micro_batches: list[dict], loss_fn: Callable, forward_only: bool = False,
-                     extra_inputs: Callable | None = None) -> list[dict]:
-    """Run `micro_batches` (dicts with `input_ids` [b, s] and whatever `loss_fn` needs) through
-    `model` (a GPTModel or its DDP wrapper). `loss_fn(output, mb) -> (loss, metrics_dict)`;
-    returns the metrics dicts (tensors moved to CPU) on every rank."""
+def run_microbatches(model, micro_batches: list[dict], loss_fn: Callable, forward_only: bool = False) -> list[dict]:
+    """Run `micro_batches` through `model` (a GPTModel or its DDP wrapper). `loss_fn(output, mb)
+    -> (loss, metrics_dict)`; returns the metrics dicts (tensors moved to CPU) on every rank.
+
+    A micro-batch is padded (`input_ids` [b, s], all of one shape) or packed (`input_ids`
+    [1, t] with `position_ids` and THD `packed_seq_params`, trainer/packing.py; t may differ
+    between micro-batches: pipeline stages then exchange each activation's shape first)."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -289,15 +291,18 @@ def run_microbatches(model, micro_batches: list[dict], loss_fn: Callable, forwar
     spec = inner.mcore_rl_spec
     n = len(micro_batches)
     scale = n * (1 if forward_only else ps.get_data_parallel_world_size())
-    b, s = micro_batches[0]["input_ids"].shape
-    if any(mb["input_ids"].shape != (b, s) for mb in micro_batches):
-        raise ValueError("all micro-batches must have the same [batch, seq] shape (pad them)")
+    shapes = {tuple(mb["input_ids"].shape) for mb in micro_batches}
+    packed = "packed_seq_params" in micro_batches[0]
+    if len(shapes) > 1 and not packed:
+        raise ValueError("padded micro-batches must all have the same [batch, seq] shape (pad them, or pack them)")
+    b, s = max(shapes, key=lambda x: x[1])
     it = iter(micro_batches)
 
     def forward_step(data_iterator, m):
         mb = next(data_iterator)
         ids = mb["input_ids"]
-        out = m(ids, position_ids(spec, ids.size(0), ids.size(1), ids.device), None)
+        pos = mb["position_ids"] if "position_ids" in mb else position_ids(spec, ids.size(0), ids.size(1), ids.device)
+        out = m(ids, pos, None, packed_seq_params=mb.get("packed_seq_params"))
 
         def loss_func(output):
             loss, metrics = loss_fn(output, mb)
@@ -305,7 +310,13 @@ def run_microbatches(model, micro_batches: list[dict], loss_fn: Callable, forwar
 
         return out, loss_func
 
-    results = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=it, model=[model], num_microbatches=n,
-        seq_length=s, micro_batch_size=b, forward_only=forward_only)
+    config = inner.config
+    variable = config.variable_seq_lengths
+    config.variable_seq_lengths = len(shapes) > 1  # p2p shapes per message (PP) when micro-batches differ
+    try:
+        results = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=it, model=[model], num_microbatches=n,
+            seq_length=s, micro_batch_size=b, forward_only=forward_only)
+    finally:
+        config.variable_seq_lengths = variable
     return _broadcast_from_last_stage(results if ps.is_pipeline_last_stage() else None)

@@ -5,7 +5,8 @@ A rank never holds the step's whole batch: it holds the samples its rollout engi
 peers come through `to_bytes` / `from_bytes`). The n samples of a prompt stay together.
 
 Layout. `input_ids[i]` is prompt + response, right-padded to `prompt_len + response_len`
-(fixed, so every micro-batch has the same shape, which pipeline parallelism needs). All
+(fixed: rows travel between ranks without sizes; the models never compute on the padding when
+micro-batches are packed, packing.py). All
 per-token quantities (log-probs, values, advantages, `mask`) live in the *shifted* space
 of length L-1: position t scores token t+1 given tokens 0..t. `mask[i, t]` is 1 exactly
 where token t+1 is a response token.

@@ -28,6 +28,7 @@ from mcore_rl.config import check_sizes, to_plain
 from mcore_rl.distributed import comm
 from mcore_rl.rollout.base import Sampling
 from mcore_rl.trainer.batch import Sample, Shard, last_token_rewards, pad_batch
+from mcore_rl.trainer.packing import balance_order, dp_imbalance, sequence_lengths
 from mcore_rl.trainer.tracking import Tracker, console_line
 from mcore_rl.trainer.workers import compute_logprobs, compute_values, update_actor, update_critic
 
@@ -343,6 +344,17 @@ class PPOTrainer:
         kept = comm.all_reduce(flags).nonzero().squeeze(1).tolist()
         return self._trim(kept), len(kept) / batch_size
 
+    def _balance(self, local: Shard, order: list[int], batch_size: int) -> tuple[list[int], float]:
+        """`order` with each mini-batch's prompts dealt over DP ranks by tokens (packing.balance_order),
+        and the DP imbalance left; engines count their own prompts' tokens, one all-reduce agrees."""
+        tokens = torch.zeros(batch_size)
+        if self.layout.leads_engine and len(local):
+            tokens.index_add_(0, local.prompt_index, sequence_lengths(local).float())
+        tokens = comm.all_reduce(tokens).tolist()
+        mini = self.cfg.actor_rollout_ref.actor.ppo_mini_batch_size
+        order = balance_order(order, tokens, mini, self.layout.dp)
+        return order, dp_imbalance(order, tokens, mini, self.layout.dp)
+
     def _shard(self, local: Shard, order: list[int]) -> Shard:
         """This rank's training shard: its prompts of `order`, from its own engine's samples
         and those its peers send (the layout's plan; nothing moves when the shard is local)."""
@@ -386,6 +398,8 @@ class PPOTrainer:
         order = list(range(len(rows)))
         if cfg.algorithm.filter_groups.enable:
             order, metrics["filter/kept_fraction"] = self._dynamic_sampling(local, len(rows))
+        if a.actor.use_dynamic_bsz and self.layout.dp > 1:
+            order, metrics["perf/dp_token_imbalance"] = self._balance(local, order, len(rows))
         t = time.perf_counter()
         shard = self._shard(local, order)
         del local
@@ -393,11 +407,15 @@ class PPOTrainer:
         mask = shard.mask
 
         t = time.perf_counter()
-        shard.old_logp = compute_logprobs(self.actor, shard, a.rollout.log_prob_micro_batch_size_per_gpu)[0]
+        dyn = a.actor.use_dynamic_bsz  # token budgets instead of row counts
+        shard.old_logp = compute_logprobs(self.actor, shard, a.rollout.log_prob_micro_batch_size_per_gpu,
+                                          max_tokens=a.rollout.log_prob_max_token_len_per_gpu if dyn else None)[0]
         if self.need_ref:
-            shard.ref_logp = compute_logprobs(self.ref, shard, a.ref.log_prob_micro_batch_size_per_gpu)[0]
+            shard.ref_logp = compute_logprobs(self.ref, shard, a.ref.log_prob_micro_batch_size_per_gpu,
+                                              max_tokens=a.ref.log_prob_max_token_len_per_gpu if dyn else None)[0]
         if self.use_critic:
-            shard.old_values = compute_values(self.critic, shard, cfg.critic.ppo_micro_batch_size_per_gpu)
+            shard.old_values = compute_values(self.critic, shard, cfg.critic.ppo_micro_batch_size_per_gpu,
+                                              max_tokens=cfg.critic.ppo_max_token_len_per_gpu if dyn else None)
         metrics.update(self._shard_metrics(shard, mask))
         timing["timing/logprob"] = time.perf_counter() - t
 

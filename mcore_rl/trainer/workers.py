@@ -6,7 +6,10 @@ are normalised by the counts of the whole mini-batch (tokens or sequences, all-r
 DP by the caller), which makes the gradient independent of the TP/PP/DP layout and of the
 micro-batch size; metrics are all-reduced scalars. The rollout correction
 (`algorithm.rollout_is*`) is computed on each rank's own shard: its weights multiply the policy
-loss, and the tokens it rejects leave the actor's loss and those counts.
+loss, and the tokens it rejects leave the actor's loss and those counts. With
+`actor.use_dynamic_bsz` every pass runs on packed micro-batches of at most a token budget of real
+tokens (packing.py) instead of `*_micro_batch_size_per_gpu` padded rows: the same losses, no
+compute on padding.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from mcore_rl.algorithms import (
 from mcore_rl.distributed.comm import agree, all_reduce, all_reduce_scalars, group_size
 from mcore_rl.models.forward import run_microbatches, vocab_parallel_logprobs
 from mcore_rl.trainer.batch import Shard
+from mcore_rl.trainer.packing import packed_micro_batches, per_sequence, scatter_rows
 
 
 def _device():
@@ -36,46 +40,61 @@ def _device():
     return device()
 
 
-def _micro_batches(shard: Shard, rows: range, micro: int, keys, cols: dict | None = None) -> list[dict]:
-    """Micro-batches of `keys` over `rows`, on the device; `cols` gives columns (or a loss mask)
-    that replace the shard's own."""
+def _micro_batches(shard: Shard, rows: range, micro: int, keys, max_tokens: int | None = None,
+                   model=None, cols: dict | None = None) -> list[dict]:
+    """Padded micro-batches of `micro` rows, or packed ones of at most `max_tokens` real tokens;
+    `cols` gives columns (or a loss mask) that replace the shard's own."""
     dev = _device()
+    if max_tokens:
+        offset = (model.module if hasattr(model, "module") else model).mcore_rl_spec.position_offset
+        return packed_micro_batches(shard, rows, max_tokens, keys, dev, offset, cols)
     given = cols or {}
     cols = {k: given[k] if k in given else shard.mask if k == "mask" else getattr(shard, k) for k in keys}
     return [{k: cols[k][i:min(i + micro, rows.stop)].to(dev) for k in keys} for i in range(rows.start, rows.stop, micro)]
 
 
 @torch.no_grad()
-def compute_logprobs(model, shard: Shard, micro: int, with_entropy: bool = False):
-    """Per-token log-probs (and entropies) of the shard's `input_ids` under `model`, [N, L-1], on the host."""
+def compute_logprobs(model, shard: Shard, micro: int, with_entropy: bool = False, max_tokens: int | None = None):
+    """Per-token log-probs (and entropies) of the shard's `input_ids` under `model`, [N, L-1], on the host
+    (zero past each sequence's end when packed)."""
     spec = (model.module if hasattr(model, "module") else model).mcore_rl_spec
     model.eval()
 
     def fn(logits, mb):
         logp, ent = vocab_parallel_logprobs(logits[:, :-1], mb["input_ids"][:, 1:], spec.vocab_size, with_entropy)
-        out = {"logp": logp}
+        out = {"logp": per_sequence(logp, mb)}
         if with_entropy:
-            out["entropy"] = ent
+            out["entropy"] = per_sequence(ent, mb)
         return logits.sum() * 0, out
 
-    out = run_microbatches(model, _micro_batches(shard, range(len(shard)), micro, ["input_ids"]), fn, forward_only=True)
+    mbs = _micro_batches(shard, range(len(shard)), micro, ["input_ids"], max_tokens, model)
+    out = run_microbatches(model, mbs, fn, forward_only=True)
     model.train()
-    logp = torch.cat([o["logp"] for o in out]).cpu()
-    ent = torch.cat([o["entropy"] for o in out]).cpu() if with_entropy else None
+    logp = _rows(shard, mbs, [o["logp"] for o in out])
+    ent = _rows(shard, mbs, [o["entropy"] for o in out]) if with_entropy else None
     return logp, ent
 
 
+def _rows(shard: Shard, mbs: list[dict], parts: list[torch.Tensor]) -> torch.Tensor:
+    """Per-micro-batch results back in the shard's row order, [N, L-1], on the host."""
+    if mbs and "rows" in mbs[0]:
+        return scatter_rows([(mb["rows"], p.cpu()) for mb, p in zip(mbs, parts)], len(shard), shard.input_ids.shape[1] - 1)
+    return torch.cat(parts).cpu()
+
+
 @torch.no_grad()
-def compute_values(critic, shard: Shard, micro: int) -> torch.Tensor:
+def compute_values(critic, shard: Shard, micro: int, max_tokens: int | None = None) -> torch.Tensor:
     critic.eval()
-    out = run_microbatches(critic, _micro_batches(shard, range(len(shard)), micro, ["input_ids"]),
-                           lambda v, mb: (v.sum() * 0, {"values": v[:, :-1, 0].float()}), forward_only=True)
+    mbs = _micro_batches(shard, range(len(shard)), micro, ["input_ids"], max_tokens, critic)
+    out = run_microbatches(critic, mbs, lambda v, mb: (v.sum() * 0, {"values": per_sequence(v[:, :-1, 0].float(), mb)}),
+                           forward_only=True)
     critic.train()
-    return torch.cat([o["values"] for o in out]).cpu()
+    return _rows(shard, mbs, [o["values"] for o in out])
 
 
 def _mean_metrics(out: list[dict], dp_group) -> dict[str, float]:
-    """Mean over this rank's micro-batches, then over DP (every DP rank has as many)."""
+    """Mean over this rank's micro-batches, then over DP (of the per-rank means: with token-budget
+    micro-batches the ranks may have different numbers of them)."""
     keys = list(out[0].keys()) if out else []
     local = [float(torch.stack([torch.as_tensor(o[k], dtype=torch.float64) for o in out]).mean()) for k in keys]
     dp = group_size(dp_group)
@@ -159,6 +178,7 @@ def update_actor(actor, opt, shard: Shard, cfg, minis: list[range], dp_group) ->
 
             def fn(logits, mb, denom=denom, pg_denom=pg_denom):
                 logp, ent = vocab_parallel_logprobs(logits[:, :-1], mb["input_ids"][:, 1:], spec.vocab_size, True)
+                logp, ent = per_sequence(logp, mb), per_sequence(ent, mb)
                 mask = mb["mask"]
                 pg_fn = policy_loss if a.policy_loss == "vanilla" else get_policy_loss(a.policy_loss)
                 pg, m = pg_fn(
@@ -179,7 +199,9 @@ def update_actor(actor, opt, shard: Shard, cfg, minis: list[range], dp_group) ->
                 metrics["actor/loss"] = loss.detach()
                 return loss, metrics
 
-            out = run_microbatches(actor, _micro_batches(shard, rows, a.ppo_micro_batch_size_per_gpu, keys, cols), fn)
+            out = run_microbatches(actor, _micro_batches(shard, rows, a.ppo_micro_batch_size_per_gpu, keys,
+                                                         a.ppo_max_token_len_per_gpu if a.use_dynamic_bsz else None,
+                                                         actor, cols), fn)
             ok, grad_norm = _step(actor, opt, _finite(out, "actor/loss"))
             bad += not ok
             names = ("actor/loss", "actor/pg_loss", "actor/entropy") + (("actor/kl_loss",) if use_kl else ())
@@ -202,12 +224,14 @@ def update_critic(critic, opt, shard: Shard, cfg, minis: list[range], dp_group) 
         for rows, denom in zip(minis, denoms):
 
             def fn(v, mb, denom=denom):
-                vl, m = value_loss(v[:, :-1, 0].float(), mb["old_values"], mb["returns"], mb["mask"],
+                vl, m = value_loss(per_sequence(v[:, :-1, 0].float(), mb), mb["old_values"], mb["returns"], mb["mask"],
                                    clip=c.cliprange_value, agg=agg, denominator=denom, norm_len=norm_len)
                 return vl, {"critic/loss": vl.detach(), "critic/vf_clipfrac": m["vf_clipfrac"]}
 
+            budget = c.ppo_max_token_len_per_gpu if cfg.actor_rollout_ref.actor.use_dynamic_bsz else None
             out = run_microbatches(critic, _micro_batches(shard, rows, c.ppo_micro_batch_size_per_gpu,
-                                                          ["input_ids", "old_values", "returns", "mask"]), fn)
+                                                          ["input_ids", "old_values", "returns", "mask"], budget,
+                                                          critic), fn)
             ok, grad_norm = _step(critic, opt, _finite(out, "critic/loss"))
             bad += not ok
             loss = all_reduce_scalars([float(torch.stack([o["critic/loss"] for o in out]).sum())], dp_group)[0]
