@@ -70,11 +70,12 @@ def test_balance_order_keeps_mini_batches_and_evens_tokens():
 def test_budget_below_the_longest_sequence_fails_at_start():
     from mcore_rl.config import ConfigError, check_sizes, load_config
 
-    cfg = load_config(None, ["data.max_prompt_length=100", "data.max_response_length=400",
+    packed = "actor_rollout_ref.actor.use_dynamic_bsz=true"
+    cfg = load_config(None, [packed, "data.max_prompt_length=100", "data.max_response_length=400",
                              "actor_rollout_ref.ref.log_prob_max_token_len_per_gpu=499"])
     with pytest.raises(ConfigError, match=r"ref.log_prob_max_token_len_per_gpu=499 is below the longest sequence.* 500"):
         check_sizes(cfg, 1)
-    check_sizes(load_config(None, ["data.max_prompt_length=100", "data.max_response_length=400",
+    check_sizes(load_config(None, [packed, "data.max_prompt_length=100", "data.max_response_length=400",
                                    "actor_rollout_ref.ref.log_prob_max_token_len_per_gpu=500"]), 1)
     check_sizes(load_config(None, ["actor_rollout_ref.actor.use_dynamic_bsz=false",  # padded: no budget
                                    "actor_rollout_ref.ref.log_prob_max_token_len_per_gpu=1"]), 1)
