@@ -64,7 +64,8 @@ perf2)
     _p2_t0=$(date +%s)
     case "$_p2" in
     dp)
-      CUDA_VISIBLE_DEVICES=0 timeout 240 python3 benchmarks/grpo_step.py --out "$OUT" --name grpo_step_1gpu \
+      # both under torchrun (same launcher and environment, e.g. its OMP_NUM_THREADS=1)
+      CUDA_VISIBLE_DEVICES=0 timeout 240 torchrun --nproc_per_node=1 benchmarks/grpo_step.py --out "$OUT" --name grpo_step_1gpu \
         2>&1 | tee "$OUT/grpo_step_1gpu.log" | grep -v -i "warn\|INFO" | tail -8
       timeout 300 torchrun --nproc_per_node=2 benchmarks/grpo_step.py --prompts 64 --mini 32 --out "$OUT" \
         --name grpo_step_dp2 2>&1 | tee "$OUT/grpo_step_dp2.log" | grep -v -i "warn\|INFO" | tail -8 ;;
