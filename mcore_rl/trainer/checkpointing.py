@@ -8,13 +8,19 @@
             actor/mcore_rl.json   converter checkpoint (`mcore-rl convert mcore-to-hf`)
             critic/model/, critic/optim/      (PPO with a critic)
             rng/rank_00000.pt   per-rank RNG states
-            trainer_state.json  step, data loader position, layout, config
+            trainer_state.json  step, data loader position, layout, config, run id, every
+                                other file's size
         latest                  "step_00000004", written last
 
 A save goes to a hidden temp sibling (`.step_00000004.tmp`) which is renamed into place only
 when every rank has finished writing; `latest` is then replaced atomically. A crash at any
 point leaves the previous checkpoint and pointer untouched; leftover temp dirs are ignored
-and removed by the next save. Old checkpoints are pruned only after the new one is complete.
+and removed by the next save. Old checkpoints are pruned only after the new one is complete,
+and only those older than it. A checkpoint damaged later (a truncated shard, a cut trainer
+state) is found by its sizes and passed over for the newest sound one.
+
+One output dir holds one run (its run id is in every checkpoint and metrics row): a fresh
+start where another run left checkpoints or metrics is refused, or moves them aside on request.
 """
 
 from __future__ import annotations
@@ -377,8 +383,8 @@ def save_checkpoint(root: str, step: int, *, actor, actor_opt, critic=None, crit
             f.flush()
             os.fsync(f.fileno())
         os.replace(pointer_tmp, os.path.join(root, LATEST))
-        if keep is not None and keep > 0:  # only older steps go: this one is the run's newest
-            older = [p for s, p in list_checkpoints(root) if s < step]
+        if keep is not None and keep > 0:  # only older, sound steps go and count: this one is the newest
+            older = [p for s, p in list_checkpoints(root) if s < step and verify_checkpoint(p) is None]
             for old in older[:max(len(older) - (keep - 1), 0)]:
                 shutil.rmtree(old, ignore_errors=True)
     _barrier()
