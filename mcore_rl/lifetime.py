@@ -31,6 +31,7 @@ def die_with_parent(parent_pid: int, pdeathsig: bool = True) -> None:
     """Call first thing in a helper process: ignore the graceful-stop signals, die with the parent."""
     for sig in _GRACEFUL:
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _GRACEFUL)  # blocked since birth (see below); now ignored
     if pdeathsig:
         try:
             import ctypes
@@ -43,16 +44,13 @@ def die_with_parent(parent_pid: int, pdeathsig: bool = True) -> None:
 
 
 @contextlib.contextmanager
-def graceful_signals_ignored():
-    """Start children inside this block: they are born ignoring SIGINT and SIGTERM (an ignored
-    signal stays ignored across fork and exec), so no signal reaches them before
-    `die_with_parent` runs. Only the main thread may change signal handlers."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _GRACEFUL}
+def graceful_signals_blocked():
+    """Start helpers inside this block: they are born with SIGINT and SIGTERM blocked (the signal
+    mask survives fork and exec), so none reaches them before `die_with_parent` ignores them.
+    In this process the signals are only held back: one that arrives meanwhile is delivered at
+    the end of the block (or to another thread), never lost."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _GRACEFUL)
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

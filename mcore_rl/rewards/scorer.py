@@ -52,13 +52,13 @@ class RewardScorer:
             self._start()  # now: its interpreter starts while the models are built
 
     def _start(self) -> None:
-        from mcore_rl.lifetime import graceful_signals_ignored, owner
+        from mcore_rl.lifetime import graceful_signals_blocked, owner
 
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(target=_serve, args=(self.spec, child, *owner()), daemon=True,
                                  name="mcore_rl-reward")
-        with graceful_signals_ignored():
+        with graceful_signals_blocked():
             self._proc.start()
         child.close()
         if not self._atexit:  # before multiprocessing's own exit hook, whose SIGTERM the helper ignores

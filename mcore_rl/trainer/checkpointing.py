@@ -303,10 +303,10 @@ def start_writer_helper() -> None:
     import multiprocessing as mp
     from multiprocessing.managers import SyncManager
 
-    from mcore_rl.lifetime import die_with_parent, graceful_signals_ignored, owner
+    from mcore_rl.lifetime import die_with_parent, graceful_signals_blocked, owner
 
     manager = SyncManager(ctx=mp.get_context("spawn"))
-    with graceful_signals_ignored():
+    with graceful_signals_blocked():
         manager.start(die_with_parent, owner())
     fa._results_queue = manager.Queue()
     _writer_manager = manager

@@ -354,10 +354,13 @@ class PPOTrainer:
                                   list(o.logprobs), o.finish_reason, float(s),
                                   f"{row.where}: {err_at[i]}" if i in err_at else None))
         if self.layout.leads_engine:
+            unscored = [e for e in errors if e.error.startswith("not scored:")]
             for s in sorted(samples, key=lambda s: (s.prompt_index, s.sample_index)):
-                if s.reward_error:
+                if s.reward_error and "not scored:" not in s.reward_error:
                     print(f"mcore_rl: reward error (prompt {s.prompt_index}, sample {s.sample_index}): "
                           f"{s.reward_error}", flush=True)
+            if unscored:  # after a reward timeout: one line for the rest of the batch
+                print(f"mcore_rl: reward error: {len(unscored)} more samples {unscored[0].error}", flush=True)
         timing["timing/reward"] = time.perf_counter() - t
         return pad_batch(samples, self.cfg.data.max_prompt_length, self.cfg.data.max_response_length, self.pad_id)
 
