@@ -272,9 +272,6 @@ def mcore_to_hf(mcore_path: str, out: str, force: bool = False, shard_mb: int = 
     Runs in one process; under several ranks every rank reads the same tensors (the loads are
     collective) and rank 0 writes.
     """
-    from tqdm import tqdm
-
-    from converters.streaming import checkpoint_tensors, iter_checkpoint
     from mcore_rl.distributed import init_distributed
 
     meta_path = os.path.join(mcore_path, META)
@@ -287,6 +284,36 @@ def mcore_to_hf(mcore_path: str, out: str, force: bool = False, shard_mb: int = 
     if not os.path.isdir(ckpt):
         raise FileNotFoundError(f"no megatron checkpoint at {ckpt}")
     init_distributed(1, 1)
+    with unreadable_as_checkpoint_error(mcore_path):
+        _write_hf(ckpt, spec, hf_side, out, shard_mb, progress)
+    return out
+
+
+@contextlib.contextmanager
+def unreadable_as_checkpoint_error(path: str):
+    """A damaged file met while reading a checkpoint (torch's zip reader raises RuntimeError, a
+    short pickle EOFError) is named as the checkpoint's problem, not a crash of the tool."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (RuntimeError, EOFError, CheckpointException) as e:
+        raise CheckpointError(f"cannot read checkpoint {path} ({last_line(e)}); is it complete?") from e
+
+
+def last_line(e: BaseException) -> str:
+    """The telling line of an exception (torch's checkpoint errors end with the rank's cause)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(e).__name__)[:300]
+
+
+def _write_hf(ckpt: str, spec: ArchSpec, hf_side: str, out: str, shard_mb: int, progress: bool) -> None:
+    from tqdm import tqdm
+
+    from converters.streaming import checkpoint_tensors, iter_checkpoint
+
     tensors = checkpoint_tensors(ckpt)
     plan = checkpoint_plan(spec, tensors)
     writer = None
@@ -309,4 +336,3 @@ def mcore_to_hf(mcore_path: str, out: str, force: bool = False, shard_mb: int = 
         if _rank0():
             _finish_hf(writer, hf_side, tmp, out)
     _barrier()
-    return out

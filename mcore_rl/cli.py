@@ -34,10 +34,14 @@ def usage() -> str:
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input or environment, not a bug in mcore_rl. Config, data, reward,
     model and checkpoint errors derive from ValueError (or are named here); OSError covers paths."""
+    import yaml
+    from omegaconf.errors import GrammarParseError
+
     from converters.hf_io import CheckpointError
     from mcore_rl.rewards import RewardFunctionError
 
-    return ValueError, OSError, CheckpointError, RewardFunctionError, NotImplementedError
+    return (ValueError, OSError, CheckpointError, RewardFunctionError, NotImplementedError, yaml.YAMLError,
+            GrammarParseError)
 
 
 def guarded(prog: str, main, argv: list[str]) -> int:

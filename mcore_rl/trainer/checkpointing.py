@@ -116,10 +116,11 @@ def find_checkpoint(root: str, skipped: list | None = None) -> str | None:
     return None
 
 
-def resolve_resume(resume: str, root: str, skipped: list | None = None) -> str | None:
+def resolve_resume(resume: str, root: str, skipped: list | None = None, name: str = "trainer.resume") -> str | None:
     """`trainer.resume`: auto -> newest under `root` (or None: fresh start); off -> None;
     a path -> that checkpoint (a step dir, or a checkpoints root whose newest is taken).
-    Damaged checkpoints are passed over (see `find_checkpoint`), except one named exactly."""
+    Damaged checkpoints are passed over (see `find_checkpoint`), except one named exactly.
+    `name` is what errors call the argument."""
     resume = str(resume)
     if resume.lower() in ("off", "false", "none", "null", ""):  # YAML reads a bare `off` as False
         return None
@@ -129,14 +130,14 @@ def resolve_resume(resume: str, root: str, skipped: list | None = None) -> str |
     if os.path.exists(os.path.join(path, STATE)):
         why = verify_checkpoint(path)
         if why:
-            raise ValueError(f"trainer.resume={resume}: this checkpoint is damaged ({why}); name an earlier "
+            raise ValueError(f"{name}={resume}: this checkpoint is damaged ({why}); name an earlier "
                              f"one, or its checkpoints directory to take the newest complete one")
         return path
     for candidate in (path, os.path.join(path, "checkpoints")):
         found = find_checkpoint(candidate, skipped)
         if found:
             return found
-    raise FileNotFoundError(f"trainer.resume={resume}: no complete checkpoint there (expected {STATE} in a "
+    raise FileNotFoundError(f"{name}={resume}: no complete checkpoint there (expected {STATE} in a "
                             f"step_NNNNNNNN directory, or a checkpoints directory holding some)")
 
 
@@ -394,12 +395,23 @@ def save_checkpoint(root: str, step: int, *, actor, actor_opt, critic=None, crit
 def load_checkpoint(ckpt: str, *, actor, actor_opt, critic=None, critic_opt=None, layout: dict) -> dict:
     """Collective. Loads weights and optimizer states (any saved layout), and RNG states when the
     layout is the one saved; returns the trainer state."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from converters.checkpoint import last_line
+    from converters.hf_io import CheckpointError
+
     state = read_state(ckpt)
-    load_model_and_optimizer(actor, actor_opt, os.path.join(ckpt, "actor"))
-    if critic is not None:
-        if not os.path.isdir(os.path.join(ckpt, "critic")):
-            raise FileNotFoundError(f"{ckpt} has no critic (saved by a run without one) but this run trains a critic")
-        load_model_and_optimizer(critic, critic_opt, os.path.join(ckpt, "critic"))
+    if critic is not None and not os.path.isdir(os.path.join(ckpt, "critic")):
+        raise FileNotFoundError(f"{ckpt} has no critic (saved by a run without one) but this run trains a critic")
+    try:
+        load_model_and_optimizer(actor, actor_opt, os.path.join(ckpt, "actor"))
+        if critic is not None:
+            load_model_and_optimizer(critic, critic_opt, os.path.join(ckpt, "critic"))
+    except NotImplementedError:  # says itself what to change
+        raise
+    except (RuntimeError, EOFError, KeyError, CheckpointException) as e:  # the sizes matched, the contents not
+        raise CheckpointError(f"checkpoint {ckpt} cannot be loaded ({last_line(e)}); resume from an earlier one "
+                              f"with trainer.resume=PATH") from e
     rng = os.path.join(ckpt, "rng", f"rank_{_rank():05d}.pt")
     if state.get("layout") == layout and os.path.exists(rng):
         set_rng_state(torch.load(rng, weights_only=False))

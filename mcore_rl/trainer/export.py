@@ -21,7 +21,7 @@ def find_actor(ckpt: str) -> str:
         return ckpt
     if not os.path.exists(ckpt):
         raise FileNotFoundError(f"--ckpt {ckpt} does not exist (give a step dir, a checkpoints dir or a run's output dir)")
-    step_dir = resolve_resume(ckpt, os.path.join(ckpt, "checkpoints"))
+    step_dir = resolve_resume(ckpt, os.path.join(ckpt, "checkpoints"), name="--ckpt")
     actor = os.path.join(step_dir, "actor")
     if not os.path.exists(os.path.join(actor, META)):
         raise FileNotFoundError(f"{step_dir} has no actor checkpoint ({actor}/{META} missing)")
