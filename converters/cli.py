@@ -65,8 +65,8 @@ def _convert(argv: list[str]) -> int:
             raise ValueError(f"--tp {args.tp} --pp {args.pp}: both must be >= 1")
         arch_from_hf_config(args.hf_path).check_parallel(args.tp, args.pp)
         HFReader(args.hf_path)
-    elif args.shard_mb < 1:
-        raise ValueError(f"--shard-mb {args.shard_mb}: must be >= 1")
+    elif args.shard_mb < 0:
+        raise ValueError(f"--shard-mb {args.shard_mb}: must be >= 0 (0: one tensor per file)")
     world = args.tp * args.pp if args.direction == "hf-to-mcore" else 1
     launched = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
     if world > 1 and launched == 1:  # one process (also a 1-task Slurm job): start the ranks here

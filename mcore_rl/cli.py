@@ -44,11 +44,18 @@ def user_errors() -> tuple[type[BaseException], ...]:
             GrammarParseError)
 
 
+_guarding = False  # a command's own guard inside the dispatcher's leaves the reporting to the outer one
+
+
 def guarded(prog: str, main, argv: list[str]) -> int:
     """Run `main(argv)`: a user error is one line on stderr and exit code 2, a second Ctrl-C 130."""
+    global _guarding
+    if _guarding:
+        return int(main(argv) or 0)
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
     try:
+        _guarding = True
         return int(main(argv) or 0)
     except KeyboardInterrupt:
         if debug:
@@ -62,6 +69,8 @@ def guarded(prog: str, main, argv: list[str]) -> int:
             traceback.print_exc()
         print(f"{prog}: error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
         return 2
+    finally:
+        _guarding = False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -258,3 +258,108 @@ def test_sigterm_under_torchrun_saves_and_leaves_nothing_running(tmp_path):
 
     assert verify_checkpoint(str(out / "checkpoints" / _latest(out))) is None
     assert [r["step"] for r in _rows(out)] == list(range(1, stopped + 1))
+
+
+# ------------------------------------------------------------------------------ outputs never overlap inputs
+def test_convert_and_export_refuse_an_output_that_overlaps_the_input(finished, tiny_model_factory, tmp_path, capsys):
+    """--force replaces --out whole: an --out that is, contains or lies inside the input would
+    delete the input. Refused, and the input is untouched."""
+    from converters.cli import main as convert
+    from mcore_rl.trainer.export import main as export
+
+    hf = Path(tiny_model_factory("llama"))
+    run = _copy(finished, tmp_path)
+    actor = run / "checkpoints" / "step_00000002" / "actor"
+    before = {p: _tree(p) for p in (hf, run)}
+    capsys.readouterr()
+    cases = [(convert, ["hf-to-mcore", "--hf-path", str(hf), "--out", str(out), "--force"])
+             for out in (hf, hf.parent, hf / "sub")]
+    cases += [(convert, ["mcore-to-hf", "--mcore-path", str(actor), "--out", str(out), "--force"])
+              for out in (actor, actor.parent, actor / "hf")]
+    cases += [(export, ["--ckpt", str(run), "--out", str(out), "--force"])
+              for out in (run, run / "checkpoints", run / "checkpoints" / "step_00000002" / "x")]
+    for main, argv in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "is, contains or lies inside the input" in err, (argv, err)
+    assert {p: _tree(p) for p in (hf, run)} == before
+
+
+def test_failed_conversion_is_one_line_and_leaves_no_temp_dir(finished, tmp_path):
+    actor = tmp_path / "actor"
+    shutil.copytree(finished / "checkpoints" / "step_00000002" / "actor", actor)
+    shard = sorted((actor / "model").glob("*.distcp"))[0]
+    os.truncate(shard, 1000)
+    out = tmp_path / "hf"
+    r = subprocess.run([sys.executable, "-m", "mcore_rl.cli", "convert", "mcore-to-hf", "--mcore-path", str(actor),
+                        "--out", str(out)], env=_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1].startswith(f"mcore-rl convert: error: cannot read checkpoint {actor} (")
+    assert "Traceback" not in r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["actor"]  # no hidden staging dir, no output
+
+
+# ------------------------------------------------------------------------------ bad input, before allocation
+def test_non_utf8_jsonl_line_is_named_and_skipped(tmp_path):
+    from mcore_rl.data import BadRowError, load_prompts
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_bytes(b'{"prompt": "1:"}\n{"prompt": "caf\xe9:"}\n{"prompt": "2:"}\n')
+    ds = load_prompts(str(data))
+    assert [s.prompt for s in ds] == ["1:", "2:"]
+    assert [str(b) for b in ds.bad_rows] == [f"{data}:2 (row 1): cannot parse row: not UTF-8 text (byte 15: b'\\xe9')"]
+    with pytest.raises(BadRowError, match=rf"{data}:2 \(row 1\): cannot parse row: not UTF-8"):
+        load_prompts(str(data), on_bad_row="error")
+    array = tmp_path / "prompts.json"
+    array.write_bytes(b'[{"prompt": "caf\xe9:"}]')
+    with pytest.raises(ValueError, match=rf"{array}: not a readable JSON array of rows \(UnicodeDecodeError"):
+        load_prompts(str(array))
+
+
+@pytest.mark.parametrize("bad,message", [
+    ("data.dataset_name={tmp}/none.jsonl", "prompt source not found"),
+    ("data.dataset_name={tmp}/latin1.jsonl", "no usable prompts in {tmp}/latin1.jsonl; first bad row: "
+                                             "{tmp}/latin1.jsonl:1 (row 0): cannot parse row: not UTF-8"),
+    ("reward.name={tmp}/none.py:fn", "reward function file not found"),
+    ("trainer.logger=[console,tensorbord]", "unknown logger 'tensorbord'; choose from console, tensorboard, wandb"),
+])
+def test_data_reward_and_logger_are_checked_before_building(bad, message, tmp_path, capsys):
+    """Before any process group, model or rollout engine exists: in seconds, one line, exit 2."""
+    import torch.distributed as dist
+
+    from mcore_rl.toy import build_toy_model
+
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"prompt": "caf\xe9:"}\n')
+    model = build_toy_model(tmp_path / "model", seed=1)
+    capsys.readouterr()
+    t0 = time.perf_counter()
+    rc = _main([f"actor_rollout_ref.model.path={model}", "data.dataset_name=toy", "data.train_batch_size=8",
+                "actor_rollout_ref.actor.ppo_mini_batch_size=8", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8",
+                "critic.ppo_micro_batch_size_per_gpu=8", f"trainer.output_dir={tmp_path / 'run'}",
+                bad.format(tmp=tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and message.format(tmp=tmp_path) in err, err
+    assert not dist.is_initialized() and time.perf_counter() - t0 < 20
+
+
+def test_cli_user_errors_are_one_line_and_debug_shows_the_traceback(finished, tmp_path, capsys):
+    from mcore_rl.cli import main as cli
+
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("data: {train_batch_size: 8\n")
+    damaged = _copy(finished, tmp_path) / "checkpoints" / "step_00000002"
+    (damaged / "trainer_state.json").write_text("{")
+    for argv, message in ((["train", str(bad_yaml)], "mcore-rl train: error: while parsing a flow mapping"),
+                          (["train", "trainer.logger=[console"], "mcore-rl train: error: while parsing a flow sequence"),
+                          (["export", "--ckpt", str(damaged), "--out", str(tmp_path / "x")],
+                           f"mcore-rl export: error: --ckpt={damaged}: this checkpoint is damaged (trainer_state.json "
+                           f"is unreadable (JSONDecodeError"),
+                          (["convert", "mcore-to-hf", "--mcore-path", str(bad_yaml.parent / "run"), "--out",
+                            str(tmp_path / "y")], f"mcore-rl convert: error: {tmp_path / 'run'} is not a converted "
+                                                  f"checkpoint")):
+        assert cli(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(message) and len(err.splitlines()) == 1, (argv, err)
+        assert cli(argv + ["--debug"]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback (most recent call last)" in err and err.strip().splitlines()[-1].startswith(message)

@@ -45,8 +45,8 @@ def _export(argv: list[str]) -> int:
     from converters.checkpoint import check_output_dir, mcore_to_hf
     from mcore_rl.trainer.checkpointing import STATE
 
-    if args.shard_mb < 1:
-        raise ValueError(f"--shard-mb {args.shard_mb}: must be >= 1")
+    if args.shard_mb < 0:
+        raise ValueError(f"--shard-mb {args.shard_mb}: must be >= 0 (0: one tensor per file)")
     actor = find_actor(args.ckpt)
     step_dir = os.path.dirname(os.path.abspath(actor))
     check_output_dir(args.out, args.force, inputs=(step_dir if os.path.exists(os.path.join(step_dir, STATE)) else actor,))
