@@ -139,14 +139,18 @@ def _to_score(value) -> float:
     return score
 
 
-def score_one(fn: RewardFn, prompt, response, ground_truth) -> tuple[float, str | None, dict]:
-    """(score, error or None, extra keys) of one sample; a failure scores 0."""
+def score_one(fn: RewardFn, prompt, response, ground_truth) -> tuple[float, Exception | None, dict]:
+    """(score, the exception or None, extra keys) of one sample; a failure scores 0."""
     try:
         value = fn(prompt, response, ground_truth)
         extra = {k: v for k, v in value.items() if k != "score"} if isinstance(value, dict) else {}
         return _to_score(value), None, extra
     except Exception as e:
-        return 0.0, f"{type(e).__name__}: {e}", {}
+        return 0.0, e, {}
+
+
+def describe(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}"
 
 
 def score_batch(fn: RewardFn | str, prompts, responses, ground_truths=None, strict: bool = False,
@@ -171,9 +175,9 @@ def score_batch(fn: RewardFn | str, prompts, responses, ground_truths=None, stri
     for i, (p, r, g) in enumerate(zip(prompts, responses, ground_truths)):
         score, error, extra = score_one(fn, p, r, g)
         if error is not None:
-            err = ScoreError(i, error, str(p), str(r))
+            err = ScoreError(i, describe(error), str(p), str(r))
             if strict:
-                raise RewardFunctionError(str(err))
+                raise RewardFunctionError(str(err)) from error
             errors.append(err)
         scores.append(score)
         if extras is not None:
@@ -186,4 +190,4 @@ def score_batch(fn: RewardFn | str, prompts, responses, ground_truths=None, stri
 from mcore_rl.rewards.scorer import RewardScorer  # noqa: E402  (it uses the names above)
 
 __all__ = ["BUILTINS", "RewardFn", "RewardFunctionError", "RewardScorer", "RewardSpecError", "ScoreError",
-           "get_reward_fn", "score_batch", "score_one"]
+           "describe", "get_reward_fn", "score_batch", "score_one"]

@@ -17,7 +17,7 @@ import atexit
 import multiprocessing as mp
 import time
 
-from mcore_rl.rewards import RewardFn, RewardFunctionError, ScoreError, get_reward_fn, score_one
+from mcore_rl.rewards import RewardFn, RewardFunctionError, ScoreError, describe, get_reward_fn, score_one
 
 _START_S = 120  # how long a helper may take to start (a cold interpreter on a busy node)
 
@@ -35,7 +35,8 @@ def _serve(spec, conn, parent_pid: int, pdeathsig: bool) -> None:
         except EOFError:  # the trainer closed the pipe
             return
         for i, (p, r, g) in enumerate(zip(prompts, responses, ground_truths)):
-            conn.send((i, *score_one(fn, p, r, g)[:2]))  # one by one: a hang is pinned to its sample
+            score, error, _ = score_one(fn, p, r, g)
+            conn.send((i, score, error and describe(error)))  # one by one: a hang is pinned to its sample
 
 
 class RewardScorer:
@@ -85,9 +86,10 @@ class RewardScorer:
         for i in range(n):
             score, error = results[i]
             if error is not None:
-                errors.append(ScoreError(i, error, str(prompts[i]), str(responses[i])))
+                errors.append(ScoreError(i, error if isinstance(error, str) else describe(error), str(prompts[i]),
+                                         str(responses[i])))
                 if strict:
-                    raise RewardFunctionError(str(errors[-1]))
+                    raise RewardFunctionError(str(errors[-1])) from (error if isinstance(error, Exception) else None)
             scores.append(score)
         return scores, errors
 
