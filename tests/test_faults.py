@@ -26,14 +26,14 @@ pytestmark = pytest.mark.resume
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["data.train_batch_size=32", "actor_rollout_ref.actor.ppo_mini_batch_size=32", "trainer.logger=[console]",
          "trainer.export_hf_at_end=false", "actor_rollout_ref.rollout.name=hf"]
-# A reward that never returns on prompts about 7 (each step has some): with reward.timeout_s=2
-# every step takes >= 2 s, long enough to signal a run mid-step.
+# A reward that never returns on prompts about 7 and takes 50 ms on the others: with 32 prompts
+# and reward.timeout_s=2 every step scores for 1.6-2 s, long enough to signal a run mid-step.
 HANGS_ON_7 = r'''
 import time
 def reward(prompt, response, ground_truth):
-    if prompt.startswith("7"):
-        while True:
-            time.sleep(1)
+    while prompt.startswith("7"):
+        time.sleep(1)
+    time.sleep(0.05)
     return float(response.startswith(prompt[0]))
 '''
 
