@@ -12,7 +12,6 @@ the step's whole batch; only scalars cross DP ranks.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import time
@@ -29,6 +28,7 @@ from mcore_rl.config import check_sizes, to_plain
 from mcore_rl.distributed import comm
 from mcore_rl.rollout.base import Sampling
 from mcore_rl.trainer.batch import Sample, Shard, last_token_rewards, pad_batch
+from mcore_rl.trainer.inputs import load_inputs
 from mcore_rl.trainer.tracking import Tracker, console_line
 from mcore_rl.trainer.workers import compute_logprobs, compute_values, update_actor, update_critic
 
@@ -96,7 +96,9 @@ class PPOTrainer:
 
         self.spec = arch_from_hf_config(self.model_path)
         check_sizes(cfg, world, self.spec)  # TP vs heads, PP vs layers: still before any process group
-        self._check_inputs()
+        # data, reward function, rollout engine, loggers: before any process group, model or engine
+        self.tokenizer, self.pad_id, self.dataset, self.loader, self.rewards = load_inputs(
+            cfg, self.model_path, self.output_dir)
         torch.manual_seed(cfg.trainer.seed)
         init_distributed(tp, pp, seed=cfg.trainer.seed, timeout_s=cfg.trainer.dist_timeout_s)
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
@@ -107,42 +109,6 @@ class PPOTrainer:
         self._build()
 
     # ---------------------------------------------------------------- setup
-    def _check_inputs(self) -> None:
-        """Data, reward function, rollout engine and loggers, loaded or checked before any process
-        group, model or engine exists: a bad one fails in seconds, not after the build."""
-        from transformers import AutoTokenizer
-
-        from converters.checkpoint import overlaps
-        from mcore_rl.data import PromptLoader, load_prompts
-        from mcore_rl.rewards import RewardScorer
-        from mcore_rl.rollout import vllm_available
-
-        cfg, d = self.cfg, self.cfg.data
-        if overlaps(self.model_path, os.path.join(self.output_dir, "hf_model")):
-            raise ValueError(f"actor_rollout_ref.model.path={self.model_path} overlaps this run's "
-                             f"{self.output_dir}/hf_model, which the run replaces: copy the model elsewhere or "
-                             f"choose another trainer.output_dir")
-        if cfg.actor_rollout_ref.rollout.name == "vllm" and not vllm_available():
-            raise ValueError("actor_rollout_ref.rollout.name=vllm but vLLM is not installed: install it "
-                             "(the cpu or gpu extra), or use rollout.name=hf")
-        loggers = {"console": None, "tensorboard": "tensorboard", "wandb": "wandb"}  # name -> package it needs
-        for name in cfg.trainer.logger:
-            if name not in loggers:
-                raise ValueError(f"trainer.logger: unknown logger {name!r}; choose from {', '.join(loggers)}")
-            if loggers[name] and importlib.util.find_spec(loggers[name]) is None:
-                raise ValueError(f"trainer.logger has {name} but the {loggers[name]} package is not installed: "
-                                 f"pip install {loggers[name]}, or drop it from trainer.logger")
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (self.tokenizer.eos_token_id or 0)
-        template = {"auto": None, True: True, False: False, "true": True, "false": False}[d.apply_chat_template]
-        self.dataset = load_prompts(d.dataset_name, prompt_key=d.prompt_key, answer_key=d.answer_key,
-                                    tokenizer=self.tokenizer, max_prompt_length=d.max_prompt_length,
-                                    apply_chat_template=template, on_bad_row=d.on_bad_row, toy_size=d.toy_size,
-                                    seed=d.seed)
-        # every rank reads the step's prompts (small); the layout says which it generates and trains on
-        self.loader = PromptLoader(self.dataset, train_batch_size=d.train_batch_size, seed=d.seed, shuffle=d.shuffle)
-        self.rewards = RewardScorer(cfg.reward.name, timeout_s=cfg.reward.timeout_s)
-
     def _start_lineage(self, in_the_way: list[str], damaged: list) -> None:
         """Another run's files moved aside (trainer.on_previous_run=move_aside), damaged checkpoints
         named, and this run's id: the resumed checkpoint's, or a new one (collective)."""
