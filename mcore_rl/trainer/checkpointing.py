@@ -175,7 +175,7 @@ def check_run_dir(output_dir: str, resume_from: str | None, policy: str, skipped
     if policy not in ("error", "move_aside"):
         raise ValueError(f"trainer.on_previous_run={policy!r}: must be error or move_aside")
     root = os.path.join(output_dir, "checkpoints")
-    if resume_from is not None and os.path.dirname(os.path.abspath(resume_from)) == os.path.abspath(root):
+    if resume_from is not None and os.path.dirname(os.path.realpath(resume_from)) == os.path.realpath(root):
         return []  # continuing this directory's own run
     found = previous_run(output_dir)
     if not found or policy == "move_aside":
@@ -193,10 +193,11 @@ def previous_run_id(output_dir: str) -> str | None:
     """The run id an earlier run left in its checkpoints or metrics, if any."""
     for _, path in reversed(list_checkpoints(os.path.join(output_dir, "checkpoints"))):
         try:
-            if read_state(path).get("run_id"):
-                return read_state(path)["run_id"]
+            run_id = read_state(path).get("run_id")
         except (OSError, ValueError):
             continue
+        if run_id:
+            return run_id
     try:
         with open(os.path.join(output_dir, "metrics.jsonl"), "rb") as f:
             last = f.read().splitlines()[-1]
