@@ -313,6 +313,9 @@ class PPOTrainer:
         scores, errors = self.rewards.score([mine[o.prompt_index].prompt for o in outs], texts,
                                             [mine[o.prompt_index].ground_truth for o in outs], strict=self.cfg.reward.strict)
         err_at = {e.index: str(e) for e in errors}
+        if self.rewards.timeout_s and self.world > 1:
+            self._agree_on_reward_failures([slice_[o.prompt_index] * r.n + o.sample_index for o in outs],
+                                           len(rows) * r.n, scores, err_at)
         samples = []
         for i, (o, s) in enumerate(zip(outs, scores)):
             row = mine[o.prompt_index]
@@ -329,6 +332,18 @@ class PPOTrainer:
                 print(f"mcore_rl: reward error: {len(unscored)} more samples {unscored[0].error}", flush=True)
         timing["timing/reward"] = time.perf_counter() - t
         return pad_batch(samples, self.cfg.data.max_prompt_length, self.cfg.data.max_response_length, self.pad_id)
+
+    def _agree_on_reward_failures(self, where: list[int], total: int, scores: list, err_at: dict) -> None:
+        """A reward deadline can fall at different samples on ranks that score the same ones (an
+        engine's ranks): a sample that failed on any rank fails on all (one all-reduce of flags
+        over the step's samples, `where` their global indices), so they train on equal scores."""
+        flags = torch.zeros(total)
+        flags[[g for i, g in enumerate(where) if i in err_at]] = 1.0
+        flags = comm.all_reduce(flags, op="max")
+        for i, g in enumerate(where):
+            if flags[g] and i not in err_at:
+                scores[i] = 0.0
+                err_at[i] = "reward failed on another rank scoring this sample (reward.timeout_s)"
 
     def _reward_metrics(self, local: Shard) -> dict:
         """Mean / max / min score over every sample of the step (each engine counted once)."""
