@@ -75,6 +75,8 @@ def guarded(prog: str, main, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "--debug":  # `mcore-rl --debug train ...`: the command's guard reads it
+        argv = argv[1:] + argv[:1]
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0
