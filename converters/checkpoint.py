@@ -21,6 +21,7 @@ interrupted conversion never leaves a half-written target.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -47,18 +48,40 @@ def resolve_dtype(name: str, hf_config: dict) -> torch.dtype:
     return DTYPES[name]
 
 
-def check_output_dir(out: str, force: bool) -> None:
-    """Refuse to write into a non-empty directory unless forced (checked before any work)."""
+def overlaps(a: str, b: str) -> bool:
+    """Whether paths `a` and `b` are the same, or one lies inside the other (links resolved)."""
+    a, b = os.path.realpath(a), os.path.realpath(b)
+    return a == b or a.startswith(b.rstrip(os.sep) + os.sep) or b.startswith(a.rstrip(os.sep) + os.sep)
+
+
+def check_output_dir(out: str, force: bool, inputs: tuple[str, ...] = ()) -> None:
+    """Refuse to write into a non-empty directory unless forced, and ever into (or around) what
+    is read: --force replaces `out` whole, input included (checked before any work)."""
+    for path in inputs:
+        if overlaps(out, path):
+            raise ValueError(f"--out {out} is, contains or lies inside the input {path}; replacing it would delete "
+                             f"the input: write somewhere else")
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not force:
         raise FileExistsError(f"output directory {out} exists and is not empty; pass --force to replace it")
 
 
-def staging_dir(out: str) -> str:
+def staging_dir(out: str, tag: str | None = None) -> str:
     """A temp sibling of `out` (same filesystem, so the final rename is atomic); same on all ranks."""
     parent = os.path.dirname(os.path.abspath(out)) or "."
     os.makedirs(parent, exist_ok=True)
-    tag = os.environ.get("MASTER_PORT", str(os.getpid()))
+    tag = tag or os.environ.get("MASTER_PORT", str(os.getpid()))
     return os.path.join(parent, f".{os.path.basename(os.path.abspath(out))}.tmp-{tag}")
+
+
+@contextlib.contextmanager
+def removed_on_failure(tmp: str):
+    """A staging dir that a failed (or interrupted) conversion removes: no hidden full-size leftovers."""
+    try:
+        yield tmp
+    except BaseException:
+        if _rank0():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def publish(tmp: str, out: str) -> None:
@@ -136,7 +159,7 @@ def hf_to_mcore(hf_path: str, out: str, tp: int = 1, pp: int = 1, dtype: str = "
 
     spec = arch_from_hf_config(hf_path)
     spec.check_parallel(tp, pp)
-    check_output_dir(out, force)
+    check_output_dir(out, force, inputs=(hf_path,))
     reader = HFReader(hf_path)  # fails early on missing / corrupt weights
     init_distributed(tp, pp)
     if dist.get_world_size() != tp * pp:
@@ -145,17 +168,17 @@ def hf_to_mcore(hf_path: str, out: str, tp: int = 1, pp: int = 1, dtype: str = "
     model = build_meta_model(spec, torch_dtype)
     source = shard_source(model, spec, reader)
     params = dict(model.named_parameters())
-    tmp = staging_dir(out)
-    if _rank0():
-        shutil.rmtree(tmp, ignore_errors=True)
-        write_side(tmp, hf_path, spec, torch_dtype, {"tp": tp, "pp": pp})
-        os.makedirs(os.path.join(tmp, "model"))
-    _barrier()
-    save_streaming(model, lambda name: source.shard(name, params[name].shape, params[name].dtype),
-                   os.path.join(tmp, "model"), progress=progress and _rank0())
-    _barrier()
-    if _rank0():
-        publish(tmp, out)
+    with removed_on_failure(staging_dir(out)) as tmp:
+        if _rank0():
+            shutil.rmtree(tmp, ignore_errors=True)
+            write_side(tmp, hf_path, spec, torch_dtype, {"tp": tp, "pp": pp})
+            os.makedirs(os.path.join(tmp, "model"))
+        _barrier()
+        save_streaming(model, lambda name: source.shard(name, params[name].shape, params[name].dtype),
+                       os.path.join(tmp, "model"), progress=progress and _rank0())
+        _barrier()
+        if _rank0():
+            publish(tmp, out)
     _barrier()
     return out
 
@@ -189,26 +212,26 @@ def export_hf(model, hf_side_dir: str, out: str, force: bool = False, shard_mb: 
 
     from mcore_rl.resharding.gather import build_plan, iter_hf_tensors
 
-    check_output_dir(out, force)
-    tmp = staging_dir(out)
+    check_output_dir(out, force, inputs=(hf_side_dir,))
     inner = model.module if hasattr(model, "module") else model
     spec = inner.mcore_rl_spec
     plan = build_plan(inner)
     writer = None
-    if _rank0():
-        index, tp = NameIndex(spec), ps.get_tensor_model_parallel_world_size()
-        layout = []
-        for e in plan:
-            rule, layer = index.mcore(e.global_name)
-            layout += _hf_layout(rule, layer, e.shape, e.dtype, tp, spec)
-        writer = _staged_writer(tmp, layout, shard_mb)
-    n_hf = len(NameIndex(spec).all_hf_names())
-    tensors = iter_hf_tensors(model, plan=plan)
-    for name, tensor in tqdm(tensors, total=n_hf, desc="export", unit="tensor", disable=not (progress and _rank0())):
-        if writer is not None:
-            writer.add(name, tensor)
-    if _rank0():
-        _finish_hf(writer, hf_side_dir, tmp, out)
+    with removed_on_failure(staging_dir(out)) as tmp:
+        if _rank0():
+            index, tp = NameIndex(spec), ps.get_tensor_model_parallel_world_size()
+            layout = []
+            for e in plan:
+                rule, layer = index.mcore(e.global_name)
+                layout += _hf_layout(rule, layer, e.shape, e.dtype, tp, spec)
+            writer = _staged_writer(tmp, layout, shard_mb)
+        n_hf = len(NameIndex(spec).all_hf_names())
+        tensors = iter_hf_tensors(model, plan=plan)
+        for name, tensor in tqdm(tensors, total=n_hf, desc="export", unit="tensor", disable=not (progress and _rank0())):
+            if writer is not None:
+                writer.add(name, tensor)
+        if _rank0():
+            _finish_hf(writer, hf_side_dir, tmp, out)
     _barrier()
     return out
 
@@ -249,41 +272,67 @@ def mcore_to_hf(mcore_path: str, out: str, force: bool = False, shard_mb: int = 
     Runs in one process; under several ranks every rank reads the same tensors (the loads are
     collective) and rank 0 writes.
     """
-    from tqdm import tqdm
-
-    from converters.streaming import checkpoint_tensors, iter_checkpoint
     from mcore_rl.distributed import init_distributed
 
     meta_path = os.path.join(mcore_path, META)
     if not os.path.exists(meta_path):
         raise FileNotFoundError(f"{mcore_path} is not a converted checkpoint (no {META})")
-    check_output_dir(out, force)
+    check_output_dir(out, force, inputs=(mcore_path,))
     hf_side = os.path.join(mcore_path, "hf")
     spec = arch_from_hf_config(hf_side)
     ckpt = os.path.join(mcore_path, "model")
     if not os.path.isdir(ckpt):
         raise FileNotFoundError(f"no megatron checkpoint at {ckpt}")
     init_distributed(1, 1)
+    with unreadable_as_checkpoint_error(mcore_path):
+        _write_hf(ckpt, spec, hf_side, out, shard_mb, progress)
+    return out
+
+
+@contextlib.contextmanager
+def unreadable_as_checkpoint_error(path: str):
+    """A damaged file met while reading a checkpoint (torch's zip reader raises RuntimeError, a
+    short pickle EOFError) is named as the checkpoint's problem, not a crash of the tool."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (RuntimeError, EOFError, CheckpointException) as e:
+        raise CheckpointError(f"cannot read checkpoint {path} ({last_line(e)}); is it complete?") from e
+
+
+def last_line(e: BaseException) -> str:
+    """The telling line of an exception (torch's checkpoint errors end with the rank's cause)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(e).__name__)[:300]
+
+
+def _write_hf(ckpt: str, spec: ArchSpec, hf_side: str, out: str, shard_mb: int, progress: bool) -> None:
+    from tqdm import tqdm
+
+    from converters.streaming import checkpoint_tensors, iter_checkpoint
+
     tensors = checkpoint_tensors(ckpt)
     plan = checkpoint_plan(spec, tensors)
-    tmp = staging_dir(out)
     writer = None
-    if _rank0():
-        layout = []
-        for key, layer, rule in plan:
-            shape, dtype = tensors[key]
-            layout += _hf_layout(rule, layer, shape[1:] if layer is not None else shape, dtype, 1, spec)
-        writer = _staged_writer(tmp, layout, shard_mb)
-    loaded = iter_checkpoint(ckpt, [(key, layer) for key, layer, _ in plan], tensors)
-    for (_, layer, rule), (_, _, t) in tqdm(zip(plan, loaded), total=len(plan), desc="export", unit="tensor",
-                                            disable=not (progress and _rank0())):
-        hf = mapping_mcore_to_hf(rule, [t], spec)
-        if writer is not None:
-            for name, x in zip(rule.hf_names(layer), hf):
-                writer.add(name, x)
-        del t, hf
+    with removed_on_failure(staging_dir(out)) as tmp:
+        if _rank0():
+            layout = []
+            for key, layer, rule in plan:
+                shape, dtype = tensors[key]
+                layout += _hf_layout(rule, layer, shape[1:] if layer is not None else shape, dtype, 1, spec)
+            writer = _staged_writer(tmp, layout, shard_mb)
+        loaded = iter_checkpoint(ckpt, [(key, layer) for key, layer, _ in plan], tensors)
+        for (_, layer, rule), (_, _, t) in tqdm(zip(plan, loaded), total=len(plan), desc="export", unit="tensor",
+                                                disable=not (progress and _rank0())):
+            hf = mapping_mcore_to_hf(rule, [t], spec)
+            if writer is not None:
+                for name, x in zip(rule.hf_names(layer), hf):
+                    writer.add(name, x)
+            del t, hf
+        _barrier()
+        if _rank0():
+            _finish_hf(writer, hf_side, tmp, out)
     _barrier()
-    if _rank0():
-        _finish_hf(writer, hf_side, tmp, out)
-    _barrier()
-    return out

@@ -46,19 +46,27 @@ def _run(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    from converters.checkpoint import check_output_dir
-    from converters.hf_io import CheckpointError, HFReader
-    from mcore_rl.models.arch import UnsupportedModelError, arch_from_hf_config
+    from mcore_rl.cli import guarded
 
-    try:  # every input check before any process or process group exists
-        check_output_dir(args.out, args.force)
-        if args.direction == "hf-to-mcore":
-            arch_from_hf_config(args.hf_path).check_parallel(args.tp, args.pp)
-            HFReader(args.hf_path)
-    except (FileExistsError, FileNotFoundError, ValueError, UnsupportedModelError, CheckpointError) as e:
-        print(f"mcore-rl convert: error: {e}", file=sys.stderr)
-        return 2
+    return guarded("mcore-rl convert", _convert, list(sys.argv[1:] if argv is None else argv))
+
+
+def _convert(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    from converters.checkpoint import check_output_dir, staging_dir
+    from converters.hf_io import HFReader
+    from mcore_rl.models.arch import arch_from_hf_config
+
+    # every input check before any process or process group exists
+    source = args.hf_path if args.direction == "hf-to-mcore" else args.mcore_path
+    check_output_dir(args.out, args.force, inputs=(source,))
+    if args.direction == "hf-to-mcore":
+        if args.tp < 1 or args.pp < 1:
+            raise ValueError(f"--tp {args.tp} --pp {args.pp}: both must be >= 1")
+        arch_from_hf_config(args.hf_path).check_parallel(args.tp, args.pp)
+        HFReader(args.hf_path)
+    elif args.shard_mb < 0:
+        raise ValueError(f"--shard-mb {args.shard_mb}: must be >= 0 (0: one tensor per file)")
     world = args.tp * args.pp if args.direction == "hf-to-mcore" else 1
     launched = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
     if world > 1 and launched == 1:  # one process (also a 1-task Slurm job): start the ranks here
@@ -67,7 +75,13 @@ def main(argv: list[str] | None = None) -> int:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        mp.start_processes(_worker, args=(world, port, args), nprocs=world, start_method="spawn")
+        try:
+            mp.start_processes(_worker, args=(world, port, args), nprocs=world, start_method="spawn")
+        except BaseException:  # a rank failed or was stopped: its staging dir must not stay behind
+            import shutil
+
+            shutil.rmtree(staging_dir(args.out, tag=str(port)), ignore_errors=True)
+            raise
     else:
         _run(args)
     print(f"wrote {args.out}")

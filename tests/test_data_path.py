@@ -179,8 +179,8 @@ RUNS = {  # preset + overrides; GRPO with dynamic sampling re-shards kept prompt
 }
 LAYOUTS = {"dp2": [], "tp2": ["actor_rollout_ref.actor.megatron.tensor_model_parallel_size=2"],
            "pp2": ["actor_rollout_ref.actor.megatron.pipeline_model_parallel_size=2"]}
-# timings; and vf_clipfrac, which counts float ties (old + (v - old) vs v) that flip with noise
-SKIP = ("timing/", "perf/", "sync/", "critic/vf_clipfrac")
+# timings; vf_clipfrac, which counts float ties (old + (v - old) vs v) that flip with noise; the run id
+SKIP = ("timing/", "perf/", "sync/", "critic/vf_clipfrac", "run_id")
 
 
 def _train(out, args, nproc):

@@ -75,12 +75,18 @@ class PromptDataset(Sequence):
 
 
 def _iter_jsonl(path: str) -> Iterator[tuple[str, Any]]:
-    """(where, row) per non-blank line; an undecodable line is yielded as a JSONDecodeError."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    """(where, row) per non-blank line; a line that is not UTF-8 or not JSON is yielded as its
+    error (lines are decoded one by one, so one bad byte costs one row, not the file)."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno} (row {lineno - 1})"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield where, ValueError(f"not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})")
+                continue
             if not line.strip():
                 continue
-            where = f"{path}:{lineno} (row {lineno - 1})"
             try:
                 yield where, json.loads(line)
             except json.JSONDecodeError as e:
@@ -88,11 +94,14 @@ def _iter_jsonl(path: str) -> Iterator[tuple[str, Any]]:
 
 
 def _iter_json(path: str) -> Iterator[tuple[str, Any]]:
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         head = f.read(1 << 16).lstrip()
-    if head.startswith("["):  # a JSON array of rows
-        with open(path, encoding="utf-8") as f:
-            rows = json.load(f)
+    if head.startswith(b"["):  # a JSON array of rows: one document, so a bad byte fails it whole
+        try:
+            with open(path, encoding="utf-8") as f:
+                rows = json.load(f)
+        except ValueError as e:  # UnicodeDecodeError, JSONDecodeError
+            raise ValueError(f"{path}: not a readable JSON array of rows ({type(e).__name__}: {e})") from None
         for i, row in enumerate(rows):
             yield f"{path} row {i}", row
     else:

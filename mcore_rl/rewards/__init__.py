@@ -139,6 +139,20 @@ def _to_score(value) -> float:
     return score
 
 
+def score_one(fn: RewardFn, prompt, response, ground_truth) -> tuple[float, Exception | None, dict]:
+    """(score, the exception or None, extra keys) of one sample; a failure scores 0."""
+    try:
+        value = fn(prompt, response, ground_truth)
+        extra = {k: v for k, v in value.items() if k != "score"} if isinstance(value, dict) else {}
+        return _to_score(value), None, extra
+    except Exception as e:
+        return 0.0, e, {}
+
+
+def describe(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
 def score_batch(fn: RewardFn | str, prompts, responses, ground_truths=None, strict: bool = False,
                 extras: list | None = None) -> tuple[list[float], list[ScoreError]]:
     """Score each (prompt, response, ground_truth); returns (scores, errors).
@@ -159,23 +173,21 @@ def score_batch(fn: RewardFn | str, prompts, responses, ground_truths=None, stri
     scores: list[float] = []
     errors: list[ScoreError] = []
     for i, (p, r, g) in enumerate(zip(prompts, responses, ground_truths)):
-        try:
-            value = fn(p, r, g)
-            scores.append(_to_score(value))
-            if extras is not None:
-                extras.append({k: v for k, v in value.items() if k != "score"} if isinstance(value, dict) else {})
-        except Exception as e:
-            err = ScoreError(i, f"{type(e).__name__}: {e}", str(p), str(r))
+        score, error, extra = score_one(fn, p, r, g)
+        if error is not None:
+            err = ScoreError(i, describe(error), str(p), str(r))
             if strict:
-                raise RewardFunctionError(str(err)) from e
+                raise RewardFunctionError(str(err)) from error
             errors.append(err)
-            scores.append(0.0)
-            if extras is not None:
-                extras.append({})
+        scores.append(score)
+        if extras is not None:
+            extras.append(extra)
     if errors:
         logger.warning("%d of %d rewards failed and were scored 0; first: %s", len(errors), n, errors[0])
     return scores, errors
 
 
-__all__ = ["BUILTINS", "RewardFn", "RewardFunctionError", "RewardSpecError", "ScoreError", "get_reward_fn",
-           "score_batch"]
+from mcore_rl.rewards.scorer import RewardScorer  # noqa: E402  (it uses the names above)
+
+__all__ = ["BUILTINS", "RewardFn", "RewardFunctionError", "RewardScorer", "RewardSpecError", "ScoreError",
+           "describe", "get_reward_fn", "score_batch", "score_one"]

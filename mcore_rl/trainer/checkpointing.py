@@ -8,13 +8,19 @@
             actor/mcore_rl.json   converter checkpoint (`mcore-rl convert mcore-to-hf`)
             critic/model/, critic/optim/      (PPO with a critic)
             rng/rank_00000.pt   per-rank RNG states
-            trainer_state.json  step, data loader position, layout, config
+            trainer_state.json  step, data loader position, layout, config, run id, every
+                                other file's size
         latest                  "step_00000004", written last
 
 A save goes to a hidden temp sibling (`.step_00000004.tmp`) which is renamed into place only
 when every rank has finished writing; `latest` is then replaced atomically. A crash at any
 point leaves the previous checkpoint and pointer untouched; leftover temp dirs are ignored
-and removed by the next save. Old checkpoints are pruned only after the new one is complete.
+and removed by the next save. Old checkpoints are pruned only after the new one is complete,
+and only those older than it. A checkpoint damaged later (a truncated shard, a cut trainer
+state) is found by its sizes and passed over for the newest sound one.
+
+One output dir holds one run (its run id is in every checkpoint and metrics row): a fresh
+start where another run left checkpoints or metrics is refused, or moves them aside on request.
 """
 
 from __future__ import annotations
@@ -58,35 +64,172 @@ def list_checkpoints(root: str) -> list[tuple[int, str]]:
     return sorted(p for p in found if os.path.exists(os.path.join(p[1], STATE)))
 
 
-def find_checkpoint(root: str) -> str | None:
-    """The checkpoint `latest` names, else the newest complete one, else None."""
+def file_sizes(ckpt: str) -> dict[str, int]:
+    """Every file under `ckpt` but the trainer state, by relative path: its size in bytes."""
+    sizes = {}
+    for dirpath, _, files in os.walk(ckpt):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, ckpt)
+            if rel != STATE:
+                sizes[rel] = os.path.getsize(path)
+    return sizes
+
+
+def verify_checkpoint(ckpt: str) -> str | None:
+    """Why `ckpt` cannot be resumed from, or None. The trainer state (written last) lists every
+    file with its size at save time: a missing or truncated shard is caught here, before any
+    process group or model exists (the contents are not re-read)."""
+    try:
+        state = read_state(ckpt)
+    except FileNotFoundError:
+        return f"no {STATE} (an incomplete save)"
+    except (OSError, ValueError) as e:  # ValueError: cut or garbled JSON, bad UTF-8
+        return f"{STATE} is unreadable ({type(e).__name__}: {e})"
+    if not isinstance(state, dict) or "step" not in state:
+        return f"{STATE} has no step"
+    for rel, size in state.get("files", {}).items():  # checkpoints written before the list: not checked
+        path = os.path.join(ckpt, rel)
+        if not os.path.isfile(path):
+            return f"{rel} is missing"
+        if os.path.getsize(path) != size:
+            return f"{rel} has {os.path.getsize(path)} bytes, {size} when saved"
+    return None
+
+
+def find_checkpoint(root: str, skipped: list | None = None) -> str | None:
+    """The checkpoint `latest` names, else the newest complete one, else None; a damaged one is
+    passed over for the next older one and appended to `skipped` as (path, why)."""
+    candidates = []
     pointer = os.path.join(root, LATEST)
     if os.path.exists(pointer):
         name = open(pointer).read().strip()
-        path = os.path.join(root, name)
-        if STEP_RE.match(name) and os.path.exists(os.path.join(path, STATE)):
+        if STEP_RE.match(name) and os.path.exists(os.path.join(root, name, STATE)):
+            candidates.append(os.path.join(root, name))
+    candidates += [p for _, p in reversed(list_checkpoints(root)) if p not in candidates]
+    for path in candidates:
+        why = verify_checkpoint(path)
+        if why is None:
             return path
-    found = list_checkpoints(root)
-    return found[-1][1] if found else None
+        if skipped is not None:
+            skipped.append((path, why))
+    return None
 
 
-def resolve_resume(resume: str, root: str) -> str | None:
+def resolve_resume(resume: str, root: str, skipped: list | None = None, name: str = "trainer.resume") -> str | None:
     """`trainer.resume`: auto -> newest under `root` (or None: fresh start); off -> None;
-    a path -> that checkpoint (a step dir, or a checkpoints root whose newest is taken)."""
+    a path -> that checkpoint (a step dir, or a checkpoints root whose newest is taken).
+    Damaged checkpoints are passed over (see `find_checkpoint`), except one named exactly.
+    `name` is what errors call the argument."""
     resume = str(resume)
     if resume.lower() in ("off", "false", "none", "null", ""):  # YAML reads a bare `off` as False
         return None
     if resume == "auto":
-        return find_checkpoint(root)
+        return find_checkpoint(root, skipped)
     path = os.path.abspath(os.path.expanduser(resume))
     if os.path.exists(os.path.join(path, STATE)):
+        why = verify_checkpoint(path)
+        if why:
+            raise ValueError(f"{name}={resume}: this checkpoint is damaged ({why}); name an earlier "
+                             f"one, or its checkpoints directory to take the newest complete one")
         return path
     for candidate in (path, os.path.join(path, "checkpoints")):
-        found = find_checkpoint(candidate)
+        found = find_checkpoint(candidate, skipped)
         if found:
             return found
-    raise FileNotFoundError(f"trainer.resume={resume}: no complete checkpoint there (expected {STATE} in a "
+    raise FileNotFoundError(f"{name}={resume}: no complete checkpoint there (expected {STATE} in a "
                             f"step_NNNNNNNN directory, or a checkpoints directory holding some)")
+
+
+# ------------------------------------------------------------------------------ one run per output dir
+RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "hf_model", "config.yaml")
+PREVIOUS = "previous"  # where trainer.on_previous_run=move_aside puts another run's files
+
+
+class PreviousRunError(ValueError):
+    """A fresh start in an output dir that holds another run's checkpoints or metrics."""
+
+
+def _nonempty(path: str) -> bool:
+    return os.path.isdir(path) and bool(os.listdir(path)) or os.path.isfile(path) and os.path.getsize(path) > 0
+
+
+def previous_run(output_dir: str) -> list[str]:
+    """What an earlier run left in `output_dir` that a new run would overwrite, prune or mix with."""
+    found = []
+    root = os.path.join(output_dir, "checkpoints")
+    steps = sorted(d for d in os.listdir(root) if STEP_RE.match(d)) if os.path.isdir(root) else []
+    if steps:
+        found.append(f"checkpoints {steps[0]}" + (f"..{steps[-1]}" if len(steps) > 1 else ""))
+    for name in ("metrics.jsonl", "hf_model", "tensorboard"):
+        if _nonempty(os.path.join(output_dir, name)):
+            found.append(name)
+    return found
+
+
+def check_run_dir(output_dir: str, resume_from: str | None, policy: str, skipped: list) -> list[str]:
+    """A run starts fresh (`resume_from` None) or from a checkpoint of another directory only in
+    an output dir free of other runs' state: their checkpoints would be pruned as newer, `latest`
+    would name them, metrics would mix. Returns what is in the way when `policy` is move_aside
+    (the caller moves it, see `move_previous_run`); raises PreviousRunError when it is error."""
+    if policy not in ("error", "move_aside"):
+        raise ValueError(f"trainer.on_previous_run={policy!r}: must be error or move_aside")
+    root = os.path.join(output_dir, "checkpoints")
+    if resume_from is not None and os.path.dirname(os.path.realpath(resume_from)) == os.path.realpath(root):
+        return []  # continuing this directory's own run
+    found = previous_run(output_dir)
+    if not found or policy == "move_aside":
+        return found
+    damaged = "".join(f"; {os.path.basename(p)} is damaged: {why}" for p, why in skipped)
+    start = "a fresh start" if resume_from is None else f"resuming {resume_from}"
+    raise PreviousRunError(
+        f"{output_dir} holds another run ({', '.join(found)}{damaged}) and {start} would delete or mix with it. "
+        f"Continue it with trainer.resume=auto, write elsewhere with trainer.output_dir=DIR (or another "
+        f"trainer.experiment_name), or move it to {os.path.join(output_dir, PREVIOUS)}/ with "
+        f"trainer.on_previous_run=move_aside")
+
+
+def previous_run_id(output_dir: str) -> str | None:
+    """The run id an earlier run left in its checkpoints or metrics, if any."""
+    for _, path in reversed(list_checkpoints(os.path.join(output_dir, "checkpoints"))):
+        try:
+            run_id = read_state(path).get("run_id")
+        except (OSError, ValueError):
+            continue
+        if run_id:
+            return run_id
+    try:
+        with open(os.path.join(output_dir, "metrics.jsonl"), "rb") as f:
+            last = f.read().splitlines()[-1]
+        return json.loads(last).get("run_id")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def move_previous_run(output_dir: str) -> str:
+    """Move an earlier run's files to <output_dir>/previous/<its run id>/ (renames: nothing copied)."""
+    name = previous_run_id(output_dir) or time.strftime("unnamed-%Y%m%d-%H%M%S")
+    dest = os.path.join(output_dir, PREVIOUS, name)
+    n = 1
+    while os.path.exists(dest):
+        n += 1
+        dest = os.path.join(output_dir, PREVIOUS, f"{name}.{n}")
+    os.makedirs(dest)
+    for f in RUN_FILES:
+        if os.path.exists(os.path.join(output_dir, f)):
+            os.replace(os.path.join(output_dir, f), os.path.join(dest, f))
+    return dest
+
+
+def new_run_id() -> str:
+    """A name for a fresh run, the same on every rank (rank 0 draws it; collective)."""
+    import secrets
+
+    from mcore_rl.distributed.comm import all_reduce_scalars
+
+    mine = [time.time(), secrets.randbelow(1 << 24)] if _rank() == 0 else [0.0, 0.0]
+    seconds, nonce = all_reduce_scalars(mine, op="max")
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime(seconds)) + f"-{int(nonce):06x}"
 
 
 def read_state(ckpt: str) -> dict:
@@ -142,24 +285,33 @@ def load_model_and_optimizer(model, opt, where: str) -> None:
         opt.load_state_dict(dist_checkpointing.load(sd, os.path.join(where, "optim")))
 
 
-def start_writer_helper_ignoring_sigterm() -> None:
+_writer_manager = None  # keeps megatron's writer helper alive for the process's lifetime
+
+
+def start_writer_helper() -> None:
     """megatron's checkpoint writer reports through a helper process (a multiprocessing Manager,
     spawned at the first save). Slurm sends SIGTERM to every process of a job before preemption
-    or the time limit; the helper would die with it and the very save SIGTERM asks for would
-    fail. Start it now with SIGTERM ignored: an ignored signal stays ignored in the new process."""
-    import signal
-
+    or the time limit and a terminal sends Ctrl-C's SIGINT to the whole process group: the
+    helper would die with them and the very save they ask for would fail. And a rank killed
+    outright (torchrun's SIGKILL after its shutdown timeout) would leave it running. Start it
+    now, ourselves, as a helper that ignores both signals and dies with this process."""
+    global _writer_manager
     try:
         from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
     except ImportError:
         return
-    if getattr(fa, "_results_queue", True) is not None or not hasattr(fa, "_get_write_results_queue"):
+    if getattr(fa, "_results_queue", True) is not None:
         return  # already started, or a megatron-core without the helper
-    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        fa._get_write_results_queue()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    from mcore_rl.lifetime import die_with_parent, graceful_signals_blocked, owner
+
+    manager = SyncManager(ctx=mp.get_context("spawn"))
+    with graceful_signals_blocked():
+        manager.start(die_with_parent, owner())
+    fa._results_queue = manager.Queue()
+    _writer_manager = manager
 
 
 # ------------------------------------------------------------------------------ RNG
@@ -223,7 +375,7 @@ def save_checkpoint(root: str, step: int, *, actor, actor_opt, critic=None, crit
                    trainer_state.get("layout", {}))
         with open(os.path.join(tmp, STATE), "w") as f:  # last file inside: marks the dir complete
             json.dump({**trainer_state, "step": step, "saved_at": time.time(),
-                       "save_seconds": time.perf_counter() - t0}, f, indent=2)
+                       "save_seconds": time.perf_counter() - t0, "files": file_sizes(tmp)}, f, indent=2)
         if os.path.exists(final):  # the same step saved again (e.g. SIGTERM right after a resume)
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -233,8 +385,9 @@ def save_checkpoint(root: str, step: int, *, actor, actor_opt, critic=None, crit
             f.flush()
             os.fsync(f.fileno())
         os.replace(pointer_tmp, os.path.join(root, LATEST))
-        if keep is not None and keep > 0:
-            for _, old in list_checkpoints(root)[:-keep]:
+        if keep is not None and keep > 0:  # only older, sound steps go and count: this one is the newest
+            older = [p for s, p in list_checkpoints(root) if s < step and verify_checkpoint(p) is None]
+            for old in older[:max(len(older) - (keep - 1), 0)]:
                 shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
@@ -243,12 +396,23 @@ def save_checkpoint(root: str, step: int, *, actor, actor_opt, critic=None, crit
 def load_checkpoint(ckpt: str, *, actor, actor_opt, critic=None, critic_opt=None, layout: dict) -> dict:
     """Collective. Loads weights and optimizer states (any saved layout), and RNG states when the
     layout is the one saved; returns the trainer state."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from converters.checkpoint import last_line
+    from converters.hf_io import CheckpointError
+
     state = read_state(ckpt)
-    load_model_and_optimizer(actor, actor_opt, os.path.join(ckpt, "actor"))
-    if critic is not None:
-        if not os.path.isdir(os.path.join(ckpt, "critic")):
-            raise FileNotFoundError(f"{ckpt} has no critic (saved by a run without one) but this run trains a critic")
-        load_model_and_optimizer(critic, critic_opt, os.path.join(ckpt, "critic"))
+    if critic is not None and not os.path.isdir(os.path.join(ckpt, "critic")):
+        raise FileNotFoundError(f"{ckpt} has no critic (saved by a run without one) but this run trains a critic")
+    try:
+        load_model_and_optimizer(actor, actor_opt, os.path.join(ckpt, "actor"))
+        if critic is not None:
+            load_model_and_optimizer(critic, critic_opt, os.path.join(ckpt, "critic"))
+    except NotImplementedError:  # says itself what to change
+        raise
+    except (RuntimeError, EOFError, KeyError, CheckpointException) as e:  # the sizes matched, the contents not
+        raise CheckpointError(f"checkpoint {ckpt} cannot be loaded ({last_line(e)}); resume from an earlier one "
+                              f"with trainer.resume=PATH") from e
     rng = os.path.join(ckpt, "rng", f"rank_{_rank():05d}.pt")
     if state.get("layout") == layout and os.path.exists(rng):
         set_rng_state(torch.load(rng, weights_only=False))

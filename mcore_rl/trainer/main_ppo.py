@@ -2,9 +2,10 @@
 
 With no arguments it runs the built-in toy task. Under torchrun or srun every rank runs this.
 
-Exit codes: 0 done, or stopped by SIGTERM after writing a checkpoint (resume with
-trainer.resume=auto, the default); 2 bad configuration or input; 3 stopped after
-trainer.max_bad_steps steps in a row with a non-finite loss or gradient norm.
+Exit codes: 0 done, or stopped by SIGTERM or a first Ctrl-C after writing a checkpoint (resume
+with trainer.resume=auto, the default); 2 bad configuration or input (one line; --debug shows
+the traceback); 3 stopped after trainer.max_bad_steps steps in a row with a non-finite loss or
+gradient norm; 130 aborted by a second Ctrl-C (steps after the last checkpoint are lost).
 """
 
 from __future__ import annotations
@@ -26,23 +27,22 @@ def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
 def main(argv: list[str] | None = None, after_fit=None) -> int:
     """Train; `after_fit(trainer)` runs after a finished `fit()`, before the engine closes (the
     2-GPU benchmark checks the live engine against a fresh one there)."""
-    from mcore_rl.config import ConfigError, load_config
+    from mcore_rl.cli import guarded
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return guarded("mcore-rl train", lambda args: _train(args, after_fit), argv)
+
+
+def _train(argv: list[str], after_fit) -> int:
+    from mcore_rl.config import load_config
     from mcore_rl.distributed.watchdog import install_stack_dump_signal
 
     install_stack_dump_signal()  # `kill -USR1 <pid>` shows where a rank is (a hung collective, say)
-
-    argv = list(sys.argv[1:] if argv is None else argv)
     config, overrides = parse_args(argv)
-    try:
-        cfg = load_config(config, overrides)
-        from mcore_rl.trainer.ppo_trainer import PPOTrainer
+    cfg = load_config(config, overrides)
+    from mcore_rl.trainer.ppo_trainer import NonFiniteError, PPOTrainer
 
-        trainer = PPOTrainer(cfg)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"mcore-rl train: error: {e}", file=sys.stderr)
-        return 2
-    from mcore_rl.trainer.ppo_trainer import NonFiniteError
-
+    trainer = PPOTrainer(cfg)
     try:
         trainer.fit()
         if after_fit is not None:

@@ -28,8 +28,10 @@ from mcore_rl.config import check_sizes, to_plain
 from mcore_rl.distributed import comm
 from mcore_rl.rollout.base import Sampling
 from mcore_rl.trainer.batch import Sample, Shard, last_token_rewards, pad_batch
+from mcore_rl.trainer.inputs import load_inputs
 from mcore_rl.trainer.packing import balance_order, dp_imbalance, sequence_lengths
 from mcore_rl.trainer.tracking import Tracker, console_line
+from mcore_rl.trainer.validation import load_val_dataset
 from mcore_rl.trainer.workers import compute_logprobs, compute_values, update_actor, update_critic
 
 # vLLM logs at INFO per call (prefix-cache resets, weight reloads); keep the console to our lines.
@@ -85,24 +87,47 @@ class PPOTrainer:
         world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
         check_sizes(cfg, world)  # before any process group forms
         self.output_dir = cfg.trainer.output_dir or default_output_dir(cfg)
-        from mcore_rl.trainer.checkpointing import resolve_resume
+        from mcore_rl.trainer.checkpointing import check_run_dir, resolve_resume
 
         self.checkpoint_root = os.path.join(self.output_dir, "checkpoints")
-        self.resume_from = resolve_resume(cfg.trainer.resume, self.checkpoint_root)  # a bad path fails here, early
+        damaged: list = []  # (path, why) of checkpoints passed over
+        self.resume_from = resolve_resume(cfg.trainer.resume, self.checkpoint_root, damaged)  # a bad path fails here, early
+        in_the_way = check_run_dir(self.output_dir, self.resume_from, cfg.trainer.on_previous_run, damaged)
         self.model_path = self._model_path()
         from mcore_rl.models.arch import arch_from_hf_config
 
         self.spec = arch_from_hf_config(self.model_path)
         check_sizes(cfg, world, self.spec)  # TP vs heads, PP vs layers: still before any process group
+        # data, reward function, rollout engine, loggers: before any process group, model or engine
+        self.tokenizer, self.pad_id, self.dataset, self.loader, self.rewards = load_inputs(
+            cfg, self.model_path, self.output_dir)
+        self.val_dataset = load_val_dataset(cfg, self.tokenizer)
         torch.manual_seed(cfg.trainer.seed)
         init_distributed(tp, pp, seed=cfg.trainer.seed, timeout_s=cfg.trainer.dist_timeout_s)
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
         self._make_layout(tp, pp)
         _say(f"mcore_rl: output dir {self.output_dir}")
+        self._start_lineage(in_the_way, damaged)
         self._describe_layout()
         self._build()
 
     # ---------------------------------------------------------------- setup
+    def _start_lineage(self, in_the_way: list[str], damaged: list) -> None:
+        """Another run's files moved aside (trainer.on_previous_run=move_aside), damaged checkpoints
+        named, and this run's id: the resumed checkpoint's, or a new one (collective)."""
+        from mcore_rl.trainer.checkpointing import move_previous_run, new_run_id, read_state
+
+        if in_the_way:
+            if self.rank == 0:
+                dest = move_previous_run(self.output_dir)
+                print(f"mcore_rl: moved the previous run's {', '.join(in_the_way)} to {dest}", flush=True)
+            dist.barrier()
+        for path, why in damaged:
+            _say(f"mcore_rl: WARNING: checkpoint {path} is damaged ({why}); passed over for an older one")
+        resumed = read_state(self.resume_from).get("run_id") if self.resume_from else None
+        self.run_id = resumed or new_run_id()
+        _say(f"mcore_rl: run {self.run_id}" + (" (continued)" if resumed else ""))
+
     def _make_layout(self, tp: int, pp: int) -> None:
         """The one answer to "who does what" (roles, slices, shards), checked against megatron's groups."""
         from megatron.core import parallel_state as ps
@@ -153,22 +178,15 @@ class PPOTrainer:
         return path
 
     def _build(self) -> None:
-        from transformers import AutoTokenizer
-
         from converters.hf_io import load_hf_into_model
-        from mcore_rl.data import PromptLoader, load_prompts
         from mcore_rl.models.build import build_model
         from mcore_rl.models.optim import LRSchedule, wrap_for_training
         from mcore_rl.resharding import Resharder
-        from mcore_rl.rewards import get_reward_fn
-        from mcore_rl.trainer.validation import load_val_dataset
         from megatron.core import parallel_state as ps
 
         cfg, a = self.cfg, self.cfg.actor_rollout_ref
         dtype = DTYPES[a.model.dtype]
         impl = a.model.transformer_impl
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (self.tokenizer.eos_token_id or 0)
 
         def model(role, optim=None):
             m = build_model(self.spec, role=role, dtype=dtype, transformer_impl=impl)
@@ -195,18 +213,11 @@ class PPOTrainer:
 
         self.resharder = Resharder(self.actor, bucket_mb=a.rollout.sync_bucket_mb)
         self.engine = self._make_engine(dtype)
-        d = cfg.data
-        template = {"auto": None, True: True, False: False, "true": True, "false": False}[d.apply_chat_template]
-        self.dataset = load_prompts(d.dataset_name, prompt_key=d.prompt_key, answer_key=d.answer_key,
-                                    tokenizer=self.tokenizer, max_prompt_length=d.max_prompt_length,
-                                    apply_chat_template=template, on_bad_row=d.on_bad_row, toy_size=d.toy_size,
-                                    seed=d.seed)
-        for bad in getattr(self.dataset, "bad_rows", [])[:20]:
+        bad_rows = getattr(self.dataset, "bad_rows", [])
+        for bad in bad_rows[:20]:
             _say(f"mcore_rl: skipped bad data row: {bad}")
-        # every rank reads the step's prompts (small); the layout says which it generates and trains on
-        self.loader = PromptLoader(self.dataset, train_batch_size=d.train_batch_size, seed=d.seed, shuffle=d.shuffle)
-        self.val_dataset = load_val_dataset(cfg, self.tokenizer)
-        self.reward_fn = get_reward_fn(cfg.reward.name)
+        if len(bad_rows) > 20:
+            _say(f"mcore_rl: ... and {len(bad_rows) - 20} more bad data rows skipped")
         self.step = 0
         self.bad_steps = 0  # consecutive steps with a skipped (non-finite) update
         self.last_saved_step = None
@@ -251,7 +262,7 @@ class PPOTrainer:
             self.checkpoint_root, self.step, actor=self.actor, actor_opt=self.actor_opt, critic=self.critic,
             critic_opt=self.critic_opt, hf_side_dir=self.model_path, keep=self.cfg.trainer.max_ckpt_to_keep,
             trainer_state={"loader": self.loader.state_dict(), "layout": self.layout.checkpoint_key(), "bad_steps": self.bad_steps,
-                           "config": to_plain(self.cfg)})
+                           "run_id": self.run_id, "config": to_plain(self.cfg)})
         self.last_saved_step = self.step
         _say(f"mcore_rl: checkpoint {path} saved in {time.perf_counter() - t0:.1f}s")
         return path
@@ -290,8 +301,6 @@ class PPOTrainer:
     def _rollout(self, rows: list, timing: dict) -> Shard:
         """Generate and score this engine's slice of the step's prompts (every rank of the
         engine does, and holds the result)."""
-        from mcore_rl.rewards import score_batch
-
         r = self.cfg.actor_rollout_ref.rollout
         slice_ = self.layout.rollout_slice(len(rows), self.cfg.actor_rollout_ref.actor.ppo_mini_batch_size)
         mine = [rows[j] for j in slice_]
@@ -307,9 +316,12 @@ class PPOTrainer:
             timing["timing/sleep"] = time.perf_counter() - t
         t = time.perf_counter()
         texts = self.tokenizer.batch_decode([o.token_ids for o in outs], skip_special_tokens=True)
-        scores, errors = score_batch(self.reward_fn, [mine[o.prompt_index].prompt for o in outs], texts,
-                                     [mine[o.prompt_index].ground_truth for o in outs], strict=self.cfg.reward.strict)
+        scores, errors = self.rewards.score([mine[o.prompt_index].prompt for o in outs], texts,
+                                            [mine[o.prompt_index].ground_truth for o in outs], strict=self.cfg.reward.strict)
         err_at = {e.index: str(e) for e in errors}
+        if self.rewards.timeout_s and self.world > 1:
+            self._agree_on_reward_failures([slice_[o.prompt_index] * r.n + o.sample_index for o in outs],
+                                           len(rows) * r.n, scores, err_at)
         samples = []
         for i, (o, s) in enumerate(zip(outs, scores)):
             row = mine[o.prompt_index]
@@ -317,12 +329,27 @@ class PPOTrainer:
                                   list(o.logprobs), o.finish_reason, float(s),
                                   f"{row.where}: {err_at[i]}" if i in err_at else None))
         if self.layout.leads_engine:
+            unscored = [e for e in errors if e.error.startswith("not scored:")]
             for s in sorted(samples, key=lambda s: (s.prompt_index, s.sample_index)):
-                if s.reward_error:
+                if s.reward_error and "not scored:" not in s.reward_error:
                     print(f"mcore_rl: reward error (prompt {s.prompt_index}, sample {s.sample_index}): "
                           f"{s.reward_error}", flush=True)
+            if unscored:  # after a reward timeout: one line for the rest of the batch
+                print(f"mcore_rl: reward error: {len(unscored)} more samples {unscored[0].error}", flush=True)
         timing["timing/reward"] = time.perf_counter() - t
         return pad_batch(samples, self.cfg.data.max_prompt_length, self.cfg.data.max_response_length, self.pad_id)
+
+    def _agree_on_reward_failures(self, where: list[int], total: int, scores: list, err_at: dict) -> None:
+        """A reward deadline can fall at different samples on ranks that score the same ones (an
+        engine's ranks): a sample that failed on any rank fails on all (one all-reduce of flags
+        over the step's samples, `where` their global indices), so they train on equal scores."""
+        flags = torch.zeros(total)
+        flags[[g for i, g in enumerate(where) if i in err_at]] = 1.0
+        flags = comm.all_reduce(flags, op="max")
+        for i, g in enumerate(where):
+            if flags[g] and i not in err_at:
+                scores[i] = 0.0
+                err_at[i] = "reward failed on another rank scoring this sample (reward.timeout_s)"
 
     def _reward_metrics(self, local: Shard) -> dict:
         """Mean / max / min score over every sample of the step (each engine counted once)."""
@@ -480,8 +507,9 @@ class PPOTrainer:
     def fit(self) -> list[dict]:
         """Train to `trainer.max_steps`, checkpointing every `save_freq` steps and at the end.
 
-        SIGTERM (Slurm's warning before preemption or the time limit) finishes the current
-        step, saves a checkpoint and returns; `self.stopped_by_signal` is then True.
+        SIGTERM (Slurm's warning before preemption or the time limit) and a first Ctrl-C (SIGINT)
+        finish the current step, save a checkpoint and return; `self.stopped_by_signal` is then
+        True. A second Ctrl-C raises KeyboardInterrupt at once.
         """
         from tqdm import tqdm
 
@@ -490,17 +518,17 @@ class PPOTrainer:
         cfg, t = self.cfg, self.cfg.trainer
         # rank 0 alone owns metrics.jsonl: another rank truncating it on resume would race with it
         tracker = Tracker(self.output_dir, list(t.logger), to_plain(cfg), t.project_name, t.experiment_name,
-                          resume_step=self.step) if self.layout.reports else None
+                          resume_step=self.step, run_id=self.run_id) if self.layout.reports else None
         if self.layout.reports:
             OmegaConf.save(cfg, os.path.join(self.output_dir, "config.yaml"))
         self.stopped_by_signal = False
-        self._term_requested = False
-        previous = None
+        self._stop_signal, self._first_sigint = None, None
+        previous = {}
         if _in_main_thread():
-            from mcore_rl.trainer.checkpointing import start_writer_helper_ignoring_sigterm
+            from mcore_rl.trainer.checkpointing import start_writer_helper
 
-            start_writer_helper_ignoring_sigterm()
-            previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+            start_writer_helper()
+            previous = {sig: signal.signal(sig, self._on_stop_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         t0 = time.perf_counter()
         history = []
         if self.val_dataset is not None and t.val_before_train and self.step == 0:
@@ -535,11 +563,11 @@ class PPOTrainer:
                             f"that returns inf/NaN, fp16 overflow")
                 if t.save_freq > 0 and self.step % t.save_freq == 0 and not skipped:
                     self.save_checkpoint()  # not after a skipped update: the last good one stays newest
-                if comm.agree(self._term_requested):  # ranks see the signal at different times
+                if comm.agree(self._stop_signal is not None):  # ranks see the signal at different times
                     if self.last_saved_step != self.step:
                         self.save_checkpoint()
                     self.stopped_by_signal = True
-                    _say(f"mcore_rl: SIGTERM: stopped after step {self.step} with a checkpoint; "
+                    _say(f"mcore_rl: {self._stop_signal or 'signal'}: stopped after step {self.step} with a checkpoint; "
                          f"rerun with trainer.resume=auto to continue")
                     return history
             if self.last_saved_step != self.step:
@@ -550,8 +578,8 @@ class PPOTrainer:
             bar.close()
             if tracker is not None:
                 tracker.close()
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         _say(f"Training completed in {time.perf_counter() - t0:.1f}s ({self.step} steps); metrics: "
              f"{os.path.join(self.output_dir, 'metrics.jsonl')}")
         return history
@@ -574,12 +602,24 @@ class PPOTrainer:
             tracker.log(self.step, m)
         return m
 
-    def _on_sigterm(self, signum, frame) -> None:
-        if not self._term_requested:
-            print(f"mcore_rl: rank {self.rank}: SIGTERM received; checkpointing after step {self.step}", flush=True)
-        self._term_requested = True
+    def _on_stop_signal(self, signum, frame) -> None:
+        """Stop after this step with a checkpoint. A second Ctrl-C aborts; one within a second of
+        the first is the same keypress (torchrun forwards the SIGINT its workers got already)."""
+        now = time.monotonic()
+        if signum == signal.SIGINT:
+            if self._first_sigint is not None and now - self._first_sigint > 1.0:
+                raise KeyboardInterrupt
+            self._first_sigint = self._first_sigint or now
+        if self._stop_signal is None:
+            self._stop_signal = signal.Signals(signum).name
+            again = " (Ctrl-C again to abort without it)" if signum == signal.SIGINT else ""
+            print(f"mcore_rl: rank {self.rank}: {self._stop_signal} received; checkpointing after step "
+                  f"{self.step}{again}", flush=True)
 
     def close(self) -> None:
+        if getattr(self, "rewards", None) is not None:
+            self.rewards.close()
+            self.rewards = None
         if getattr(self, "engine", None) is not None:
             self.engine.close()
             self.engine = None

@@ -24,12 +24,15 @@ def console_line(step: int, m: dict) -> str:
 
 
 class Tracker:
-    def __init__(self, output_dir: str, loggers, config: dict, project: str, experiment: str, resume_step: int = 0):
+    def __init__(self, output_dir: str, loggers, config: dict, project: str, experiment: str, resume_step: int = 0,
+                 run_id: str | None = None):
         self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.run_id = run_id  # on every row: which run wrote it
         os.makedirs(output_dir, exist_ok=True)
         if resume_step and os.path.exists(self.path):
-            # a resumed run continues the file; lines past the checkpoint's step are dropped
-            keep = [ln for ln in open(self.path) if ln.strip() and json.loads(ln)["step"] <= resume_step]
+            # a resumed run continues the file; lines past the checkpoint's step, or of another run, are dropped
+            keep = [ln for ln in open(self.path) if ln.strip() and json.loads(ln)["step"] <= resume_step
+                    and json.loads(ln).get("run_id", run_id) == run_id]
             with open(self.path + ".tmp", "w") as f:  # replaced atomically: a crash here loses nothing
                 f.writelines(keep)
             os.replace(self.path + ".tmp", self.path)
@@ -46,7 +49,7 @@ class Tracker:
 
     def log(self, step: int, metrics: dict) -> None:
         row = {"step": step, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
-        self.file.write(json.dumps(row) + "\n")
+        self.file.write(json.dumps({**row, "run_id": self.run_id} if self.run_id else row) + "\n")
         self.file.flush()
         if self.tb is not None:
             for k, v in row.items():

@@ -78,7 +78,6 @@ def load_val_dataset(cfg, tokenizer):
 
 def validate(trainer) -> dict[str, float]:
     """Collective: generate and score the validation prompts at the actor's current weights."""
-    from mcore_rl.rewards import score_batch
     from mcore_rl.trainer.ppo_trainer import _SliceSampling
 
     cfg, layout = trainer.cfg, trainer.layout
@@ -96,8 +95,8 @@ def validate(trainer) -> dict[str, float]:
     if trainer._engine_sleeps:
         trainer.engine.sleep(level=2)
     texts = trainer.tokenizer.batch_decode([o.token_ids for o in outs], skip_special_tokens=True)
-    scores, errors = score_batch(trainer.reward_fn, [rows[mine[o.prompt_index]].prompt for o in outs], texts,
-                                 [rows[mine[o.prompt_index]].ground_truth for o in outs], strict=cfg.reward.strict)
+    scores, errors = trainer.rewards.score([rows[mine[o.prompt_index]].prompt for o in outs], texts,
+                                           [rows[mine[o.prompt_index]].ground_truth for o in outs], strict=cfg.reward.strict)
     per_prompt: list[list[float]] = [[] for _ in mine]
     for o, s in zip(outs, scores):
         per_prompt[o.prompt_index].append(float(s))
