@@ -321,7 +321,8 @@ def test_non_utf8_jsonl_line_is_named_and_skipped(tmp_path):
     ("data.dataset_name={tmp}/latin1.jsonl", "no usable prompts in {tmp}/latin1.jsonl; first bad row: "
                                              "{tmp}/latin1.jsonl:1 (row 0): cannot parse row: not UTF-8"),
     ("reward.name={tmp}/none.py:fn", "reward function file not found"),
-    ("trainer.logger=[console,tensorbord]", "unknown logger 'tensorbord'; choose from console, tensorboard, wandb"),
+    ("trainer.logger=[console,tensorbord]", "trainer.logger=['console', 'tensorbord']: must be a list of console, "
+                                            "tensorboard, wandb"),
 ])
 def test_data_reward_and_logger_are_checked_before_building(bad, message, tmp_path, capsys):
     """Before any process group, model or rollout engine exists: in seconds, one line, exit 2."""
@@ -363,3 +364,16 @@ def test_cli_user_errors_are_one_line_and_debug_shows_the_traceback(finished, tm
         assert cli(argv + ["--debug"]) == 2
         err = capsys.readouterr().err
         assert "Traceback (most recent call last)" in err and err.strip().splitlines()[-1].startswith(message)
+
+
+def test_resume_auto_with_nothing_to_resume_moves_the_old_files_aside(tmp_path):
+    """A job killed before its first checkpoint and started again with resume=auto (a Slurm
+    requeue): its metrics are kept, aside, and the new start proceeds; resume=off refuses."""
+    from mcore_rl.trainer.checkpointing import PreviousRunError, check_run_dir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "run_id": "r1"}\n')
+    assert check_run_dir(str(out), None, "error", [], resume_auto=True) == ["metrics.jsonl"]
+    with pytest.raises(PreviousRunError, match="holds another run"):
+        check_run_dir(str(out), None, "error", [], resume_auto=False)

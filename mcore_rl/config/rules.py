@@ -64,6 +64,7 @@ def rules() -> dict[str, Rule]:
     from mcore_rl.algorithms.losses import AGG_MODES, KL_KINDS
     from mcore_rl.algorithms.rollout_correction import IS_LEVELS, IS_MODES
     from mcore_rl.models.optim import LR_DECAY_STYLES
+    from mcore_rl.trainer.inputs import LOGGERS
 
     agg, kl = Rule(words=tuple(AGG_MODES)), Rule(words=tuple(KL_KINDS))
     decay = {"lr_decay_style": Rule(words=tuple(LR_DECAY_STYLES)), "lr_decay_steps": POSITIVE,
@@ -132,7 +133,7 @@ def rules() -> dict[str, Rule]:
         "trainer.total_epochs": POSITIVE,
         "trainer.seed": Rule(type=int, lo=0),
         "trainer.output_dir": Rule(type=str),
-        "trainer.logger": Rule(items=("console", "tensorboard", "wandb")),
+        "trainer.logger": Rule(items=tuple(LOGGERS)),
         "trainer.device": Rule(words=("auto", "cpu", "cuda")),
         "trainer.nnodes": POSITIVE,
         "trainer.n_gpus_per_node": POSITIVE,

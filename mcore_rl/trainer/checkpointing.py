@@ -167,18 +167,21 @@ def previous_run(output_dir: str) -> list[str]:
     return found
 
 
-def check_run_dir(output_dir: str, resume_from: str | None, policy: str, skipped: list) -> list[str]:
+def check_run_dir(output_dir: str, resume_from: str | None, policy: str, skipped: list,
+                  resume_auto: bool = False) -> list[str]:
     """A run starts fresh (`resume_from` None) or from a checkpoint of another directory only in
     an output dir free of other runs' state: their checkpoints would be pruned as newer, `latest`
-    would name them, metrics would mix. Returns what is in the way when `policy` is move_aside
-    (the caller moves it, see `move_previous_run`); raises PreviousRunError when it is error."""
+    would name them, metrics would mix. Returns what is in the way when `policy` is move_aside,
+    or when `resume=auto` found nothing sound to continue (a job killed before its first
+    checkpoint and started again: its files are kept, aside); the caller moves it (see
+    `move_previous_run`). Raises PreviousRunError otherwise."""
     if policy not in ("error", "move_aside"):
         raise ValueError(f"trainer.on_previous_run={policy!r}: must be error or move_aside")
     root = os.path.join(output_dir, "checkpoints")
     if resume_from is not None and os.path.dirname(os.path.realpath(resume_from)) == os.path.realpath(root):
         return []  # continuing this directory's own run
     found = previous_run(output_dir)
-    if not found or policy == "move_aside":
+    if not found or policy == "move_aside" or (resume_auto and resume_from is None):
         return found
     damaged = "".join(f"; {os.path.basename(p)} is damaged: {why}" for p, why in skipped)
     start = "a fresh start" if resume_from is None else f"resuming {resume_from}"

@@ -28,9 +28,7 @@ def check_environment(cfg: DictConfig, model_path: str, output_dir: str) -> None
     if cfg.actor_rollout_ref.rollout.name == "vllm" and not vllm_available():
         raise ValueError("actor_rollout_ref.rollout.name=vllm but vLLM is not installed: install it "
                          "(the cpu or gpu extra), or use rollout.name=hf")
-    for name in cfg.trainer.logger:
-        if name not in LOGGERS:
-            raise ValueError(f"trainer.logger: unknown logger {name!r}; choose from {', '.join(LOGGERS)}")
+    for name in cfg.trainer.logger:  # (names are checked with the config)
         if LOGGERS[name] and importlib.util.find_spec(LOGGERS[name]) is None:
             raise ValueError(f"trainer.logger has {name} but the {LOGGERS[name]} package is not installed: "
                              f"pip install {LOGGERS[name]}, or drop it from trainer.logger")

@@ -92,7 +92,8 @@ class PPOTrainer:
         self.checkpoint_root = os.path.join(self.output_dir, "checkpoints")
         damaged: list = []  # (path, why) of checkpoints passed over
         self.resume_from = resolve_resume(cfg.trainer.resume, self.checkpoint_root, damaged)  # a bad path fails here, early
-        in_the_way = check_run_dir(self.output_dir, self.resume_from, cfg.trainer.on_previous_run, damaged)
+        in_the_way = check_run_dir(self.output_dir, self.resume_from, cfg.trainer.on_previous_run, damaged,
+                                   resume_auto=str(cfg.trainer.resume) == "auto")
         self.model_path = self._model_path()
         from mcore_rl.models.arch import arch_from_hf_config
 
