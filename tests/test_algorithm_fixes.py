@@ -116,7 +116,7 @@ def _stub_trainer(cfg, shard, logp, ref, captured, monkeypatch):
     tr.dp_group = None
     tr.actor, tr.ref, tr.actor_opt = "actor", "ref", None
     tr.step, tr.actor_lr = 1, SimpleNamespace(set_step=lambda step: 0.0)
-    monkeypatch.setattr(pt, "compute_logprobs", lambda model, s, micro: ({"actor": logp, "ref": ref}[model], None))
+    monkeypatch.setattr(pt, "compute_logprobs", lambda model, s, micro, max_tokens=None: ({"actor": logp, "ref": ref}[model], None))
 
     def update(actor, opt, s, cfg, minis, dp_group):
         captured["advantages"] = s.advantages.clone()

@@ -350,8 +350,9 @@ def test_cli_user_errors_are_one_line_and_debug_shows_the_traceback(finished, tm
     bad_yaml.write_text("data: {train_batch_size: 8\n")
     damaged = _copy(finished, tmp_path) / "checkpoints" / "step_00000002"
     (damaged / "trainer_state.json").write_text("{")
-    for argv, message in ((["train", str(bad_yaml)], "mcore-rl train: error: while parsing a flow mapping"),
-                          (["train", "trainer.logger=[console"], "mcore-rl train: error: while parsing a flow sequence"),
+    for argv, message in ((["train", str(bad_yaml)], f"mcore-rl train: error: {bad_yaml} is not valid YAML: "),
+                          (["train", "trainer.logger=[console"],
+                           "mcore-rl train: error: override 'trainer.logger=[console': the value is not valid YAML"),
                           (["export", "--ckpt", str(damaged), "--out", str(tmp_path / "x")],
                            f"mcore-rl export: error: --ckpt={damaged}: this checkpoint is damaged (trainer_state.json "
                            f"is unreadable (JSONDecodeError"),

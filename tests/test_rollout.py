@@ -344,18 +344,32 @@ def test_one_rank_engine_group_forms_under_torchrun(tmp_path, mode):
     """Under torchrun a one-rank engine's own process group waited forever for torchrun's agent
     store (a fresh engine beside the trainer hung on two GPUs). `own_rendezvous` lets it form;
     without it the same group times out (the check that the test sees the trap)."""
-    import subprocess
     import sys
 
     script = tmp_path / "child.py"
     script.write_text(_RENDEZVOUS_CHILD)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_port=0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={_free_port()}",
            str(script), mode, "30" if mode == "own" else "3"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    rc, out, err = _torchrun(cmd, 120)
     if mode == "own":
-        assert r.returncode == 0 and "GROUP-UP" in r.stdout, r.stderr[-2000:]
+        assert rc == 0 and "GROUP-UP" in out, err[-2000:]
     else:
-        assert r.returncode != 0 and "GROUP-UP" not in r.stdout
+        assert rc != 0 and "GROUP-UP" not in out
+
+
+def _torchrun(cmd: list[str], timeout: float):
+    """(returncode, stdout, stderr) of a torchrun command; on timeout torchrun gets SIGTERM, which
+    it forwards to its workers (a SIGKILL would orphan them: they run in sessions of their own)."""
+    import subprocess
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        out, err = proc.communicate(timeout=60)
+        err += f"\n[timed out after {timeout}s]"
+    return proc.returncode, out, err
 
 
 def _free_port() -> int:
@@ -381,12 +395,11 @@ eng.close()
 def test_rollout_tp2_engine_under_torchrun(tmp_path, tiny_model_factory):
     """`torchrun --nproc_per_node=2` with no process group of the caller's (the rollout command and
     benchmark): the TP=2 engine joins torchrun's world through its agent store and generates."""
-    import subprocess
     import sys
 
     script = tmp_path / "child.py"
     script.write_text(_TP2_CHILD)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
            str(script), tiny_model_factory("llama", seed=0)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and r.stdout.count("TOKENS") == 2, (r.stdout[-1000:], r.stderr[-3000:])
+    rc, out, err = _torchrun(cmd, 300)
+    assert rc == 0 and out.count("TOKENS") == 2, (out[-1000:], err[-3000:])
