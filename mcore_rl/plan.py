@@ -8,7 +8,9 @@ sizes fitted the same way, and the same size checks (TP against the model's head
 model's shape is the trainer's reading of its config.json (`ArchSpec`; no weights, no GPU);
 with no `actor_rollout_ref.model.path` the toy model is planned, as `mcore-rl train` would
 train it. Exit codes: 0 fits, 1 does not fit, 2 bad configuration.
-All numbers are estimates; the formulas and their assumptions are in `estimate_memory`.
+All numbers are estimates; the formulas and their assumptions are in `estimate_memory`. Micro-
+batches are rows x the padded length, or with `actor.use_dynamic_bsz` up to each pass's token
+budget (`*_max_token_len_per_gpu`); the report names the key of the pass that sets the peak.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ GiB = 1024**3
 
 # Constants of the estimate (see estimate_memory).
 LOGPROB_CHUNK_BYTES = 256 << 20  # mcore_rl.models.forward.CHUNK_BYTES (not imported: plan needs no torch)
-LOGPROB_TEMP_BYTES = 3 * LOGPROB_CHUNK_BYTES  # fp32 temporaries of one log-prob chunk (probabilities, gradient, scatter)
+LOGPROB_TEMP_BYTES = 3 * LOGPROB_CHUNK_BYTES  # fp32 temporaries of one chunk: probabilities, gradient, scatter
 FIXED_OVERHEAD_GIB = 1.5  # CUDA context, NCCL buffers, allocator slack, per GPU, always present
 VLLM_NON_KV_GIB = 1.5  # vLLM's profiled activation peak + CUDA graphs, inside its budget
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # actor_rollout_ref.model.dtype
