@@ -8,7 +8,9 @@ sizes fitted the same way, and the same size checks (TP against the model's head
 model's shape is the trainer's reading of its config.json (`ArchSpec`; no weights, no GPU);
 with no `actor_rollout_ref.model.path` the toy model is planned, as `mcore-rl train` would
 train it. Exit codes: 0 fits, 1 does not fit, 2 bad configuration.
-All numbers are estimates; the formulas and their assumptions are in `estimate_memory`.
+All numbers are estimates; the formulas and their assumptions are in `estimate_memory`. Micro-
+batches are rows x the padded length, or with `actor.use_dynamic_bsz` up to each pass's token
+budget (`*_max_token_len_per_gpu`); the report names the key of the pass that sets the peak.
 """
 
 from __future__ import annotations
@@ -23,13 +25,14 @@ from mcore_rl.distributed.env import LaunchEnv
 from mcore_rl.distributed.layout import describe_layout, rank_layout
 from mcore_rl.models.arch import ArchSpec, UnsupportedModelError, arch_from_hf_config
 
-__all__ = ["ParamCounts", "PlanInputs", "MemoryEstimate", "count_params", "params_per_gpu", "estimate_memory",
-           "plan_inputs_from_config", "model_spec", "main"]
+__all__ = ["ParamCounts", "PlanInputs", "MemoryEstimate", "count_params", "params_per_gpu", "layer_activation_bytes",
+           "saved_activation_bytes", "estimate_memory", "plan_inputs_from_config", "model_spec", "main"]
 
 GiB = 1024**3
 
 # Constants of the estimate (see estimate_memory).
-ACT_BYTES_PER_SBH = 34  # Korthikanti et al. 2022, 16-bit activations per (token x hidden) per layer
+LOGPROB_CHUNK_BYTES = 256 << 20  # mcore_rl.models.forward.CHUNK_BYTES (not imported: plan needs no torch)
+LOGPROB_TEMP_BYTES = 3 * LOGPROB_CHUNK_BYTES  # fp32 temporaries of one chunk: probabilities, gradient, scatter
 FIXED_OVERHEAD_GIB = 1.5  # CUDA context, NCCL buffers, allocator slack, per GPU, always present
 VLLM_NON_KV_GIB = 1.5  # vLLM's profiled activation peak + CUDA graphs, inside its budget
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # actor_rollout_ref.model.dtype
@@ -101,6 +104,49 @@ def params_per_gpu(pc: ParamCounts, spec: ArchSpec, tp: int, pp: int, value_head
 
 
 # ---------------------------------------------------------------------------------------
+# activations
+# ---------------------------------------------------------------------------------------
+
+def layer_activation_bytes(spec: ArchSpec, tp: int, b: int) -> float:
+    """Bytes one transformer layer saves for backward, per token, on one TP rank: what autograd
+    keeps in megatron-core's local spec with `SDPAttention` (b = bytes of the params dtype).
+
+    Full width on every TP rank (the local spec has no sequence parallelism): the two norms'
+    inputs (fused RMSNorm / LayerNorm keep the input and a per-token statistic) and the inputs
+    of the column-parallel QKV and fc1 projections. Split over TP: the fused QKV output (the
+    attention keeps V, a view of it), Q and K after RoPE, the attention output (also the output
+    projection's input) and its fp32 log-sum-exp; the MLP's fc1 output, the activation, the GLU's
+    linear half and the fc2 input (5 ffn widths gated, 1 for relu, 2 otherwise). Attention keeps
+    no seq x seq matrix: SDPA is_causal runs flash / memory-efficient kernels on GPU and a fused
+    one on CPU, and the packed kernels (varlen, flex, per-sequence SDPA) keep the same tensors.
+    RoPE keeps cos/sin per token (packed; per position padded). Q/K norms keep their inputs.
+    """
+    h, f, d = spec.hidden_size, spec.ffn_hidden_size, spec.head_dim
+    q, kv = spec.num_attention_heads * d, spec.num_query_groups * d
+    full = 4 * b * h + 2 * 8  # two norm inputs, QKV and fc1 inputs; fp32 rstd (LayerNorm: mean + rstd)
+    attn = b * (q + 2 * kv) + b * q + 4 * spec.num_attention_heads  # QKV output, attention output, lse
+    if spec.position_embedding == "rope":
+        attn += b * (q + kv)  # Q and K after RoPE
+        full += 4 * d * b  # cos and sin of Q and K
+    if spec.qk_layernorm:
+        attn += b * (q + kv)
+    mlp = b * f * (5 if spec.gated_mlp else 1 if spec.activation == "relu" else 2)
+    return full + (attn + mlp) / tp
+
+
+def saved_activation_bytes(spec: ArchSpec, tokens: int, layers: int, tp: int, b: int, head: str | None) -> float:
+    """Bytes a micro-batch of `tokens` saves for backward on one GPU holding `layers` layers;
+    `head` "logits" or "value" adds the last stage: the final norm's and the output layer's
+    inputs, and for logits the [tokens, vocab/tp] logits the log-prob keeps (params dtype)."""
+    saved = layers * layer_activation_bytes(spec, tp, b)
+    if head is not None:
+        saved += 2 * b * spec.hidden_size + 8
+    if head == "logits":
+        saved += b * spec.padded_vocab_size / tp
+    return tokens * saved
+
+
+# ---------------------------------------------------------------------------------------
 # the estimate
 # ---------------------------------------------------------------------------------------
 
@@ -127,10 +173,37 @@ class PlanInputs:
     train_batch_size: int
     critic: bool
     ref: bool
+    log_prob_micro_batch: int  # rollout.log_prob_micro_batch_size_per_gpu (old log-probs)
+    ref_log_prob_micro_batch: int  # ref.log_prob_micro_batch_size_per_gpu
+    dynamic_bsz: bool  # actor.use_dynamic_bsz: every pass on packed micro-batches of the budgets below
+    ppo_max_token_len: int  # actor.ppo_max_token_len_per_gpu (actor update)
+    log_prob_max_token_len: int  # rollout.log_prob_max_token_len_per_gpu (old log-probs)
+    ref_log_prob_max_token_len: int  # ref.log_prob_max_token_len_per_gpu
+    critic_max_token_len: int  # critic.ppo_max_token_len_per_gpu (values and critic update)
 
     @property
     def world_size(self) -> int:
         return self.nodes * self.gpus_per_node
+
+    @property
+    def seq_len(self) -> int:
+        return self.max_prompt_length + self.max_response_length
+
+    def micro_batches(self) -> dict[str, tuple[str, int, int]]:
+        """Each model pass -> (the config key that sizes its micro-batches, its value, tokens per
+        micro-batch at most): the token budget when packed, rows x the padded length otherwise."""
+        s, a = self.seq_len, "actor_rollout_ref."
+        if self.dynamic_bsz:
+            keys = {"actor train": (a + "actor.ppo_max_token_len_per_gpu", self.ppo_max_token_len),
+                    "old log-probs": (a + "rollout.log_prob_max_token_len_per_gpu", self.log_prob_max_token_len),
+                    "ref log-probs": (a + "ref.log_prob_max_token_len_per_gpu", self.ref_log_prob_max_token_len),
+                    "critic train": ("critic.ppo_max_token_len_per_gpu", self.critic_max_token_len)}
+            return {k: (key, v, v) for k, (key, v) in keys.items()}
+        keys = {"actor train": (a + "actor.ppo_micro_batch_size_per_gpu", self.micro_batch),
+                "old log-probs": (a + "rollout.log_prob_micro_batch_size_per_gpu", self.log_prob_micro_batch),
+                "ref log-probs": (a + "ref.log_prob_micro_batch_size_per_gpu", self.ref_log_prob_micro_batch),
+                "critic train": ("critic.ppo_micro_batch_size_per_gpu", self.critic_micro_batch)}
+        return {k: (key, v, v * s) for k, (key, v) in keys.items()}
 
 
 @dataclass
@@ -139,7 +212,7 @@ class ModelMemory:
     weights: float  # bytes per GPU
     grads: float
     optimizer: float
-    activations: float
+    activations: float  # the training micro-batches' peak, beyond the states
 
     @property
     def resident(self) -> float:
@@ -167,10 +240,36 @@ class MemoryEstimate:
     seq_len: int
     seqs_per_engine: int
     overhead: float
+    micro_batch_bytes: dict[str, float] = field(default_factory=dict)  # pass -> its micro-batch peak, beyond states
     phases: dict[str, float] = field(default_factory=dict)
     peak: float = 0.0
+    peak_phase: str = ""
     fits: bool = False
     problems: list[str] = field(default_factory=list)
+
+
+def train_activation_bytes(spec: ArchSpec, tokens: int, tp: int, pp: int, b: int, value_head: bool) -> float:
+    """Peak bytes of one training micro-batch of `tokens` beyond the model's states, on the most
+    loaded pipeline stage. PP 1F1B: the first stage holds pp micro-batches in flight; the last one
+    holds its own, plus the logits' gradient [tokens, vocab/tp] (params dtype, as the log-prob's
+    backward writes it; on the padded path megatron's [s, b] -> [b, s] copy of the logits is its
+    twin in the forward) and the log-prob's chunk temporaries."""
+    layers = math.ceil(spec.num_layers / pp)
+    head = "value" if value_head else "logits"
+    last = saved_activation_bytes(spec, tokens, layers, tp, b, head)
+    if not value_head:
+        last += tokens * b * spec.padded_vocab_size / tp + LOGPROB_TEMP_BYTES
+    first = saved_activation_bytes(spec, tokens, layers, tp, b, None) * pp
+    return last if pp == 1 else max(first, last)
+
+
+def logprob_pass_bytes(spec: ArchSpec, tokens: int, rows: int, tp: int, b: int) -> float:
+    """Peak bytes of one forward-only log-prob micro-batch beyond the states (nothing is saved
+    for backward): its logits [tokens, vocab/tp] in the params dtype, twice on the padded path
+    with more than one row (megatron's [s, b] -> [b, s] copy; packed: one row, no copy), the
+    chunk temporaries, and one layer's intermediates."""
+    logits = tokens * b * spec.padded_vocab_size / tp * (2 if rows > 1 else 1)
+    return logits + LOGPROB_TEMP_BYTES + tokens * layer_activation_bytes(spec, tp, b)
 
 
 def estimate_memory(spec: ArchSpec, p: PlanInputs) -> MemoryEstimate:
@@ -184,14 +283,15 @@ def estimate_memory(spec: ArchSpec, p: PlanInputs) -> MemoryEstimate:
     optimizer   P * (8 + 4 if b < 4 else 8)    Adam exp_avg + exp_avg_sq fp32 (8) + fp32 master
                 / dp with the                  copy of 16-bit params (4); the distributed optimizer
                 distributed optimizer          shards it over the data-parallel group
-    activations per layer and micro-batch: 34 * s * mb * h / tp bytes (Korthikanti et al.
-                2022, flash attention so no s^2 term, sequence parallel so all of it is split
-                by TP, no recompute), s = max_prompt + max_response (padded worst case);
-                the first pipeline stage holds pp micro-batches of ceil(L/pp) layers (1F1B),
-                the last stage one micro-batch plus fp32 logits and their gradient,
-                2 * 4 * s * mb * vocab_padded / tp; activations = max of the two stages.
-                The critic's value head has no vocab-sized logits. The critic shares the
-                actor's TP/PP grid (megatron's parallel state is global).
+    micro-batch tokens per micro-batch: the token budget with actor.use_dynamic_bsz (packed: at
+                most that many real tokens), else rows x (max_prompt + max_response) (padded).
+                Training: `train_activation_bytes` (per-layer bytes from `layer_activation_bytes`,
+                no recompute; PP: the first stage holds pp micro-batches in flight, each of up to
+                the same tokens; the last stage the logits, their gradient and the log-prob's
+                chunk temporaries). Forward-only log-prob passes: `logprob_pass_bytes`. The
+                critic's value head has no vocab-sized logits; its forward-only value pass is
+                smaller than its update. The critic shares the actor's TP/PP grid (megatron's
+                parallel state is global).
     ref         weights only (no grads/optimizer/backward), present when a KL term is used.
     vLLM        its budget is gpu_memory_utilization * GPU memory (or weights + VLLM_NON_KV_GIB
                 + rollout.kv_cache_gib when that is set); inside it: weights (all params * b /
@@ -201,33 +301,31 @@ def estimate_memory(spec: ArchSpec, p: PlanInputs) -> MemoryEstimate:
                 KV freed, weights off the GPU) or keeps its whole budget.
     overhead    FIXED_OVERHEAD_GIB in every phase (CUDA context, NCCL, fragmentation).
 
-    Phases (peak = the largest): rollout = every Megatron model's states + vLLM budget; actor
-    train = actor states + activations + the other models' states (+ vLLM when it does not
-    sleep); critic train likewise.
+    Phases (peak = the largest): rollout = every Megatron model's states + vLLM budget; old
+    log-probs / ref log-probs = every model's states + that pass's micro-batch (+ vLLM when it
+    does not sleep); actor train = actor states + activations + the other models' states
+    (+ vLLM when it does not sleep); critic train likewise.
     """
     b = p.dtype_bytes
     pc = count_params(spec)
-    s = p.max_prompt_length + p.max_response_length
+    s = p.seq_len
     opt_per_param = 8 + (4 if b < 4 else 0)
     dp = p.world_size // (p.tp * p.pp)
+    mbs = p.micro_batches()
 
-    def model_mem(mb: int, trainable: bool, value_head: bool) -> ModelMemory:
+    def model_mem(trainable: bool, value_head: bool) -> ModelMemory:
         n = params_per_gpu(pc, spec, p.tp, p.pp, value_head=value_head)
         act = 0.0
         if trainable:
-            per_layer = ACT_BYTES_PER_SBH * s * mb * spec.hidden_size / p.tp
-            stage_layers = math.ceil(spec.num_layers / p.pp)
-            logits = 0.0 if value_head else 2 * 4 * s * mb * spec.padded_vocab_size / p.tp
-            first = stage_layers * p.pp * per_layer  # 1F1B warm-up: pp micro-batches in flight
-            last = stage_layers * per_layer + logits
-            act = last if p.pp == 1 else max(first, last)
+            tokens = mbs["critic train" if value_head else "actor train"][2]
+            act = train_activation_bytes(spec, tokens, p.tp, p.pp, b, value_head)
         return ModelMemory(params=n, weights=n * b, grads=n * 4.0 if trainable else 0.0,
                            optimizer=n * opt_per_param / (dp if p.distributed_optimizer else 1) if trainable else 0.0,
                            activations=act)
 
-    actor = model_mem(p.micro_batch, True, False)
-    critic = model_mem(p.critic_micro_batch, True, True) if p.critic else None
-    ref = model_mem(p.micro_batch, False, False) if p.ref else None
+    actor = model_mem(True, False)
+    critic = model_mem(True, True) if p.critic else None
+    ref = model_mem(False, False) if p.ref else None
 
     gpu = p.gpu_mem_gib * GiB
     overhead = FIXED_OVERHEAD_GIB * GiB
@@ -246,13 +344,23 @@ def estimate_memory(spec: ArchSpec, p: PlanInputs) -> MemoryEstimate:
     models = {"actor": actor, "critic": critic, "ref": ref}
     resident = {k: m.resident for k, m in models.items() if m is not None}
     vllm_in_training = 0.0 if p.free_cache_engine else vllm_budget
-    phases = {"rollout": overhead + sum(resident.values()) + vllm_budget}
+    states = sum(resident.values())
+    # forward-only log-prob passes: logits live on the last stage only
+    passes = {"old log-probs": True, "ref log-probs": p.ref}
+    mb_bytes = {name: logprob_pass_bytes(spec, mbs[name][2], 1 if p.dynamic_bsz else mbs[name][1], p.tp, b)
+                for name, on in passes.items() if on}
+    mb_bytes["actor train"] = actor.activations
+    if critic is not None:
+        mb_bytes["critic train"] = critic.activations
+    phases = {"rollout": overhead + states + vllm_budget}
+    for name in ("old log-probs", "ref log-probs"):
+        if name in mb_bytes:
+            phases[name] = overhead + states + vllm_in_training + mb_bytes[name]
     for name in ("actor", "critic"):
-        m = models[name]
-        if m is not None:
-            others = sum(v for k, v in resident.items() if k != name)
-            phases[f"{name} train"] = overhead + m.train_total + others + vllm_in_training
-    peak = max(phases.values())
+        if models[name] is not None:
+            phases[f"{name} train"] = overhead + states + vllm_in_training + mb_bytes[f"{name} train"]
+    peak_phase = max(phases, key=phases.get)
+    peak = phases[peak_phase]
 
     problems = []
     if vllm_kv <= 0:
@@ -261,13 +369,14 @@ def estimate_memory(spec: ArchSpec, p: PlanInputs) -> MemoryEstimate:
     elif kv_tokens < s:
         problems.append(f"KV cache holds {kv_tokens} tokens, less than one sequence of {s}")
     if peak > gpu:
-        worst = max(phases, key=phases.get)
-        problems.append(f"{worst} phase needs {peak / GiB:.1f} GiB > {p.gpu_mem_gib:g} GiB per GPU")
+        hint = f" (lower {mbs[peak_phase][0]})" if peak_phase in mbs else ""
+        problems.append(f"{peak_phase} phase needs {peak / GiB:.1f} GiB > {p.gpu_mem_gib:g} GiB per GPU{hint}")
     return MemoryEstimate(
         total_params=pc.total, gpu_bytes=gpu, actor=actor, critic=critic, ref=ref, vllm_budget=vllm_budget,
         vllm_weights=vllm_weights, vllm_other=vllm_other, vllm_kv=max(0.0, vllm_kv), kv_bytes_per_token=kv_per_token,
-        kv_tokens=kv_tokens, seq_len=s, seqs_per_engine=seqs_per_engine, overhead=overhead, phases=phases,
-        peak=peak, fits=not problems, problems=problems,
+        kv_tokens=kv_tokens, seq_len=s, seqs_per_engine=seqs_per_engine, overhead=overhead,
+        micro_batch_bytes=mb_bytes, phases=phases, peak=peak, peak_phase=peak_phase, fits=not problems,
+        problems=problems,
     )
 
 
@@ -302,6 +411,12 @@ def plan_inputs_from_config(cfg, nodes: int, gpus_per_node: int, gpu_mem_gib: fl
         train_batch_size=cfg.data.train_batch_size,
         critic=cfg.algorithm.adv_estimator == "gae",  # as the trainer decides
         ref=a.actor.use_kl_loss or cfg.algorithm.use_kl_in_reward,
+        log_prob_micro_batch=r.log_prob_micro_batch_size_per_gpu,
+        ref_log_prob_micro_batch=a.ref.log_prob_micro_batch_size_per_gpu,
+        dynamic_bsz=a.actor.use_dynamic_bsz, ppo_max_token_len=a.actor.ppo_max_token_len_per_gpu,
+        log_prob_max_token_len=r.log_prob_max_token_len_per_gpu,
+        ref_log_prob_max_token_len=a.ref.log_prob_max_token_len_per_gpu,
+        critic_max_token_len=cfg.critic.ppo_max_token_len_per_gpu,
     )
 
 
@@ -320,7 +435,9 @@ def format_report(spec: ArchSpec, p: PlanInputs, est: MemoryEstimate) -> list[st
         f"padded to {spec.padded_vocab_size}, tied {spec.tied_embeddings}), dtype bytes {p.dtype_bytes}",
         f"memory per GPU (GiB), most loaded pipeline stage; GPU {p.gpu_mem_gib:g} GiB; "
         f"distributed optimizer {'on' if p.distributed_optimizer else 'off'}; seq {est.seq_len}, "
-        f"micro-batch {p.micro_batch} (critic {p.critic_micro_batch})",
+        + (f"packed micro-batches (use_dynamic_bsz) of at most {p.ppo_max_token_len} tokens "
+           f"(critic {p.critic_max_token_len})" if p.dynamic_bsz else
+           f"padded micro-batches of {p.micro_batch} rows (critic {p.critic_micro_batch})"),
         f"  {'':<22}{'params':>9} {'weights':>7} {'grads':>7} {'optim':>7} {'activ':>7} {'train':>7}",
     ]
     for name, m in (("actor", est.actor), ("critic", est.critic), ("ref", est.ref)):
@@ -339,10 +456,31 @@ def format_report(spec: ArchSpec, p: PlanInputs, est: MemoryEstimate) -> list[st
         f"= {est.kv_tokens} tokens = {est.kv_tokens // max(1, est.seq_len)} sequences of {est.seq_len} at once "
         f"(each engine generates {est.seqs_per_engine} per step)",
         f"  fixed overhead {est.overhead / GiB:.2f} GiB",
+    ]
+    lines += _micro_batch_lines(p, est)
+    lines += [
         "  phases: " + " | ".join(f"{k} {v / GiB:.2f}" for k, v in est.phases.items()),
-        f"peak {est.peak / GiB:.2f} GiB of {p.gpu_mem_gib:g} GiB: " + ("FITS" if est.fits else "DOES NOT FIT"),
+        f"peak {est.peak / GiB:.2f} GiB of {p.gpu_mem_gib:g} GiB ({est.peak_phase}): "
+        + ("FITS" if est.fits else "DOES NOT FIT"),
     ]
     lines += [f"  problem: {msg}" for msg in est.problems]
+    return lines
+
+
+def _micro_batch_lines(p: PlanInputs, est: MemoryEstimate) -> list[str]:
+    """Each model pass's micro-batch: the key that sizes it, its tokens, its memory; and which
+    one sets the peak (or that the rollout does)."""
+    mbs = p.micro_batches()
+    what = "token budget" if p.dynamic_bsz else "rows"
+    lines = [f"  micro-batches ({'packed' if p.dynamic_bsz else 'padded'}; memory beyond the models' states):"]
+    for name, v in est.micro_batch_bytes.items():
+        key, value, tokens = mbs[name]
+        lines.append(f"    {name:<14}{key}={value} ({what}; <= {tokens} tokens): {v / GiB:.2f} GiB")
+    if est.peak_phase in mbs:
+        key, value, _ = mbs[est.peak_phase]
+        lines.append(f"    the largest: {est.peak_phase} ({key}={value}) sets the peak")
+    else:
+        lines.append(f"    the peak is the {est.peak_phase} phase (vLLM's budget), not a micro-batch")
     return lines
 
 

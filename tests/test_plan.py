@@ -1,13 +1,17 @@
 """`mcore-rl plan`: parameter counts against HF and megatron-core models, memory numbers against a
-hand calculation, and the command line reading the trainer's config."""
+hand calculation, activations against what autograd saves (CPU) and a measured GPU peak, and the
+command line reading the trainer's config."""
 
 import json
+import os
 
 import pytest
 
 from mcore_rl import plan
 from mcore_rl.models.arch import arch_from_hf_config
-from mcore_rl.plan import GiB, PlanInputs, count_params, estimate_memory, params_per_gpu
+from mcore_rl.plan import GiB, PlanInputs, count_params, estimate_memory, params_per_gpu, saved_activation_bytes
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A small Llama-shaped model with round numbers; vocab 31990 pads to 32000.
 CFG = {"model_type": "llama", "hidden_size": 1024, "num_hidden_layers": 8, "num_attention_heads": 16,
@@ -17,7 +21,9 @@ CFG = {"model_type": "llama", "hidden_size": 1024, "num_hidden_layers": 8, "num_
 BASE = dict(nodes=1, gpus_per_node=1, gpu_mem_gib=80, dtype_bytes=2, tp=1, pp=1, rollout_tp=1,
             gpu_memory_utilization=0.5, kv_cache_gib=None, free_cache_engine=True, rollout_n=1,
             distributed_optimizer=False, micro_batch=1, critic_micro_batch=1, max_prompt_length=512,
-            max_response_length=512, train_batch_size=16, critic=True, ref=False)
+            max_response_length=512, train_batch_size=16, critic=True, ref=False, log_prob_micro_batch=2,
+            ref_log_prob_micro_batch=2, dynamic_bsz=False, ppo_max_token_len=16384, log_prob_max_token_len=16384,
+            ref_log_prob_max_token_len=16384, critic_max_token_len=32768)
 
 
 def inputs(**kw) -> PlanInputs:
@@ -102,17 +108,33 @@ def test_memory_matches_hand_calculation():
     assert est.actor.weights == 2 * P == 93_603_840
     assert est.actor.grads == 4 * P == 187_207_680
     assert est.actor.optimizer == 12 * P / 2 == 280_811_520
+    # per layer and token on one TP rank (bf16, TP 2, no sequence parallelism): full width, the two
+    # norms' inputs + the QKV and fc1 inputs (4 x 2h), their fp32 statistics (2 x 8), RoPE cos/sin
+    # (4 x head_dim x 2); split over TP: fused QKV output (q + 2kv), attention output (q), lse
+    # (16 heads x 4), Q and K after RoPE (q + kv), and the MLP's 5 ffn widths, all x 2 bytes
+    full = 4 * 2 * h + 2 * 8 + 4 * 64 * 2
+    split = 2 * (q + 2 * kv) + 2 * q + 16 * 4 + 2 * (q + kv) + 2 * 5 * ffn
+    layer = full + split / 2
+    assert layer == 33_072
     s, mb = 2048, 2
-    act_layer = 34 * s * mb * h / 2  # 71,303,168 per layer per micro-batch
-    act_first = 4 * 2 * act_layer  # 4 layers x 2 micro-batches in flight (1F1B, PP 2)
-    act_last = 4 * act_layer + 2 * 4 * s * mb * Vp / 2  # one micro-batch + fp32 logits and grad
-    assert est.actor.activations == max(act_first, act_last) == 809_500_672
+    tokens = s * mb  # padded: rows x the padded length
+    act_first = 4 * 2 * layer * tokens  # 4 layers x 2 micro-batches in flight (1F1B, PP 2)
+    logits = tokens * Vp / 2 * 2  # [tokens, vocab / TP] in bf16
+    head = tokens * (2 * 2 * h + 8)  # final norm and output layer inputs
+    temps = 3 * 256 * 2**20  # log-prob chunk temporaries
+    act_last = 4 * layer * tokens + head + logits + logits + temps  # the logits and their gradient
+    assert est.actor.activations == max(act_first, act_last) == 1_626_112_000
 
     # --- critic: value head (h params) instead of the output layer; first stage is the larger --
     Pc = max(first_stage, 4 * per_layer_gpu + h + h + 1)  # final norm, value head with its bias
     assert Pc == 46_800_896 == est.critic.params
     assert (est.critic.weights, est.critic.grads, est.critic.optimizer) == (2 * Pc, 4 * Pc, 6 * Pc)
-    assert est.critic.activations == max(act_first, 4 * act_layer) == 570_425_344
+    assert est.critic.activations == max(act_first, 4 * layer * tokens + head) == 1_083_703_296
+
+    # --- old log-probs: forward only, 2 rows: the logits twice (megatron's [s, b] -> [b, s] copy),
+    # the chunk temporaries and one layer's intermediates
+    assert est.micro_batch_bytes["old log-probs"] == 2 * logits + temps + layer * tokens == 1_202_913_280
+    assert "ref log-probs" in est.micro_batch_bytes and est.micro_batch_bytes["actor train"] == est.actor.activations
 
     # --- reference: weights only -------------------------------------------------------------
     assert (est.ref.weights, est.ref.grads, est.ref.optimizer, est.ref.activations) == (2 * P, 0, 0, 0)
@@ -132,9 +154,12 @@ def test_memory_matches_hand_calculation():
     assert actor_states == est.actor.weights + est.actor.grads + est.actor.optimizer
     overhead = 1.5 * GiB
     assert est.phases["rollout"] == overhead + actor_states + critic_states + ref_states + budget
-    assert est.phases["actor train"] == overhead + actor_states + 809_500_672 + critic_states + ref_states
-    assert est.phases["critic train"] == overhead + critic_states + 570_425_344 + actor_states + ref_states
-    assert est.peak == est.phases["rollout"] and est.fits and est.peak / GiB == pytest.approx(42.633, abs=1e-3)
+    states = actor_states + critic_states + ref_states
+    assert est.phases["actor train"] == overhead + states + 1_626_112_000
+    assert est.phases["critic train"] == overhead + states + 1_083_703_296
+    assert est.phases["old log-probs"] == est.phases["ref log-probs"] == overhead + states + 1_202_913_280
+    assert est.peak == est.phases["rollout"] and est.peak_phase == "rollout" and est.fits
+    assert est.peak / GiB == pytest.approx(42.633, abs=1e-3)
 
 
 def test_distopt_grpo_cache_and_sleep_change_what_they_should():
@@ -154,6 +179,198 @@ def test_distopt_grpo_cache_and_sleep_change_what_they_should():
     # rollout TP above the KV head count: one KV head per rank (vLLM replicates them)
     wide = estimate_memory(spec, inputs(gpus_per_node=8, tp=8, rollout_tp=8))
     assert wide.kv_bytes_per_token == 2 * 8 * 1 * 64 * 2
+
+
+def test_packed_micro_batches_are_sized_by_the_token_budget():
+    """use_dynamic_bsz: every pass's micro-batch holds up to its budget of tokens, whatever the
+    sequence length or row counts; the forward-only logits are one row, so never copied."""
+    spec = arch_from_hf_config(CFG)
+    base = dict(gpus_per_node=8, tp=2, pp=2, rollout_tp=2, critic=True, ref=True)
+    padded = estimate_memory(spec, inputs(**base, micro_batch=2, critic_micro_batch=2, max_response_length=1536))
+    packed = dict(base, dynamic_bsz=True, ppo_max_token_len=4096, critic_max_token_len=4096,
+                  log_prob_max_token_len=4096, ref_log_prob_max_token_len=8192)
+    est = estimate_memory(spec, inputs(**packed, max_response_length=1536))
+    # the same 4096 tokens per training micro-batch as 2 padded rows of 2048
+    assert est.actor.activations == padded.actor.activations and est.critic.activations == padded.critic.activations
+    # the sequence length and the row counts no longer matter, the budgets do
+    longer = estimate_memory(spec, inputs(**packed, max_response_length=3584, micro_batch=64, log_prob_micro_batch=64))
+    assert longer.micro_batch_bytes == est.micro_batch_bytes
+    bigger = estimate_memory(spec, inputs(**{**packed, "ppo_max_token_len": 8192}, max_response_length=1536))
+    assert bigger.actor.activations > est.actor.activations and bigger.critic.activations == est.critic.activations
+    # forward-only: one copy of the logits when packed, two for padded rows
+    logits, temps = 4096 * 32000 / 2 * 2, 3 * 256 * 2**20
+    assert padded.micro_batch_bytes["old log-probs"] - est.micro_batch_bytes["old log-probs"] == logits
+    assert est.micro_batch_bytes["ref log-probs"] - temps == 2 * (est.micro_batch_bytes["old log-probs"] - temps)
+    # PP 2: the first stage holds 2 micro-batches of up to the budget in flight
+    no_logits = saved_activation_bytes(spec, 4096, 4, 2, 2, None)
+    assert est.critic.activations == 2 * no_logits
+
+
+def test_logprob_chunk_constant_is_the_trainers():
+    from mcore_rl.models.forward import CHUNK_BYTES
+
+    assert plan.LOGPROB_CHUNK_BYTES == CHUNK_BYTES
+
+
+# --------------------------------------------------------------- activations against reality
+def _saved_bytes_worker(cfgs):
+    """Bytes autograd saves for backward (unique storages, parameters excluded) in one forward of
+    the actor's loss (log-prob + entropy) on a padded and a packed micro-batch, bf16, at TP 1 and 2."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from mcore_rl.distributed import init_distributed
+    from mcore_rl.models.build import build_model
+    from mcore_rl.models.forward import vocab_parallel_logprobs
+    from mcore_rl.trainer.packing import pack_rows
+
+    lens = [40, 96, 56, 17]
+    out = {}
+    for tp in (2, 1):
+        init_distributed(tp, 1)
+        for name, cfg in cfgs.items():
+            spec = arch_from_hf_config(cfg)
+            torch.manual_seed(0)
+            model = build_model(spec, "actor", dtype=torch.bfloat16)
+            params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+            ids = torch.randint(0, spec.vocab_size, (2, 96))
+            rows = SimpleNamespace(input_ids=torch.randint(0, spec.vocab_size, (4, 96)),
+                                   prompt_length=torch.tensor([8, 16, 8, 4]),
+                                   response_length=torch.tensor(lens) - torch.tensor([8, 16, 8, 4]))
+            mbs = {"padded": {"input_ids": ids, "position_ids": torch.arange(96)[None].expand(2, 96)},
+                   "packed": pack_rows(rows, range(4), [], "cpu", spec.position_offset)}
+            for kind, mb in mbs.items():
+                seen = {}
+
+                def keep(t):
+                    st = t.untyped_storage()
+                    if st.data_ptr() not in params:
+                        seen[st.data_ptr()] = st.nbytes()
+                    return t
+
+                x = mb["input_ids"]
+                with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+                    logits = model(x, mb["position_ids"], None, packed_seq_params=mb.get("packed_seq_params"))
+                    logp, ent = vocab_parallel_logprobs(logits[:, :-1], x[:, 1:], spec.vocab_size, True)
+                (logp.sum() + ent.sum()).backward()
+                out[(name, tp, kind)] = (x.numel(), sum(seen.values()))
+    return out
+
+
+SAVED_CFGS = {
+    "qwen2": dict(architectures=["Qwen2ForCausalLM"], hidden_size=128, intermediate_size=352, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=1000, max_position_embeddings=512,
+                  tie_word_embeddings=True),
+    "qwen3": dict(architectures=["Qwen3ForCausalLM"], hidden_size=128, intermediate_size=352, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=1000,
+                  max_position_embeddings=512, tie_word_embeddings=True),
+    "opt": dict(architectures=["OPTForCausalLM"], hidden_size=128, ffn_dim=352, word_embed_proj_dim=128,
+                num_hidden_layers=2, num_attention_heads=4, vocab_size=1000, max_position_embeddings=512,
+                do_layer_norm_before=True, activation_function="relu", enable_bias=True),
+}
+
+
+def test_activation_estimate_matches_what_autograd_saves():
+    """plan's saved-activation term against the bytes autograd really keeps for a real megatron-core
+    forward (saved-tensor hooks), padded and packed, TP 1 and 2, RMSNorm / LayerNorm, Q/K norms.
+
+    Stated difference: the estimate is for CUDA, whose fused RMSNorm keeps its input (b bytes a
+    value) and an fp32 statistic; CPU torch's RMSNorm is composite and keeps an fp32 copy of its
+    input and its fp32 normalized output (8 bytes a value); the expected CPU bytes add that. On
+    top, CPU packed attention keeps one SDPA output per sequence and their concatenation (one more
+    attention-output copy); so the estimate must be within 10% below to 3% above what is saved."""
+    from dist_utils import run_ranks
+
+    per_rank = run_ranks(_saved_bytes_worker, 2, SAVED_CFGS)
+    assert per_rank[0] == per_rank[1]
+    for (name, tp, kind), (tokens, measured) in per_rank[0].items():
+        spec = arch_from_hf_config(SAVED_CFGS[name])
+        est = saved_activation_bytes(spec, tokens, spec.num_layers, tp, 2, "logits")
+        rms_width = 0
+        if spec.normalization == "RMSNorm":
+            rms_width = spec.hidden_size * (2 * spec.num_layers + 1)
+            if spec.qk_layernorm:
+                rms_width += spec.num_layers * (spec.num_attention_heads + spec.num_query_groups) * spec.head_dim / tp
+        cpu = est + tokens * (8 - 2) * rms_width
+        assert 0.90 <= cpu / measured <= 1.03, (name, tp, kind, cpu, measured, cpu / measured)
+
+
+def test_activation_estimate_matches_a_measured_gpu_peak():
+    """The 1.5B Qwen2.5 shape, one training micro-batch of 2 x 4096 tokens with the trainer's
+    log-prob, bf16, fp32 grads, Adam + fp32 master weights (benchmarks/train_step.py on an H100):
+    the measured peak allocation against plan's states + activations, within 5%."""
+    with open(os.path.join(REPO, "benchmarks/gpu/results/2026-11-24-h100/train_step_trainer_logprob.json")) as f:
+        run = json.load(f)
+    row = next(r for r in run["rows"] if r["logprob"] == "reference" and r["mbs"] == 2)
+    assert (run["size"], run["dtype"], row["seq"]) == ("1.5B", "bf16", 4096)
+    spec = arch_from_hf_config(_qwen25_1_5b())
+    est = estimate_memory(spec, inputs(micro_batch=2, max_prompt_length=2048, max_response_length=2048, critic=False))
+    assert est.total_params == run["params"]
+    assert est.actor.train_total / GiB == pytest.approx(row["peak_mem_GiB"], rel=0.05)
+
+
+def _qwen25_1_5b() -> dict:
+    """The public Qwen2.5-1.5B config.json (the benchmarks' shape; no download)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_common", os.path.join(REPO, "benchmarks/gpu/common.py"))
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    return common.qwen25_config("1.5B")
+
+
+@pytest.fixture
+def qwen_1_5b_dir(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(_qwen25_1_5b()))
+    return str(tmp_path)
+
+
+LONG = ["configs/grpo.yaml", "actor_rollout_ref.model.dtype=bfloat16", "data.max_prompt_length=1024",
+        "data.max_response_length=8192"]
+PACKED = "actor_rollout_ref.actor.use_dynamic_bsz=true"
+
+
+def _plan_json(capsys, *args):
+    rc = plan.main([*args, "--json"])
+    return rc, json.loads(capsys.readouterr().out)["estimate"]
+
+
+def test_1_5b_with_8192_token_responses_fits_one_gpu_with_a_token_budget(qwen_1_5b_dir, capsys):
+    """GRPO (KL loss, so a reference too) on the 1.5B shape, 1024 + 8192 tokens, one GPU."""
+    model = f"actor_rollout_ref.model.path={qwen_1_5b_dir}"
+    budgets = [f"{k}={{}}" for k in ("actor_rollout_ref.actor.ppo_max_token_len_per_gpu",
+                                    "actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu",
+                                    "actor_rollout_ref.ref.log_prob_max_token_len_per_gpu")]
+    # 141 GiB (H200), the default budgets of 16384 tokens
+    assert plan.main([*LONG, model, PACKED, "--gpu-mem-gib", "141"]) == 0
+    out = capsys.readouterr().out
+    assert "FITS" in out and "DOES NOT FIT" not in out
+    for key in ("actor_rollout_ref.actor.ppo_max_token_len_per_gpu=16384",
+                "actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu=16384",
+                "actor_rollout_ref.ref.log_prob_max_token_len_per_gpu=16384"):
+        assert key in out
+    assert "critic.ppo_max_token_len_per_gpu" not in out.split("micro-batches (packed")[1]  # GRPO: no critic
+    # 80 GiB: 16384-token micro-batches do not fit, and plan names the budget to lower; 10240 fit
+    rc, est = _plan_json(capsys, *LONG, model, PACKED, "--gpu-mem-gib", "80")
+    assert rc == 1 and est["peak_phase"] == "actor train"
+    assert any("lower actor_rollout_ref.actor.ppo_max_token_len_per_gpu" in m for m in est["problems"])
+    rc, est = _plan_json(capsys, *LONG, model, PACKED, *(b.format(10240) for b in budgets), "--gpu-mem-gib", "80")
+    assert rc == 0 and est["phases"]["actor train"] < 80 * GiB
+    # the actor's micro-batch scales with its budget: 10240 tokens, not rows x 9216
+    assert est["micro_batch_bytes"]["actor train"] < 40 * GiB
+
+
+def test_1_5b_with_8192_token_responses_padded_rows_do_not_fit(qwen_1_5b_dir, capsys):
+    """The same run without packing: 8 padded rows of 9216 tokens per micro-batch (the default)."""
+    model = f"actor_rollout_ref.model.path={qwen_1_5b_dir}"
+    rc, est = _plan_json(capsys, *LONG, model, "--gpu-mem-gib", "141")
+    assert rc == 1 and est["peak_phase"] == "actor train" and est["peak"] > 2 * 141 * GiB
+    assert any("lower actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu" in m for m in est["problems"])
+    assert plan.main([*LONG, model, "--gpu-mem-gib", "141"]) == 1
+    out = capsys.readouterr().out
+    assert "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8 (rows; <= 73728 tokens)" in out
+    assert "DOES NOT FIT" in out
 
 
 def test_does_not_fit_is_reported():
@@ -188,7 +405,13 @@ def test_cli_reads_the_trainers_defaults_and_keys(model_dir, capsys):
         rollout_n=a.rollout.n, distributed_optimizer=a.actor.use_distributed_optimizer,
         micro_batch=a.actor.ppo_micro_batch_size_per_gpu, critic_micro_batch=d.critic.ppo_micro_batch_size_per_gpu,
         max_prompt_length=d.data.max_prompt_length, max_response_length=d.data.max_response_length,
-        train_batch_size=d.data.train_batch_size, critic=True, ref=True)  # the toy preset: GAE, KL in the reward
+        train_batch_size=d.data.train_batch_size, critic=True, ref=True,  # the toy preset: GAE, KL in the reward
+        log_prob_micro_batch=a.rollout.log_prob_micro_batch_size_per_gpu,
+        ref_log_prob_micro_batch=a.ref.log_prob_micro_batch_size_per_gpu, dynamic_bsz=a.actor.use_dynamic_bsz,
+        ppo_max_token_len=a.actor.ppo_max_token_len_per_gpu,
+        log_prob_max_token_len=a.rollout.log_prob_max_token_len_per_gpu,
+        ref_log_prob_max_token_len=a.ref.log_prob_max_token_len_per_gpu,
+        critic_max_token_len=d.critic.ppo_max_token_len_per_gpu)
 
     rc = plan.main([f"actor_rollout_ref.model.path={model_dir}", "--json", "trainer.nnodes=1",
                     "trainer.n_gpus_per_node=4", "actor_rollout_ref.rollout.tensor_model_parallel_size=4",
