@@ -2,7 +2,7 @@
 
 The general path (`Resharder`) turns every Megatron parameter into full HF-named tensors and
 hands them to vLLM's per-tensor ``load_weights``, which slices its TP shard and re-fuses QKV
-and gate/up; that costs ~10x the copy floor (FIELD_NOTES). When this rank's training shard
+and gate/up; that costs ~10x the copy floor (benchmarks/sync.py). When this rank's training shard
 and its rollout shard line up (same TP size and rank, PP=1, colocated in one process, an
 unquantised vLLM model on GPU whose parameters are the tensors its kernels read), each vLLM
 parameter is a fixed function of this rank's Megatron parameters:
