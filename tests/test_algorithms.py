@@ -433,6 +433,18 @@ def test_value_loss_clipping_by_hand():
     close(value_loss(v, old, ret, m, clip=None, agg="seq-mean-token-sum")[0], 0.5 * (1.0 + 1.96 + 0.25))
 
 
+def test_value_clipfrac_counts_clipping_not_rounding():
+    """Values within the clip: old + (v - old) rounds away from v for some of them in fp32, which
+    a bare comparison of the two errors counted as clipping."""
+    g = torch.Generator().manual_seed(0)
+    old, v = (torch.randn(1, 20000, generator=g) * 0.05 for _ in range(2))  # v - old inexact when they differ in scale
+    ret = torch.randn(1, 20000, generator=g)
+    within = (v - old).abs() < 0.2
+    assert (((old + (v - old) - ret).pow(2) > (v - ret).pow(2)) & within).any()  # the ties are there
+    _, metrics = value_loss(v, old, ret, within, clip=0.2)
+    assert metrics["vf_clipfrac"] == 0
+
+
 # ---------------------------------------------------------------- KL
 
 def test_kl_estimators_by_hand():

@@ -179,7 +179,7 @@ RUNS = {  # preset + overrides; GRPO with dynamic sampling re-shards kept prompt
 }
 LAYOUTS = {"dp2": [], "tp2": ["actor_rollout_ref.actor.megatron.tensor_model_parallel_size=2"],
            "pp2": ["actor_rollout_ref.actor.megatron.pipeline_model_parallel_size=2"]}
-# timings; vf_clipfrac, which counts float ties (old + (v - old) vs v) that flip with noise; the run id
+# timings; vf_clipfrac (a value at the clip boundary can fall either side between layouts); the run id
 SKIP = ("timing/", "perf/", "sync/", "critic/vf_clipfrac", "run_id")
 
 

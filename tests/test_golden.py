@@ -53,9 +53,7 @@ COMMON = ("reward/mean", "reward/max", "reward/min", "response/length_mean", "re
           "actor/grad_norm", "actor/skipped_updates")
 GOLDEN_KEYS = {
     "grpo": COMMON + ("actor/kl_loss",),
-    # not critic/vf_clipfrac: it counts tokens where old + (v - old) rounds above v (the clip is far
-    # from active in these runs), which a 1e-7 change of the weights moves by 0.5%
-    "ppo": COMMON + ("critic/loss", "critic/grad_norm", "critic/skipped_updates"),
+    "ppo": COMMON + ("critic/loss", "critic/vf_clipfrac", "critic/grad_norm", "critic/skipped_updates"),
 }
 
 

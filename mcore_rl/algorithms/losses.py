@@ -249,7 +249,8 @@ def value_loss(
     V_clipped keeps the new prediction within `clip` of the value it had at rollout time, the
     value-side analogue of the ratio clip: one noisy return cannot drag the critic far in a single
     PPO epoch. Taking the max makes it pessimistic. `clip=None` gives plain 0.5 * MSE.
-    Metrics: vf_clipfrac (tokens where the clipped error is the larger one).
+    Metrics: vf_clipfrac (tokens moved past the clip whose clipped error is the larger one;
+    ``old + (v - old)`` can round above ``v`` in float, so the comparison alone counts ties).
     """
     m = mask.bool()
     v = _zero_pad(values, m)
@@ -259,7 +260,7 @@ def value_loss(
         old = _zero_pad(old_values, m)
         v_clipped = old + (v - old).clamp(-clip, clip)
         err_clipped = (v_clipped - ret).pow(2)
-        clipfrac = masked_mean((err_clipped > err).float(), m)
+        clipfrac = masked_mean((((v - old).abs() > clip) & (err_clipped > err)).float(), m)
         err = torch.maximum(err, err_clipped)
     else:
         clipfrac = torch.zeros((), device=values.device)
