@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from test_resume import _wait_for
+
 pytestmark = pytest.mark.resume
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,15 +90,6 @@ def _session_left(proc, grace=10.0) -> list[str]:
 def _rows(out: Path) -> list[dict]:
     path = out / "metrics.jsonl"
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
-
-
-def _wait_for(cond, proc, timeout=240, what="") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if proc.poll() is not None:
-            raise AssertionError(f"run exited ({proc.returncode}) before {what}:\n{proc.log.read_text()[-4000:]}")
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def _latest(out: Path) -> str | None:

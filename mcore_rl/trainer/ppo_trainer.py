@@ -24,7 +24,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from mcore_rl.algorithms import apply_kl_in_reward, compute_advantages, filter_zero_variance_groups, overlong_penalty
-from mcore_rl.config import check_sizes, to_plain
+from mcore_rl.config import check_sizes, launch_world_size, to_plain
 from mcore_rl.distributed import comm
 from mcore_rl.rollout.base import Sampling
 from mcore_rl.trainer.batch import Sample, Shard, last_token_rewards, pad_batch
@@ -84,7 +84,7 @@ class PPOTrainer:
         tp, pp = a.actor.megatron.tensor_model_parallel_size, a.actor.megatron.pipeline_model_parallel_size
         if cfg.trainer.device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("trainer.device=cuda but CUDA is not available")
-        world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+        world = launch_world_size()
         check_sizes(cfg, world)  # before any process group forms
         self.output_dir = cfg.trainer.output_dir or default_output_dir(cfg)
         from mcore_rl.trainer.checkpointing import check_run_dir, resolve_resume
