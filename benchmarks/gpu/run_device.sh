@@ -7,6 +7,7 @@
 #   PARTS=.gpuparts source benchmarks/gpu/run_device.sh grpo       # one GRPO step's breakdown, 1.5B (same carry)
 #   PARTS=.gpuparts source benchmarks/gpu/run_device.sh multi      # 2-GPU layout matrix (nvidia-h200-x2; same carry)
 #   PARTS=.gpuparts PERF2="dp" source benchmarks/gpu/run_device.sh perf2  # 2-GPU benchmarks: dp, tp, rollout (same carry)
+#   PARTS=.gpuparts source benchmarks/gpu/run_device.sh packing    # packed micro-batches: kernels, toy, 4096/8192 (2 GPUs)
 # Logs and JSON land in $OUT (brought back by the tool). Each step has its own time limit so
 # that one hang cannot eat the call's 600 s.
 _phase=${1:-}
@@ -58,7 +59,7 @@ perf2)
   # The 2-GPU benchmarks, each under its own limit (a 600 s call holds about two of them):
   #   dp: 1.5B GRPO step on GPU 0 alone, then at DP=2 with twice the prompts (same work per GPU)
   #   tp: 7B GRPO step at TP=2, rollout TP=2 (train MFU; sync against the copy floor of per-rank bytes)
-  #   rollout: generation tokens/s at rollout TP=2, our engine vs standalone vLLM (two runs, --compare)
+  #   rollout: generation tokens/s at rollout TP=2, our engine vs standalone vLLM (alternating runs, --compare)
   source benchmarks/gpu/setup.sh device2 || return 1
   for _p2 in ${PERF2:-dp}; do
     _p2_t0=$(date +%s)
@@ -75,17 +76,47 @@ perf2)
         actor_rollout_ref.rollout.tensor_model_parallel_size=2 \
         2>&1 | tee "$OUT/grpo_step_7b_tp2.log" | grep -v -i "warn\|INFO" | tail -10 ;;
     rollout)
-      for _e in wrapper standalone; do
-        timeout 200 torchrun --nproc_per_node=2 benchmarks/rollout.py --tp 2 --engines $_e --out "$OUT" \
-          --name rollout_tp2_$_e 2>&1 | tee "$OUT/rollout_tp2_$_e.log" | grep -v -i "warn\|INFO" | tail -5
-      done
-      python3 benchmarks/rollout.py --compare "$OUT/rollout_tp2_wrapper.json" "$OUT/rollout_tp2_standalone.json" \
-        2>&1 | tee "$OUT/rollout_tp2_compare.txt" ;;
+      # one engine per process at TP=2, so the two engines alternate: wrapper, standalone, wrapper,
+      # standalone (run-to-run drift on this machine is larger than the difference measured)
+      for _r in 1 2; do
+        for _e in wrapper standalone; do
+          timeout 150 torchrun --nproc_per_node=2 --master_port=$((29600 + _r)) benchmarks/rollout.py --tp 2 --engines $_e \
+            --workloads ${ROLLOUT_WORKLOADS:-32x8x512} --out "$OUT" --name rollout_tp2_${_e}_r$_r 2>&1 \
+            | tee "$OUT/rollout_tp2_${_e}_r$_r.log" | grep -v -i "warn\|INFO" | tail -3
+        done
+        python3 benchmarks/rollout.py --compare "$OUT/rollout_tp2_wrapper_r$_r.json" "$OUT/rollout_tp2_standalone_r$_r.json" \
+          2>&1 | tee "$OUT/rollout_tp2_compare_r$_r.txt"
+      done ;;
     *) echo "perf2: unknown part $_p2 (dp, tp, rollout)" >&2 ;;
     esac
     echo "perf2 $_p2: $(( $(date +%s) - _p2_t0 )) s"
   done
   ;;
+packing)
+  # Packed micro-batches on the GPU: the attention kernels against a float64 reference and packed
+  # vs padded toy runs (GPU 0), then the 1.5B realistic-length comparison (grpo_step.py --compare:
+  # realistic padded, realistic packed, all-max packed) at 4096 new tokens on GPU 0 and 8192 on
+  # GPU 1, side by side. Padded micro-batches get the packed budget's tokens (16,384: 4 rows at
+  # 4096, 2 at 8192). One step each after one warm-up at 4096; at 8192 one step, no warm-up
+  # (a step there is ~2 min; engine graphs and compilation happen at engine build, not in a step).
+  _pk_t0=$(date +%s)
+  source benchmarks/gpu/setup.sh device2 || return 1
+  CUDA_VISIBLE_DEVICES=1 timeout $(( 560 - ($(date +%s) - _pk_t0) )) python3 benchmarks/grpo_step.py --response-len 8192 \
+    --prompts 8 --mini 4 --micro 2 --warmup 0 --steps 1 --compare --reuse --out "$OUT" --name grpo_step_8192 \
+    > "$OUT/grpo_step_8192.log" 2>&1 &
+  _pk_8k=$!
+  CUDA_VISIBLE_DEVICES=0 timeout 240 python3 -m pytest tests/test_packing.py tests/test_gpu.py -q -s -p no:cacheprovider \
+    -k "${PACKING_TESTS:-packed_attention_kernels_on_gpu or toy_packed_equals_padded_on_gpu}" 2>&1 \
+    | tee "$OUT/pytest_packing.log" | grep -E "gpu-test|passed|failed|Error |error:|assert" | cut -c1-900
+  CUDA_VISIBLE_DEVICES=0 timeout $(( 560 - ($(date +%s) - _pk_t0) )) python3 benchmarks/grpo_step.py --response-len 4096 \
+    --prompts 16 --mini 8 --micro 4 --warmup 1 --steps 1 --compare --reuse --out "$OUT" --name grpo_step_4096 \
+    > "$OUT/grpo_step_4096.log" 2>&1
+  wait $_pk_8k
+  for _f in 4096 8192; do
+    echo "=== $_f"; grep -v -i "warn\|INFO" "$OUT/grpo_step_$_f.log" | grep -E "^(===|step|run |  |lengths|speedup|packed|real|\|)|Error|error|OOM|out of memory" | tail -30
+  done
+  echo "packing: $(( $(date +%s) - _pk_t0 )) s"
+  ;;
 *)
-  echo "usage: source benchmarks/gpu/run_device.sh megatron|vllm|sync|rollout|toy|grpo|multi|perf2" >&2; return 2 ;;
+  echo "usage: source benchmarks/gpu/run_device.sh megatron|vllm|sync|rollout|toy|grpo|multi|perf2|packing" >&2; return 2 ;;
 esac
