@@ -171,7 +171,7 @@ def test_bad_yaml_file(tmp_path, text, msg):
 
 
 def test_bad_values_stop_the_trainer_with_one_line(capsys):
-    from mcore_rl.trainer.main_ppo import main
+    from mcore_rl.commands.train import main
 
     assert main(["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=0"]) == 2
     err = capsys.readouterr().err.strip()
@@ -231,7 +231,7 @@ def test_verl_quick_start_line_runs(tmp_path):
     from mcore_rl.toy import build_toy_model
 
     model = build_toy_model(tmp_path / "model")
-    cmd = [sys.executable, "-m", "mcore_rl.trainer.main_ppo", "data.dataset_name=toy", "data.train_batch_size=4",
+    cmd = [sys.executable, "-m", "mcore_rl.commands.train", "data.dataset_name=toy", "data.train_batch_size=4",
            f"actor_rollout_ref.model.path={model}", "actor_rollout_ref.rollout.name=vllm", "trainer.max_steps=10",
            "trainer.log_interval=1"]
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}

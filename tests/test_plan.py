@@ -7,9 +7,10 @@ import os
 
 import pytest
 
-from mcore_rl import plan
+from mcore_rl import memory
+from mcore_rl.commands import plan
 from mcore_rl.models.arch import arch_from_hf_config
-from mcore_rl.plan import GiB, PlanInputs, count_params, estimate_memory, params_per_gpu, saved_activation_bytes
+from mcore_rl.memory import GiB, JobShape, count_params, estimate_memory, params_per_gpu, saved_activation_bytes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,8 +27,8 @@ BASE = dict(nodes=1, gpus_per_node=1, gpu_mem_gib=80, dtype_bytes=2, tp=1, pp=1,
             ref_log_prob_max_token_len=16384, critic_max_token_len=32768)
 
 
-def inputs(**kw) -> PlanInputs:
-    return PlanInputs(**{**BASE, **kw})
+def inputs(**kw) -> JobShape:
+    return JobShape(**{**BASE, **kw})
 
 
 @pytest.fixture
@@ -209,7 +210,7 @@ def test_packed_micro_batches_are_sized_by_the_token_budget():
 def test_logprob_chunk_constant_is_the_trainers():
     from mcore_rl.models.forward import CHUNK_BYTES
 
-    assert plan.LOGPROB_CHUNK_BYTES == CHUNK_BYTES
+    assert memory.LOGPROB_CHUNK_BYTES == CHUNK_BYTES
 
 
 # --------------------------------------------------------------- activations against reality
