@@ -86,6 +86,37 @@ def test_params_per_gpu_match_megatron_at_tp2(tiny_model_factory):
     assert per_rank[0] == per_rank[1] == [params_per_gpu(pc, spec, 2, 1), params_per_gpu(pc, spec, 2, 1, value_head=True)]
 
 
+def _megatron_numel_worker(paths):
+    from mcore_rl.distributed import init_distributed
+    from mcore_rl.models.arch import arch_from_hf_config
+    from mcore_rl.models.build import build_model
+
+    init_distributed(1, 1)
+    return [[sum(p.numel() for p in build_model(arch_from_hf_config(path), role=role).parameters())
+             for role in ("actor", "critic")] for path in paths]
+
+
+def test_param_count_is_the_built_models_numel_at_tp1(tiny_model_factory, tmp_path):
+    """At TP=1 the planner's count is every parameter of the GPTModel the trainer builds, padded
+    vocab, value head, tied embeddings, biases and learned positions included; and the toy model
+    it plans with no model path is the one `mcore-rl train` builds."""
+    from dist_utils import run_ranks
+
+    from mcore_rl.config import load_config
+    from mcore_rl.toy import build_toy_model
+
+    paths = [tiny_model_factory("llama", vocab_size=300), tiny_model_factory("qwen2", vocab_size=300),
+             tiny_model_factory("opt"), build_toy_model(tmp_path / "toy")]
+    specs = [arch_from_hf_config(p) for p in paths]
+    assert [s.padded_vocab_size for s in specs] == [384, 384, 256, 128]
+    toy_planned = memory.model_spec(load_config(None, []))
+    assert count_params(toy_planned) == count_params(specs[-1])
+    numels = run_ranks(_megatron_numel_worker, 1, paths)[0]
+    planned = [[params_per_gpu(count_params(s), s, 1, 1), params_per_gpu(count_params(s), s, 1, 1, value_head=True)]
+               for s in specs]
+    assert numels == planned
+
+
 def test_memory_matches_hand_calculation():
     """8 GPUs (1 node), actor TP 2 x PP 2 (DP 2), rollout TP 2, bf16, distributed optimizer,
     micro-batch 2, sequence 512 + 1536 = 2048, GAE (critic) and a KL loss (reference)."""
