@@ -165,7 +165,7 @@ def train_entry(argv: list[str]) -> int:
     ours, rest = _split(argv)
     a = ap.parse_args(ours)
     _rank_setup(a.pid_dir)
-    from mcore_rl.trainer.main_ppo import main
+    from mcore_rl.commands.train import main
 
     def live(trainer):
         os.makedirs(a.live, exist_ok=True)

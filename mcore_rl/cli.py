@@ -1,4 +1,4 @@
-"""`mcore-rl` console script: a thin dispatcher; each subcommand lives with the code it drives.
+"""`mcore-rl` console script: a thin dispatcher to the commands in `mcore_rl/commands/`.
 
 Every command reports a user error (a bad config value, a missing or damaged file, an output
 that would overwrite its input) as one line, `mcore-rl <command>: error: ...`, with exit code 2;
@@ -15,12 +15,12 @@ DEBUG_ENV = "MCORE_RL_DEBUG"
 
 # subcommand -> (module, help). Modules are imported lazily so `mcore-rl info` stays fast.
 COMMANDS = {
-    "info": ("mcore_rl.info", "print versions, devices and which accelerators are usable"),
-    "convert": ("converters.cli", "convert checkpoints: hf-to-mcore | mcore-to-hf"),
-    "generate": ("mcore_rl.rollout.cli", "load a model the Megatron way, sync it into the rollout engine, print completions"),
-    "train": ("mcore_rl.trainer.main_ppo", "run PPO / GRPO training (the toy task when given no config)"),
-    "export": ("mcore_rl.trainer.export", "export a training checkpoint's actor to HuggingFace format"),
-    "plan": ("mcore_rl.plan", "dry-run: rank layout and per-GPU memory estimate for a config"),
+    "info": ("mcore_rl.commands.info", "print versions, devices and which accelerators are usable"),
+    "convert": ("mcore_rl.commands.convert", "convert checkpoints: hf-to-mcore | mcore-to-hf"),
+    "generate": ("mcore_rl.commands.generate", "load a model the Megatron way, sync it into the rollout engine, print completions"),
+    "train": ("mcore_rl.commands.train", "run PPO / GRPO training (the toy task when given no config)"),
+    "export": ("mcore_rl.commands.export", "export a training checkpoint's actor to HuggingFace format"),
+    "plan": ("mcore_rl.commands.plan", "dry-run: rank layout and per-GPU memory estimate for a config"),
 }
 
 

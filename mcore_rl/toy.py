@@ -8,8 +8,8 @@ prompts), and low for the initial random policy (~1/15: one right token out of 1
 answer token must be read through attention from the prompt, so the policy really has to learn.
 
 Why one digit: with several digits before ':' the policy must also learn *which* position to copy,
-which a random 2-layer model does not pick up in ~20 RL steps (measured with
-``benchmarks/toy_learnability.py``; the reward stays < 0.2).
+which a random 2-layer model does not pick up in ~20 RL steps (``benchmarks/toy_learnability.py``;
+numbers in benchmarks/gpu/RESULTS.md).
 
 The model is a tiny random Llama (head_dim 32: the smallest head size vLLM's CPU attention
 accepts) with a character-level tokenizer, so the whole task trains in seconds on a CPU.
@@ -25,9 +25,9 @@ TOY_DIGITS = "0123456789"
 TOY_PROMPT_DIGITS = 1  # digits before the ":"; the answer repeats the last one
 TOY_RESPONSE_LEN = 8  # K: response characters scored (use it as the rollout's max_tokens)
 
-# Training settings measured to lift the reward from ~0.07 to ~0.85 in 20 steps (GRPO and PPO with a
-# critic alike, 5 seeds each) with 2-4 s of pure training compute on one CPU thread (more threads
-# than free cores is far slower on such tiny matrices); see benchmarks/toy_learnability.py.
+# Training settings that lift the reward well above the initial policy's in 20 steps, GRPO and PPO
+# with a critic alike, in seconds on one CPU thread (more threads than free cores is far slower on
+# such tiny matrices); benchmarks/toy_learnability.py measures it (benchmarks/gpu/RESULTS.md).
 TOY_TRAIN_DEFAULTS = dict(
     steps=20,
     prompts_per_step=16,  # GRPO: 16 prompts x 8 samples; PPO with a critic: 128 prompts x 1 sample

@@ -157,6 +157,28 @@ def test_the_rules_name_real_keys_and_type_every_null_default():
     assert not untyped, f"null defaults without a type in mcore_rl/config/rules.py: {untyped}"
 
 
+@pytest.mark.parametrize("override,said", [
+    ("trainer.zzqq=1", ""),  # nothing close: the section's keys
+    ("trainer.max_stepz=3", "did you mean trainer.max_steps"),
+    ("trainer.ppo_epochs=2", "did you mean actor_rollout_ref.actor.ppo_epochs or critic.ppo_epochs?"),
+])
+def test_an_unknown_key_fails_with_the_valid_keys_of_its_section(override, said):
+    with pytest.raises(ConfigError) as e:
+        read_config(None, [override])
+    msg = str(e.value)
+    assert msg.startswith(f"unknown config key {override.split('=')[0]!r} (from command line)") and said in msg
+    assert msg.endswith("valid keys of trainer: " + ", ".join(SCHEMA.trainer.keys())), msg
+
+
+def test_verl_total_epochs_is_refused_with_what_to_set(tmp_path):
+    """verl bounds a run by epochs; here trainer.max_steps does, over as many passes as it takes."""
+    verl = tmp_path / "verl.yaml"
+    verl.write_text("trainer:\n  total_epochs: 15\n")
+    for path, overrides in ((None, ["trainer.total_epochs=15"]), (verl, [])):
+        with pytest.raises(ConfigError, match=r"unknown config key 'trainer.total_epochs' .*set trainer.max_steps"):
+            read_config(path, overrides)
+
+
 @pytest.mark.parametrize("text,msg", [
     ("data:\n  train_batch_size: [4\n", "is not valid YAML: did not find expected ',' or ']' at line 3"),
     ("data: {train_batch_size: 4\n", "is not valid YAML"),
@@ -171,7 +193,7 @@ def test_bad_yaml_file(tmp_path, text, msg):
 
 
 def test_bad_values_stop_the_trainer_with_one_line(capsys):
-    from mcore_rl.trainer.main_ppo import main
+    from mcore_rl.commands.train import main
 
     assert main(["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=0"]) == 2
     err = capsys.readouterr().err.strip()
@@ -231,7 +253,7 @@ def test_verl_quick_start_line_runs(tmp_path):
     from mcore_rl.toy import build_toy_model
 
     model = build_toy_model(tmp_path / "model")
-    cmd = [sys.executable, "-m", "mcore_rl.trainer.main_ppo", "data.dataset_name=toy", "data.train_batch_size=4",
+    cmd = [sys.executable, "-m", "mcore_rl.commands.train", "data.dataset_name=toy", "data.train_batch_size=4",
            f"actor_rollout_ref.model.path={model}", "actor_rollout_ref.rollout.name=vllm", "trainer.max_steps=10",
            "trainer.log_interval=1"]
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}

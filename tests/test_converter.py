@@ -139,7 +139,7 @@ def test_cli_end_to_end_and_transformers_loads_export(tiny_model_factory, tmp_pa
 
 
 def _convert_cli(*args):
-    from converters.cli import main
+    from mcore_rl.commands.convert import main
 
     return main(list(args))
 

@@ -189,9 +189,9 @@ def _train(out, args, nproc):
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
-               "-m", "mcore_rl.trainer.main_ppo"]
+               "-m", "mcore_rl.commands.train"]
     else:
-        cmd = [sys.executable, "-m", "mcore_rl.trainer.main_ppo"]
+        cmd = [sys.executable, "-m", "mcore_rl.commands.train"]
     preset = [a for a in args if a.endswith(".yaml")]
     r = subprocess.run(cmd + preset + SMALL + [a for a in args if not a.endswith(".yaml")]
                        + [f"trainer.output_dir={out}"], capture_output=True, text=True, timeout=600, env=ENV, cwd=REPO)

@@ -59,7 +59,7 @@ def _start(cmd: list[str], log: Path) -> subprocess.Popen:
 
 
 def _train(args, log: Path) -> subprocess.Popen:
-    return _start([sys.executable, "-m", "mcore_rl.trainer.main_ppo", *args], log)
+    return _start([sys.executable, "-m", "mcore_rl.commands.train", *args], log)
 
 
 def _finish(proc, timeout=300) -> str:
@@ -119,7 +119,7 @@ def _copy(run: Path, tmp_path: Path) -> Path:
 
 
 def _main(args):
-    from mcore_rl.trainer.main_ppo import main
+    from mcore_rl.commands.train import main
 
     return main(args)
 
@@ -237,7 +237,7 @@ def test_sigterm_under_torchrun_saves_and_leaves_nothing_running(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = _start([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={port}",
-                   "-m", "mcore_rl.trainer.main_ppo", *_args(out, "trainer.max_steps=50")], tmp_path / "log")
+                   "-m", "mcore_rl.commands.train", *_args(out, "trainer.max_steps=50")], tmp_path / "log")
     _wait_for(lambda: len(_rows(out)) >= 1, proc, what="step 1")
     os.killpg(proc.pid, signal.SIGTERM)
     text = _finish(proc)
@@ -257,8 +257,8 @@ def test_sigterm_under_torchrun_saves_and_leaves_nothing_running(tmp_path):
 def test_convert_and_export_refuse_an_output_that_overlaps_the_input(finished, tiny_model_factory, tmp_path, capsys):
     """--force replaces --out whole: an --out that is, contains or lies inside the input would
     delete the input. Refused, and the input is untouched."""
-    from converters.cli import main as convert
-    from mcore_rl.trainer.export import main as export
+    from mcore_rl.commands.convert import main as convert
+    from mcore_rl.commands.export import main as export
 
     hf = Path(tiny_model_factory("llama"))
     run = _copy(finished, tmp_path)

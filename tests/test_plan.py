@@ -7,9 +7,10 @@ import os
 
 import pytest
 
-from mcore_rl import plan
+from mcore_rl import memory
+from mcore_rl.commands import plan
 from mcore_rl.models.arch import arch_from_hf_config
-from mcore_rl.plan import GiB, PlanInputs, count_params, estimate_memory, params_per_gpu, saved_activation_bytes
+from mcore_rl.memory import GiB, JobShape, count_params, estimate_memory, params_per_gpu, saved_activation_bytes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,8 +27,8 @@ BASE = dict(nodes=1, gpus_per_node=1, gpu_mem_gib=80, dtype_bytes=2, tp=1, pp=1,
             ref_log_prob_max_token_len=16384, critic_max_token_len=32768)
 
 
-def inputs(**kw) -> PlanInputs:
-    return PlanInputs(**{**BASE, **kw})
+def inputs(**kw) -> JobShape:
+    return JobShape(**{**BASE, **kw})
 
 
 @pytest.fixture
@@ -83,6 +84,37 @@ def test_params_per_gpu_match_megatron_at_tp2(tiny_model_factory):
     per_rank = run_ranks(_megatron_params_worker, 2, path)
     pc = count_params(spec)
     assert per_rank[0] == per_rank[1] == [params_per_gpu(pc, spec, 2, 1), params_per_gpu(pc, spec, 2, 1, value_head=True)]
+
+
+def _megatron_numel_worker(paths):
+    from mcore_rl.distributed import init_distributed
+    from mcore_rl.models.arch import arch_from_hf_config
+    from mcore_rl.models.build import build_model
+
+    init_distributed(1, 1)
+    return [[sum(p.numel() for p in build_model(arch_from_hf_config(path), role=role).parameters())
+             for role in ("actor", "critic")] for path in paths]
+
+
+def test_param_count_is_the_built_models_numel_at_tp1(tiny_model_factory, tmp_path):
+    """At TP=1 the planner's count is every parameter of the GPTModel the trainer builds, padded
+    vocab, value head, tied embeddings, biases and learned positions included; and the toy model
+    it plans with no model path is the one `mcore-rl train` builds."""
+    from dist_utils import run_ranks
+
+    from mcore_rl.config import load_config
+    from mcore_rl.toy import build_toy_model
+
+    paths = [tiny_model_factory("llama", vocab_size=300), tiny_model_factory("qwen2", vocab_size=300),
+             tiny_model_factory("opt"), build_toy_model(tmp_path / "toy")]
+    specs = [arch_from_hf_config(p) for p in paths]
+    assert [s.padded_vocab_size for s in specs] == [384, 384, 256, 128]
+    toy_planned = memory.model_spec(load_config(None, []))
+    assert count_params(toy_planned) == count_params(specs[-1])
+    numels = run_ranks(_megatron_numel_worker, 1, paths)[0]
+    planned = [[params_per_gpu(count_params(s), s, 1, 1), params_per_gpu(count_params(s), s, 1, 1, value_head=True)]
+               for s in specs]
+    assert numels == planned
 
 
 def test_memory_matches_hand_calculation():
@@ -209,7 +241,7 @@ def test_packed_micro_batches_are_sized_by_the_token_budget():
 def test_logprob_chunk_constant_is_the_trainers():
     from mcore_rl.models.forward import CHUNK_BYTES
 
-    assert plan.LOGPROB_CHUNK_BYTES == CHUNK_BYTES
+    assert memory.LOGPROB_CHUNK_BYTES == CHUNK_BYTES
 
 
 # --------------------------------------------------------------- activations against reality

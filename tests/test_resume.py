@@ -1,4 +1,4 @@
-"""Checkpoints, resume and faults, on the real toy run (`python -m mcore_rl.trainer.main_ppo`).
+"""Checkpoints, resume and faults, on the real toy run (`python -m mcore_rl.commands.train`).
 
 Every run is a separate process, killed for real (SIGKILL / SIGTERM). The reference is one
 uninterrupted run with the same seed; a resumed run must reproduce its later steps exactly
@@ -44,7 +44,7 @@ def _env() -> dict:
 
 
 def _cmd(script: Path | None = None) -> list[str]:
-    return [sys.executable, str(script)] if script else [sys.executable, "-m", "mcore_rl.trainer.main_ppo"]
+    return [sys.executable, str(script)] if script else [sys.executable, "-m", "mcore_rl.commands.train"]
 
 
 def _run(args, script=None, timeout=300, cmd=None) -> subprocess.CompletedProcess:
@@ -74,7 +74,7 @@ def _torchrun(args, timeout=300) -> subprocess.CompletedProcess:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     return _run(None, timeout=timeout, cmd=[sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-                                            f"--master-port={port}", "-m", "mcore_rl.trainer.main_ppo", *args])
+                                            f"--master-port={port}", "-m", "mcore_rl.commands.train", *args])
 
 
 def _metrics(out: Path) -> dict[int, dict]:
@@ -165,7 +165,7 @@ def save_then_die(model, opt, where):
     return original(model, opt, where)
 ck.save_model_and_optimizer = save_then_die
 if __name__ == "__main__":  # megatron's checkpoint writer spawns a helper process that imports this file
-    from mcore_rl.trainer.main_ppo import main
+    from mcore_rl.commands.train import main
     sys.exit(main(sys.argv[1:]))
 '''
 
@@ -243,7 +243,7 @@ def train_step(self):
     return original_step(self)
 workers.policy_loss, PPOTrainer.train_step = nan_loss, train_step
 if __name__ == "__main__":  # megatron's checkpoint writer spawns a helper process that imports this file
-    from mcore_rl.trainer.main_ppo import main
+    from mcore_rl.commands.train import main
     sys.exit(main(sys.argv[1:]))
 '''
 

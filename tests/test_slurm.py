@@ -188,7 +188,7 @@ def test_sbatch_scripts_parse():
 
 
 # ------------------------------------------------------------------------------ the real toy run
-# Every job below runs the real trainer (`python -m mcore_rl.trainer.main_ppo`, started by
+# Every job below runs the real trainer (`python -m mcore_rl.commands.train`, started by
 # slurm/train.sbatch) on the built-in toy task: 2 CPU ranks, a small batch, a few steps.
 # 32 prompts a step, mini-batches of 16, micro-batches of 8: divisible at DP=1 and DP=2.
 SMALL = ["actor_rollout_ref.actor.ppo_mini_batch_size=16", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8",
@@ -306,7 +306,7 @@ def test_train_sbatch_interrupted_requeues_and_resumes(slurm_cluster, tmp_path, 
     if launcher == "torchrun":
         assert "SIGTERM: stopped after step" in log and "requeueing job" in log, log
     assert f"2 rank(s)/node via {launcher}" in log, log
-    assert f"== entry: -m mcore_rl.trainer.main_ppo {' '.join(args)} trainer.resume=auto" in log, log
+    assert f"== entry: -m mcore_rl.commands.train {' '.join(args)} trainer.resume=auto" in log, log
     assert "TP=1 PP=1 DP=2" in log and "Training completed" in log, log
     state = _check_toy_run(out, 6, 64, log)
     assert state["layout"] == {"tp": 1, "pp": 1, "dp": 2, "world": 2}, state

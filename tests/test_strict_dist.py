@@ -192,11 +192,11 @@ LAYOUTS = {  # name: (preset, overrides, the group that must have carried collec
 
 
 def run_trainer(tmp_path, preset: str, overrides: list[str], env: dict | None = None):
-    """The trainer (`main_ppo.main`) on 2 gloo ranks under the harness; returns (process, log dir)."""
+    """The trainer (`mcore_rl.commands.train.main`) on 2 gloo ranks under the harness; returns (process, log dir)."""
     logs = tmp_path / "logs"
     argv = [str(strict_dist.REPO / "configs" / f"{preset}.yaml"), *TOY, *overrides,
             f"trainer.output_dir={tmp_path / 'run'}"]
-    p = strict_dist.launch("mcore_rl.trainer.main_ppo:main", [argv], log_dir=logs, timeout_s=60, wall_s=420, env=env)
+    p = strict_dist.launch("mcore_rl.commands.train:main", [argv], log_dir=logs, timeout_s=60, wall_s=420, env=env)
     return p, logs
 
 

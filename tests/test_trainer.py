@@ -26,7 +26,7 @@ def _free_port():
 def train(tmp, args, nproc=1, timeout=420):
     out = os.path.join(tmp, "run")
     launcher = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}",
-                 "-m", "mcore_rl.trainer.main_ppo"] if nproc > 1 else [sys.executable, "-m", "mcore_rl.cli", "train"])
+                 "-m", "mcore_rl.commands.train"] if nproc > 1 else [sys.executable, "-m", "mcore_rl.cli", "train"])
     r = subprocess.run(launcher + list(args) + [f"trainer.output_dir={out}"], capture_output=True, text=True,
                        timeout=timeout, env={**ENV, "TMPDIR": str(tmp)})
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-5000:])
@@ -83,7 +83,7 @@ def test_log_interval_thins_the_console_not_the_metrics(tmp_path):
 
 
 def _main(args):
-    from mcore_rl.trainer.main_ppo import main
+    from mcore_rl.commands.train import main
 
     return main(args)
 

@@ -228,7 +228,7 @@ def test_new_collectives_take_device_tensors_in_one_order(tmp_path):
             "algorithm.rollout_is_veto_threshold=1e-4", "actor_rollout_ref.actor.optim.lr_warmup_steps_ratio=0.5",
             f"trainer.output_dir={tmp_path / 'run'}"]
     logs = tmp_path / "logs"
-    p = strict_dist.launch("mcore_rl.trainer.main_ppo:main", [argv], log_dir=logs, timeout_s=60, wall_s=420)
+    p = strict_dist.launch("mcore_rl.commands.train:main", [argv], log_dir=logs, timeout_s=60, wall_s=420)
     try:
         problems = ""
         strict_dist.check_logs(logs, 2)

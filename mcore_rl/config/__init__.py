@@ -22,7 +22,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from mcore_rl.config.rules import BOOLEAN_WORDS, FALSE_WORDS, NOT_YET, TRUE_WORDS, Rule, rules
+from mcore_rl.config.rules import BOOLEAN_WORDS, FALSE_WORDS, NOT_KEYS, NOT_YET, TRUE_WORDS, Rule, rules
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULTS = CONFIG_DIR / "defaults.yaml"
@@ -56,11 +56,21 @@ def _check_keys(schema: DictConfig, cfg: DictConfig, where: str) -> None:
             parent = key.rsplit(".", 1)[0] if "." in key else ""
             if parent and parent not in valid:
                 continue  # reported at the parent
-            close = difflib.get_close_matches(key, sorted(valid), n=3, cutoff=0.5)
-            hint = f"; did you mean {' or '.join(close)}?" if close else ""
-            if not close and not parent:
-                hint = f"; valid sections: {', '.join(schema.keys())}"
-            raise ConfigError(f"unknown config key {key!r} (from {where}){hint}")
+            if key in NOT_KEYS:
+                raise ConfigError(f"unknown config key {key!r} (from {where}): {NOT_KEYS[key]}")
+            raise ConfigError(f"unknown config key {key!r} (from {where}){_unknown_key_hint(schema, valid, key)}")
+
+
+def _unknown_key_hint(schema: DictConfig, valid: set[str], key: str) -> str:
+    """The closest names next to `key` (or the same name in another section), then every valid
+    key of its section."""
+    parent, _, name = key.rpartition(".")
+    siblings = list(OmegaConf.select(schema, parent).keys()) if parent else list(schema.keys())
+    close = [f"{parent}.{c}" if parent else c for c in difflib.get_close_matches(name, siblings, n=3, cutoff=0.6)]
+    if not close:  # the right name in the wrong section: trainer.ppo_epochs
+        close = [v for v in sorted(valid) if v.rsplit(".", 1)[-1] == name][:3]
+    mean = f"; did you mean {' or '.join(close)}? valid" if close else "; valid"
+    return f"{mean} {f'keys of {parent}' if parent else 'sections'}: {', '.join(siblings)}"
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:

@@ -130,7 +130,6 @@ def rules() -> dict[str, Rule]:
         "algorithm.overlong_buffer.penalty_factor": NON_NEGATIVE,
         "trainer.max_steps": POSITIVE,
         "trainer.log_interval": POSITIVE,
-        "trainer.total_epochs": POSITIVE,
         "trainer.seed": Rule(type=int, lo=0),
         "trainer.output_dir": Rule(type=str),
         "trainer.logger": Rule(items=tuple(LOGGERS)),
@@ -152,3 +151,7 @@ BOOLEAN_WORDS = {"trainer.resume": ("auto", "off")}
 # Values the schema names but the package does not support yet, with what to do instead.
 NOT_YET = {("actor_rollout_ref.rollout.name", "sglang"):
            "SGLang is not supported; the rollout engine is vLLM (actor_rollout_ref.rollout.name=vllm, or auto)"}
+
+# verl keys that have no home here, with what to write instead (an unknown key all the same).
+NOT_KEYS = {"trainer.total_epochs": "a run ends at trainer.max_steps, however many passes over the data that "
+                                    "takes (the prompts are reshuffled each pass); set trainer.max_steps instead"}

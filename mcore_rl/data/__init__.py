@@ -5,12 +5,12 @@ from mcore_rl.data.prompts import (
     DEFAULT_ANSWER_KEYS,
     BadRow,
     BadRowError,
+    Prompt,
     PromptDataset,
-    PromptSample,
     get_key,
     iter_rows,
     load_prompts,
 )
 
-__all__ = ["DEFAULT_ANSWER_KEYS", "BadRow", "BadRowError", "PromptDataset", "PromptLoader", "PromptSample",
-           "get_key", "iter_rows", "load_prompts"]
+__all__ = ["DEFAULT_ANSWER_KEYS", "BadRow", "BadRowError", "Prompt", "PromptDataset", "PromptLoader", "get_key",
+           "iter_rows", "load_prompts"]

@@ -8,20 +8,20 @@ global batch only, so a run resumed with another DP size still continues at the 
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
 
 class PromptLoader:
-    """Batches of prompts, one per step, forever (or for `epochs` epochs).
+    """Batches of prompts, one per step, forever (`trainer.max_steps` ends a run).
 
     The last incomplete global batch of an epoch is dropped, so every step has a full batch on
     every rank (PPO/GRPO statistics and DP collectives assume equal shapes).
     """
 
     def __init__(self, dataset: Sequence, train_batch_size: int, seed: int = 0, shuffle: bool = True,
-                 dp_rank: int = 0, dp_size: int = 1, epochs: int | None = None):
+                 dp_rank: int = 0, dp_size: int = 1):
         if train_batch_size <= 0:
             raise ValueError(f"train_batch_size must be positive, got {train_batch_size}")
         if dp_size <= 0 or not 0 <= dp_rank < dp_size:
@@ -36,7 +36,6 @@ class PromptLoader:
         self.shuffle = shuffle
         self.dp_rank = dp_rank
         self.dp_size = dp_size
-        self.epochs = epochs
         self.epoch = 0
         self.position = 0  # global batches already served in this epoch
         self._order: np.ndarray | None = None
@@ -68,23 +67,14 @@ class PromptLoader:
         return self._order[start : start + self.train_batch_size]
 
     def next_batch(self) -> list:
-        """This rank's prompts for the next step; raises StopIteration after the last epoch."""
+        """This rank's prompts for the next step (a new epoch, reshuffled, after the last full batch)."""
         if self.position >= self.steps_per_epoch:
             self.epoch += 1
             self.position = 0
-        if self.epochs is not None and self.epoch >= self.epochs:
-            raise StopIteration
         idx = self.global_batch_indices(self.epoch, self.position)
         local = idx[self.dp_rank * self.local_batch_size : (self.dp_rank + 1) * self.local_batch_size]
         self.position += 1
         return [self.dataset[int(i)] for i in local]
-
-    def __iter__(self) -> Iterator[list]:
-        while True:
-            try:
-                yield self.next_batch()
-            except StopIteration:
-                return
 
     def state_dict(self) -> dict:
         """Where the next batch starts; the dataset size and batch size are kept to catch a changed setup."""

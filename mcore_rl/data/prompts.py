@@ -1,5 +1,5 @@
 """Prompt datasets: read rows from the toy task, parquet, jsonl or `datasets.save_to_disk` folders,
-turn each into a `PromptSample` (prompt text, token ids, ground truth) and report bad rows by file
+turn each into a `Prompt` (text, token ids, ground truth) and report bad rows by file
 and row so a broken data file is found before, not during, a long run.
 
 Layouts understood: a string prompt column, or chat messages (``[{"role", "content"}, ...]``, verl's
@@ -24,7 +24,7 @@ VAL_SPLITS = ("test", "val", "validation")  # names of a validation split
 
 
 @dataclass
-class PromptSample:
+class Prompt:
     """One prompt, ready for rollout and reward.
 
     `prompt` is the text the model sees (after the chat template, if any); `raw_prompt` is the row's
@@ -54,21 +54,21 @@ class BadRowError(ValueError):
 
 
 class PromptDataset(Sequence):
-    """The loaded samples plus the bad rows that were skipped (so callers can report or assert on them)."""
+    """The loaded prompts plus the bad rows that were skipped (so callers can report or assert on them)."""
 
-    def __init__(self, samples: list[PromptSample], bad_rows: list[BadRow], source: str):
-        self.samples = samples
+    def __init__(self, prompts: list[Prompt], bad_rows: list[BadRow], source: str):
+        self.prompts = prompts
         self.bad_rows = bad_rows
         self.source = source
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.prompts)
 
     def __getitem__(self, i):
-        return self.samples[i]
+        return self.prompts[i]
 
     def __repr__(self) -> str:
-        return f"PromptDataset({self.source!r}, {len(self.samples)} samples, {len(self.bad_rows)} bad rows skipped)"
+        return f"PromptDataset({self.source!r}, {len(self.prompts)} prompts, {len(self.bad_rows)} bad rows skipped)"
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -195,7 +195,7 @@ def iter_rows(source: str, split: str | None = None, toy_size: int = TOY_DATASET
         raise ValueError(f"unsupported prompt file {path!r}: use .parquet, .jsonl or .json")
 
 
-# ---------------------------------------------------------------------------------------------- rows -> samples
+# ---------------------------------------------------------------------------------------------- rows -> prompts
 
 _MISSING = object()
 
@@ -270,7 +270,7 @@ def load_prompts(
     if not sources:
         raise ValueError("load_prompts: no source given")
 
-    samples: list[PromptSample] = []
+    prompts: list[Prompt] = []
     bad: list[BadRow] = []
 
     def reject(where: str, reason: str):
@@ -345,15 +345,15 @@ def load_prompts(
                     reject(where, f"prompt is {len(ids)} tokens, over max_prompt_length={max_prompt_length}")
                     continue
             extra = {k: v for k in extra_keys if (v := get_key(row, k)) is not _MISSING}
-            samples.append(PromptSample(prompt=text, raw_prompt=raw, ground_truth=gt, input_ids=ids,
-                                        where=where, extra=extra))
+            prompts.append(Prompt(prompt=text, raw_prompt=raw, ground_truth=gt, input_ids=ids, where=where,
+                                  extra=extra))
 
     label = ", ".join(map(os.fspath, sources))
     if bad:
         shown = "\n  ".join(str(b) for b in bad[:10])
         more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
         logger.warning("skipped %d bad prompt rows of %s:\n  %s%s", len(bad), label, shown, more)
-    if not samples:
+    if not prompts:
         reasons = f"; first bad row: {bad[0]}" if bad else ""
         raise ValueError(f"no usable prompts in {label}{reasons}")
-    return PromptDataset(samples, bad, label)
+    return PromptDataset(prompts, bad, label)

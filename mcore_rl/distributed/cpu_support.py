@@ -23,8 +23,8 @@ behaviour never changes. What it redirects and why:
 
 With these, TP, PP (1F1B via `get_forward_backward_func`), DP, megatron DDP,
 `get_megatron_optimizer` (incl. the distributed optimizer) and `dist_checkpointing` run on
-gloo. Known trap (FIELD_NOTES): interleaved PP with `batch_p2p_comm=True` over gloo swaps
-activations silently; the model builder sets `batch_p2p_comm=False` on CPU.
+gloo. One trap is left to the caller: interleaved PP with `batch_p2p_comm=True` over gloo swaps
+activations silently (a wrong loss, no error); the model builder sets `batch_p2p_comm=False` on CPU.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Core attention through torch kernels for the local (non-TE) spec, padded or packed.
 
 megatron-core's local `DotProductAttention` materialises the full [b*heads, s, s] score
-matrix with an fp32 softmax: at 4k tokens it is the memory and speed limit (13.6% MFU, OOM
-at 4x4096 on an H100). SDPA dispatches to flash / memory-efficient kernels on GPU and a
+matrix with an fp32 softmax: at 4k tokens it is the memory and speed limit (measured in
+benchmarks/gpu/RESULTS.md). SDPA dispatches to flash / memory-efficient kernels on GPU and a
 fused kernel on CPU. `SDPAttention` plugs into the spec's `core_attention` slot with the same
 constructor and forward signature.
 

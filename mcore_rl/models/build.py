@@ -46,7 +46,8 @@ def transformer_config(spec: ArchSpec, dtype: torch.dtype = torch.float32, **ove
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         use_cpu_initialization=True,
-        # gloo + batched p2p swaps activations silently (FIELD_NOTES); only batch on NCCL
+        # interleaved PP over gloo with batched p2p receives activations swapped, silently (the loss is
+        # off, nothing fails); only batch on NCCL
         batch_p2p_comm=torch.cuda.is_available(),
         init_method_std=0.02,
     )

@@ -1,4 +1,4 @@
-"""`mcore-rl train [CONFIG.yaml] [key=value ...]` == `python -m mcore_rl.trainer.main_ppo [...]`.
+"""`mcore-rl train [CONFIG.yaml] [key=value ...]` == `python -m mcore_rl.commands.train [...]`.
 
 With no arguments it runs the built-in toy task. Under torchrun or srun every rank runs this.
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import platform
+import sys
 
 
 def _version(module: str) -> str:
@@ -39,3 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""`mcore-rl plan`: a dry run that says, before a job is queued, how ranks will be laid out
+and whether actor, critic, reference and the vLLM engine fit in each GPU's memory.
+
+    mcore-rl plan [CONFIG.yaml] [key=value ...] [--nodes N] [--gpus-per-node G] [--gpu-mem-gib 80] [--json]
+
+The config is read as `mcore-rl train` reads it: the same defaults, presets and checks, batch
+sizes fitted the same way, and the same size checks (TP against the model's heads, ...). The
+model's shape is the trainer's reading of its config.json (`ArchSpec`; no weights, no GPU);
+with no `actor_rollout_ref.model.path` the toy model is planned, as `mcore-rl train` would
+train it. Exit codes: 0 fits, 1 does not fit, 2 bad configuration.
+All numbers are estimates (`mcore_rl.memory`; the formulas are in `estimate_memory`). Micro-
+batches are rows x the padded length, or with `actor.use_dynamic_bsz` up to each pass's token
+budget (`*_max_token_len_per_gpu`); the report names the key of the pass that sets the peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+
+from mcore_rl.distributed.env import LaunchEnv
+from mcore_rl.distributed.layout import describe_layout, rank_layout
+from mcore_rl.memory import GiB, JobShape, MemoryEstimate, estimate_memory, job_shape_from_config, model_spec
+from mcore_rl.models.arch import ArchSpec, UnsupportedModelError
+
+
+def _g(x: float) -> str:
+    return f"{x / GiB:7.2f}"
+
+
+def format_report(spec: ArchSpec, p: JobShape, est: MemoryEstimate) -> list[str]:
+    lines = [
+        f"model: {spec.hf_architecture}, {est.total_params / 1e9:.3f} B params (hidden {spec.hidden_size}, "
+        f"layers {spec.num_layers}, heads {spec.num_attention_heads}/{spec.num_query_groups} kv, vocab {spec.vocab_size} "
+        f"padded to {spec.padded_vocab_size}, tied {spec.tied_embeddings}), dtype bytes {p.dtype_bytes}",
+        f"memory per GPU (GiB), most loaded pipeline stage; GPU {p.gpu_mem_gib:g} GiB; "
+        f"distributed optimizer {'on' if p.distributed_optimizer else 'off'}; seq {est.seq_len}, "
+        + (f"packed micro-batches (use_dynamic_bsz) of at most {p.ppo_max_token_len} tokens "
+           f"(critic {p.critic_max_token_len})" if p.dynamic_bsz else
+           f"padded micro-batches of {p.micro_batch} rows (critic {p.critic_micro_batch})"),
+        f"  {'':<22}{'params':>9} {'weights':>7} {'grads':>7} {'optim':>7} {'activ':>7} {'train':>7}",
+    ]
+    for name, m in (("actor", est.actor), ("critic", est.critic), ("ref", est.ref)):
+        if m is None:
+            why = "no critic (adv_estimator != gae)" if name == "critic" else "no reference (no KL term)"
+            lines.append(f"  {name:<7}{'':<15}  -- {why}")
+            continue
+        lines.append(f"  {name:<7}{f'tp{p.tp} pp{p.pp}':<15}{m.params / 1e6:8.1f}M {_g(m.weights)} {_g(m.grads)} "
+                     f"{_g(m.optimizer)} {_g(m.activations)} {_g(m.train_total)}")
+    budget = (f"kv_cache_gib {p.kv_cache_gib:g}" if p.kv_cache_gib
+              else f"gpu_memory_utilization {p.gpu_memory_utilization:g}")
+    lines += [
+        f"  vLLM (tp {p.rollout_tp}, {budget} = {est.vllm_budget / GiB:.2f} GiB, "
+        f"{'sleeps' if p.free_cache_engine else 'stays'} while Megatron trains): "
+        f"weights {est.vllm_weights / GiB:.2f}, other {est.vllm_other / GiB:.2f}, KV cache {est.vllm_kv / GiB:.2f} GiB "
+        f"= {est.kv_tokens} tokens = {est.kv_tokens // max(1, est.seq_len)} sequences of {est.seq_len} at once "
+        f"(each engine generates {est.seqs_per_engine} per step)",
+        f"  fixed overhead {est.overhead / GiB:.2f} GiB",
+    ]
+    lines += _micro_batch_lines(p, est)
+    lines += [
+        "  phases: " + " | ".join(f"{k} {v / GiB:.2f}" for k, v in est.phases.items()),
+        f"peak {est.peak / GiB:.2f} GiB of {p.gpu_mem_gib:g} GiB ({est.peak_phase}): "
+        + ("FITS" if est.fits else "DOES NOT FIT"),
+    ]
+    lines += [f"  problem: {msg}" for msg in est.problems]
+    return lines
+
+
+def _micro_batch_lines(p: JobShape, est: MemoryEstimate) -> list[str]:
+    """Each model pass's micro-batch: the key that sizes it, its tokens, its memory; and which
+    one sets the peak (or that the rollout does)."""
+    mbs = p.micro_batches()
+    what = "token budget" if p.dynamic_bsz else "rows"
+    lines = [f"  micro-batches ({'packed' if p.dynamic_bsz else 'padded'}; memory beyond the models' states):"]
+    for name, v in est.micro_batch_bytes.items():
+        key, value, tokens = mbs[name]
+        lines.append(f"    {name:<14}{key}={value} ({what}; <= {tokens} tokens): {v / GiB:.2f} GiB")
+    if est.peak_phase in mbs:
+        key, value, _ = mbs[est.peak_phase]
+        lines.append(f"    the largest: {est.peak_phase} ({key}={value}) sets the peak")
+    else:
+        lines.append(f"    the peak is the {est.peak_phase} phase (vLLM's budget), not a micro-batch")
+    return lines
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mcore-rl plan", description=__doc__.split("\n\n")[0])
+    ap.add_argument("args", nargs="*", metavar="[CONFIG.yaml] key=value",
+                    help="a preset or your YAML, then config overrides, as for mcore-rl train")
+    ap.add_argument("--nodes", type=int, default=None, help="number of nodes (default: trainer.nnodes, else 1)")
+    ap.add_argument("--gpus-per-node", type=int, default=None,
+                    help="GPUs per node (default: trainer.n_gpus_per_node, else 1)")
+    ap.add_argument("--gpu-mem-gib", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
+    ap.add_argument("--json", action="store_true", help="print the layout and estimate as JSON")
+    return ap
+
+
+def _estimate(args):
+    from mcore_rl.config import check_sizes, fit_batch_sizes, read_config
+
+    path, overrides = (args.args[0], args.args[1:]) if args.args and "=" not in args.args[0] else (None, args.args)
+    cfg, explicit = read_config(path, overrides)
+    t = cfg.trainer
+    nodes = next(n for n in (args.nodes, t.nnodes, 1) if n is not None)
+    gpus = next(n for n in (args.gpus_per_node, t.n_gpus_per_node, 1) if n is not None)
+    if nodes < 1 or gpus < 1:
+        raise ValueError(f"--nodes and --gpus-per-node must be >= 1 (got {nodes}, {gpus})")
+    fit_batch_sizes(cfg, explicit, nodes * gpus)
+    spec = model_spec(cfg)
+    check_sizes(cfg, nodes * gpus, spec)
+    p = job_shape_from_config(cfg, nodes, gpus, args.gpu_mem_gib)
+    layout = rank_layout(p.world_size, p.tp, p.pp, rollout_tp=p.rollout_tp)
+    return spec, p, layout, estimate_memory(spec, p)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        spec, p, layout, est = _estimate(args)
+    except (ValueError, FileNotFoundError, UnsupportedModelError) as e:  # ConfigError is a ValueError
+        print(f"mcore-rl plan: error: {e}", file=sys.stderr)
+        return 2
+    rc = 0 if est.fits else 1
+    if args.json:
+        print(json.dumps({"layout": {"tp_groups": layout.tp_groups, "pp_groups": layout.pp_groups,
+                                     "dp_groups": layout.dp_groups, "rollout_groups": layout.rollout_groups},
+                          "inputs": asdict(p), "estimate": asdict(est)}, indent=1, default=str))
+        return rc
+    env = LaunchEnv(rank=0, world_size=p.world_size, local_rank=0, local_world_size=p.gpus_per_node, node_rank=0,
+                    num_nodes=p.nodes, master_addr="", master_port=0,
+                    launcher="single" if p.world_size == 1 else "torchrun")
+    for line in describe_layout(layout, env) + format_report(spec, p, est):
+        print(line)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
