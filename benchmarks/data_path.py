@@ -163,7 +163,10 @@ class SyntheticEngine:
 def _stand_ins(trainer_mod):
     """Model calls replaced by what they move (old code: DP all-gather of the outputs)."""
     import mcore_rl.trainer.batch as batch_mod
-    import mcore_rl.trainer.workers as workers
+    try:
+        import mcore_rl.trainer.ppo_update as workers
+    except ImportError:  # a checkout from before the module's rename
+        import mcore_rl.trainer.workers as workers
 
     new = hasattr(batch_mod, "Shard")
     if new:

@@ -173,7 +173,7 @@ def _drgrpo_worker(hf_path, max_prompt, max_resp):
     from mcore_rl.models.build import build_model
     from mcore_rl.models.optim import wrap_for_training
     from mcore_rl.trainer.batch import Sample, pad_batch
-    from mcore_rl.trainer.workers import compute_logprobs, update_actor
+    from mcore_rl.trainer.ppo_update import compute_logprobs, update_actor
 
     init_distributed(1, 1)
     spec = arch_from_hf_config(hf_path)

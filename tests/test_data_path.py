@@ -229,3 +229,77 @@ def test_step_metrics_do_not_depend_on_the_layout(single, run, layout, tmp_path)
     if run == "grpo_dapo":
         assert all(0 < r["filter/kept_fraction"] < 1 for r in ref)  # the filter really dropped prompts
     assert_same_metrics(got, ref)
+
+
+# ---------------------------------------------------------------- rewards: scored once per engine
+class _CountingRewards:
+    """The library's `score_batch` on a plain function, counting how often this rank calls it."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def score(self, prompts, texts, truths, strict=False):
+        from mcore_rl.rewards import score_batch
+
+        self.calls += 1
+        return score_batch(self.fn, prompts, texts, truths, strict=strict)
+
+
+def _length_reward(prompt, response, truth):
+    return len(response) / 10
+
+
+def _raising_reward(prompt, response, truth):
+    raise ValueError("no score for you")
+
+
+def _score_worker():
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    return {(tp, rtp): _score_on(tp, rtp) for tp, rtp in ((2, 2), (1, 1))}
+
+
+def _score_on(tp: int, rtp: int):
+    import torch.distributed as dist
+
+    from mcore_rl.rewards import RewardFunctionError
+    from mcore_rl.trainer.rollouts import score_once, share_scores
+
+    rank, n = dist.get_rank(), 2
+    lay = rank_layout(2, tp, 1, rollout_tp=rtp, rank=rank)
+    slice_ = lay.rollout_slice(4, 2)  # prompts this rank's engine generated
+    texts = [f"{'x' * (3 * p + k)}" for p in slice_ for k in range(n)]  # sample k of prompt p
+    where = [p * n + k for p in slice_ for k in range(n)]
+    rewards = _CountingRewards(_length_reward)
+    scores, _ = score_once(rewards, lay, ["q"] * len(texts), texts, [None] * len(texts), strict=False)
+    shared = share_scores(scores, where, 4 * n, lay.leads_engine)
+    strict_error = None
+    try:
+        score_once(_CountingRewards(_raising_reward), lay, ["q"], ["r"], [None], strict=True)
+    except RewardFunctionError as e:
+        strict_error = str(e)
+    dist.barrier()
+    return {"calls": rewards.calls, "leads": lay.leads_engine, "texts": texts, "shared": shared,
+            "strict_error": strict_error}
+
+
+@pytest.fixture(scope="module")
+def scored():
+    from tests.dist_utils import run_ranks
+
+    return run_ranks(_score_worker, 2)
+
+
+@pytest.mark.parametrize("tp,rtp", [(2, 2), (1, 1)], ids=["one-engine-of-2-ranks", "two-engines"])
+def test_rewards_are_scored_once_per_engine_and_reach_every_rank(scored, tp, rtp):
+    """An engine's first rank alone calls the reward function; every rank of the engine gets its
+    scores, exact; a strict reward that raises stops every rank, not only the one that scored."""
+    out = [r[(tp, rtp)] for r in scored]
+    assert [o["leads"] for o in out] == ([True, False] if rtp == 2 else [True, True])
+    assert [o["calls"] for o in out] == ([1, 0] if rtp == 2 else [1, 1])
+    for o in out:  # the reward of each of this rank's samples, computed here independently
+        assert o["shared"] == [len(t) / 10 for t in o["texts"]]
+    assert all(o["strict_error"] for o in out), out
+    if rtp == 2:
+        assert "no score for you" in out[0]["strict_error"] and "another rank" in out[1]["strict_error"]

@@ -220,7 +220,7 @@ def _perturbed(model, scale, seed):
 def _models_worker(path, tp, pp):
     from megatron.core import parallel_state as ps
 
-    import mcore_rl.trainer.workers as workers
+    import mcore_rl.trainer.ppo_update as ppo_update
     from converters.hf_io import load_hf_into_model
     from mcore_rl.algorithms import compute_advantages
     from mcore_rl.config import load_config
@@ -249,14 +249,14 @@ def _models_worker(path, tp, pp):
     out = {"logp": {}, "values": {}, "updates": {}}
     # the forward passes, padded (4 rows a micro-batch) and packed (BUDGET tokens)
     for name, budget in (("padded", None), ("packed", BUDGET)):
-        logp, ent = workers.compute_logprobs(actor, shard, 4, with_entropy=True, max_tokens=budget)
-        values = workers.compute_values(critic, shard, 4, max_tokens=budget)
+        logp, ent = ppo_update.compute_logprobs(actor, shard, 4, with_entropy=True, max_tokens=budget)
+        values = ppo_update.compute_values(critic, shard, 4, max_tokens=budget)
         out["logp"][name], out["entropy_fwd"] = logp, ent
         out["values"][name] = values
     lengths = (shard.prompt_length + shard.response_length - 1)[:, None]
     out["valid"] = torch.arange(mask.shape[1])[None] < lengths  # positions inside each sequence
     shard.old_logp = out["logp"]["padded"] + 0.01 * torch.randn(mask.shape, generator=torch.Generator().manual_seed(3))
-    shard.ref_logp = workers.compute_logprobs(ref, shard, 4)[0]
+    shard.ref_logp = ppo_update.compute_logprobs(ref, shard, 4)[0]
     shard.old_values = out["values"]["padded"]
     rewards = last_token_rewards(shard.scores, mask)
 
@@ -268,7 +268,7 @@ def _models_worker(path, tp, pp):
         opt.zero_grad()
         return True, 0.0
 
-    workers._step = record  # the gradient of each mini-batch, no update: every run sees the same weights
+    ppo_update._step = record  # the gradient of each mini-batch, no update: every run sees the same weights
     minis = [range(0, ROWS // 2), range(ROWS // 2, ROWS)]
     for est in ("grpo", "gae"):
         shard.advantages, shard.returns = compute_advantages(est, mask=mask, token_rewards=rewards,
@@ -284,9 +284,9 @@ def _models_worker(path, tp, pp):
                     f"critic.ppo_max_token_len_per_gpu={BUDGET}", "actor_rollout_ref.actor.use_kl_loss=true",
                     "actor_rollout_ref.actor.kl_loss_coef=0.5", "actor_rollout_ref.actor.entropy_coeff=0.01"])
                 grads.clear()
-                m = workers.update_actor(actor, actor_opt, shard, cfg, minis, dp_group)
+                m = ppo_update.update_actor(actor, actor_opt, shard, cfg, minis, dp_group)
                 if est == "gae":
-                    m.update(workers.update_critic(critic, critic_opt, shard, cfg, minis, dp_group))
+                    m.update(ppo_update.update_critic(critic, critic_opt, shard, cfg, minis, dp_group))
                 out["updates"][(est, agg, name)] = (m, list(grads))
     return out
 

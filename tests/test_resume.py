@@ -231,9 +231,9 @@ def test_resume_at_another_layout(reference, tmp_path, layout):
 NAN_LOSS = r'''
 import sys
 import torch
-import mcore_rl.trainer.workers as workers
+import mcore_rl.trainer.ppo_update as ppo_update
 from mcore_rl.trainer.ppo_trainer import PPOTrainer
-original_loss, original_step = workers.policy_loss, PPOTrainer.train_step
+original_loss, original_step = ppo_update.policy_loss, PPOTrainer.train_step
 state = {"step": 0}
 def nan_loss(*args, **kwargs):
     loss, metrics = original_loss(*args, **kwargs)
@@ -241,7 +241,7 @@ def nan_loss(*args, **kwargs):
 def train_step(self):
     state["step"] = self.step
     return original_step(self)
-workers.policy_loss, PPOTrainer.train_step = nan_loss, train_step
+ppo_update.policy_loss, PPOTrainer.train_step = nan_loss, train_step
 if __name__ == "__main__":  # megatron's checkpoint writer spawns a helper process that imports this file
     from mcore_rl.commands.train import main
     sys.exit(main(sys.argv[1:]))

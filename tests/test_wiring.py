@@ -81,7 +81,7 @@ def _perturb(model, scale: float, seed: int = 0) -> None:
 
 
 def _recording_step(grads: list):
-    """A stand-in for `workers._step`: records the accumulated gradients (HF names), applies nothing."""
+    """A stand-in for `ppo_update._step`: records the accumulated gradients (HF names), applies nothing."""
 
     def step(model, opt, loss_finite=True):
         grads.append(_hf_named(model, "grad"))
@@ -131,13 +131,13 @@ KL_COEF = 0.9
 
 def _kl_worker(model, reward, out):
     import mcore_rl.trainer.ppo_trainer as pt
-    import mcore_rl.trainer.workers as workers
+    import mcore_rl.trainer.ppo_update as ppo_update
 
     tr = _trainer(out, model, reward, "actor_rollout_ref.actor.use_kl_loss=true",
                   f"actor_rollout_ref.actor.kl_loss_coef={KL_COEF}", "actor_rollout_ref.actor.kl_loss_type=low_var_kl")
     _perturb(tr.ref, 0.03)  # the actor differs from its reference: a KL with a real gradient
     cap = {}
-    original_update, original_step = pt.update_actor, workers._step
+    original_update, original_step = pt.update_actor, ppo_update._step
 
     def update_actor(actor, opt, shard, cfg, minis, group):
         cap["shard"], cap["rows"] = shard, minis[0]
@@ -148,7 +148,7 @@ def _kl_worker(model, reward, out):
             cap["grads"], cap["weights"] = _hf_named(model, "grad"), _hf_named(model)
         return original_step(model, opt, loss_finite)
 
-    pt.update_actor, workers._step = update_actor, step
+    pt.update_actor, ppo_update._step = update_actor, step
     tr.step = 1
     metrics = tr.train_step()
     tr.close()
@@ -376,12 +376,12 @@ def test_resume_restores_rng(setup, tmp_path):
 # ---------------------------------------------------------------- 5b. prompt positions not in the loss
 def _prompt_worker(model, reward, out):
     import mcore_rl.trainer.ppo_trainer as pt
-    import mcore_rl.trainer.workers as workers
+    import mcore_rl.trainer.ppo_update as ppo_update
 
     tr = _trainer(out, model, reward, "actor_rollout_ref.actor.use_kl_loss=true",
                   "actor_rollout_ref.actor.kl_loss_coef=0.5", "actor_rollout_ref.actor.entropy_coeff=0.01")
     _perturb(tr.ref, 0.03)
-    original_update, original_step = pt.update_actor, workers._step
+    original_update, original_step = pt.update_actor, ppo_update._step
     results = {}
 
     def update_actor(actor, opt, shard, cfg, minis, group):
@@ -408,9 +408,9 @@ def _prompt_worker(model, reward, out):
         }
         for name, s in variants.items():
             grads = []
-            workers._step = _recording_step(grads)  # no update: every variant at the same weights
+            ppo_update._step = _recording_step(grads)  # no update: every variant at the same weights
             results[name] = (original_update(actor, opt, s, cfg, minis, group), grads)
-        workers._step = original_step
+        ppo_update._step = original_step
         return original_update(actor, opt, shard, cfg, minis, group)
 
     pt.update_actor = update_actor

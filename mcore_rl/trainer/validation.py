@@ -23,6 +23,7 @@ import time
 import torch
 
 from mcore_rl.distributed import comm
+from mcore_rl.trainer.rollouts import SliceSampling, score_once
 
 PASS_SCORE = 1.0
 
@@ -78,8 +79,6 @@ def load_val_dataset(cfg, tokenizer):
 
 def validate(trainer) -> dict[str, float]:
     """Collective: generate and score the validation prompts at the actor's current weights."""
-    from mcore_rl.trainer.ppo_trainer import _SliceSampling
-
     cfg, layout = trainer.cfg, trainer.layout
     v = cfg.actor_rollout_ref.rollout.val_kwargs
     t0 = time.perf_counter()
@@ -88,21 +87,21 @@ def validate(trainer) -> dict[str, float]:
     rows = trainer.val_dataset
     engines = layout.rollout_dp
     mine = list(range(layout.me.rollout_dp, len(rows), engines))
-    sampling = _SliceSampling(n=v.n, temperature=v.temperature if v.do_sample else 0.0, top_p=v.top_p, top_k=v.top_k,
-                              max_tokens=cfg.data.max_response_length,
-                              seed=cfg.trainer.seed * 1_000_003 + 999_983, prompts=tuple(mine))
+    sampling = SliceSampling(n=v.n, temperature=v.temperature if v.do_sample else 0.0, top_p=v.top_p, top_k=v.top_k,
+                             max_tokens=cfg.data.max_response_length,
+                             seed=cfg.trainer.seed * 1_000_003 + 999_983, prompts=tuple(mine))
     outs = trainer.engine.generate([rows[j].input_ids for j in mine], sampling) if mine else []
     if trainer._engine_sleeps:
         trainer.engine.sleep(level=2)
     texts = trainer.tokenizer.batch_decode([o.token_ids for o in outs], skip_special_tokens=True)
-    scores, errors = trainer.rewards.score([rows[mine[o.prompt_index]].prompt for o in outs], texts,
-                                           [rows[mine[o.prompt_index]].ground_truth for o in outs], strict=cfg.reward.strict)
+    scores, errors = score_once(trainer.rewards, layout, [rows[mine[o.prompt_index]].prompt for o in outs], texts,
+                                [rows[mine[o.prompt_index]].ground_truth for o in outs], cfg.reward.strict)
     per_prompt: list[list[float]] = [[] for _ in mine]
     for o, s in zip(outs, scores):
         per_prompt[o.prompt_index].append(float(s))
     local = prompt_sums(per_prompt, v.n) + [float(sum(len(o.token_ids) for o in outs)), float(len(errors))]
     if not layout.leads_engine:
-        local = [0.0] * len(local)  # the engine's other ranks hold the same samples
+        local = [0.0] * len(local)  # the engine's other ranks hold the same samples, unscored
     total = comm.all_reduce(torch.tensor(local, dtype=torch.float64)).tolist()
     metrics = val_metrics(total[:-2], v.n, total[-2])
     if total[-1]:

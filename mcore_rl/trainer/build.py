@@ -1,0 +1,108 @@
+"""What a run is built from: the model checkpoint, the Megatron models and their optimizers, the
+rollout engine. Called once by the trainer, after the config and inputs were checked."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig
+
+from converters.hf_io import load_hf_into_model
+from mcore_rl.models.arch import ArchSpec
+from mcore_rl.models.build import build_model
+from mcore_rl.models.optim import LRSchedule, wrap_for_training
+from mcore_rl.rollout import make_engine
+from mcore_rl.toy import build_toy_model
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_output_dir(cfg: DictConfig) -> str:
+    return os.path.join(os.getcwd(), "outputs", cfg.trainer.project_name, cfg.trainer.experiment_name)
+
+
+def model_path(cfg: DictConfig, output_dir: str) -> str:
+    """The HF checkpoint to start from: `actor_rollout_ref.model.path`, or for the toy dataset
+    a toy model written under the output dir.
+
+    The toy model is built before any process group exists: the first local rank of each node
+    writes it (deterministic in the seed) to a temp dir renamed into place; the others wait."""
+    path = cfg.actor_rollout_ref.model.path
+    if path:
+        return str(path)
+    if cfg.data.dataset_name != "toy":
+        raise ValueError("actor_rollout_ref.model.path is required (only the toy dataset builds its own model)")
+    path = os.path.join(output_dir, "toy_model")
+    os.makedirs(output_dir, exist_ok=True)
+    if int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))) == 0 and not os.path.isdir(path):
+        tmp = f"{path}.tmp-{os.getpid()}"
+        build_toy_model(tmp, seed=cfg.trainer.seed)
+        os.replace(tmp, path)
+    deadline = time.time() + 600
+    while not os.path.isdir(path):
+        if time.time() > deadline:
+            raise TimeoutError(f"waited 600 s for the toy model at {path}")
+        time.sleep(0.2)
+    return path
+
+
+@dataclass
+class Models:
+    """The run's Megatron models (critic and reference only when the algorithm needs them)."""
+
+    actor: object
+    actor_opt: object
+    actor_lr: LRSchedule
+    critic: object | None = None
+    critic_opt: object | None = None
+    critic_lr: LRSchedule | None = None
+    ref: object | None = None
+
+
+def build_models(cfg: DictConfig, spec: ArchSpec, path: str) -> Models:
+    """Actor (+ optimizer), critic (GAE only) and frozen reference (KL loss or KL in reward), each
+    loaded from the HF checkpoint at `path`. Collective (process groups must exist)."""
+    a = cfg.actor_rollout_ref
+    dtype = DTYPES[a.model.dtype]
+
+    def model(role, optim=None):
+        m = build_model(spec, role=role, dtype=dtype, transformer_impl=a.model.transformer_impl)
+        load_hf_into_model(m, spec, path)
+        if optim is None:
+            return m, None
+        return wrap_for_training(m, lr=optim.lr, weight_decay=optim.weight_decay, clip_grad=optim.clip_grad,
+                                 betas=tuple(optim.betas), use_distributed_optimizer=a.actor.use_distributed_optimizer,
+                                 min_lr=optim.min_lr)  # (the DDP-wrapped model, its optimizer)
+
+    steps = cfg.trainer.max_steps
+    actor, actor_opt = model("actor", a.actor.optim)
+    models = Models(actor, actor_opt, LRSchedule(actor_opt, a.actor.optim, steps))
+    if uses_critic(cfg):
+        models.critic, models.critic_opt = model("critic", cfg.critic.optim)
+        models.critic_lr = LRSchedule(models.critic_opt, cfg.critic.optim, steps)
+    if needs_reference(cfg):
+        models.ref = model("reference")[0]
+    return models
+
+
+def uses_critic(cfg: DictConfig) -> bool:
+    return cfg.algorithm.adv_estimator == "gae"
+
+
+def needs_reference(cfg: DictConfig) -> bool:
+    return bool(cfg.actor_rollout_ref.actor.use_kl_loss or cfg.algorithm.use_kl_in_reward)
+
+
+def build_engine(cfg: DictConfig, path: str):
+    """The rollout engine for this rank (vLLM or the HF reference engine), at the rollout TP size."""
+    r = cfg.actor_rollout_ref.rollout
+    return make_engine(
+        r.name, model_path=path, tensor_parallel_size=r.tensor_model_parallel_size,
+        dtype=cfg.actor_rollout_ref.model.dtype, seed=cfg.trainer.seed,
+        gpu_memory_utilization=r.gpu_memory_utilization,
+        max_model_len=cfg.data.max_prompt_length + cfg.data.max_response_length,
+        enforce_eager=r.enforce_eager, kv_cache_gib_cpu=r.kv_cache_gib_cpu, kv_cache_gib=r.kv_cache_gib,
+        enable_sleep_mode=bool(r.free_cache_engine), logprobs_mode=r.logprobs_mode.removesuffix("_logprobs"))
