@@ -36,6 +36,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from converters.checkpoint import last_line, load_model, save_model, save_sharded, write_side
+from converters.hf_io import CheckpointError
+from mcore_rl.distributed.comm import agree, all_reduce_scalars
+from mcore_rl.lifetime import die_with_parent, graceful_signals_blocked, owner
+
 STEP_RE = re.compile(r"^step_(\d{8})$")
 LATEST = "latest"
 STATE = "trainer_state.json"
@@ -228,8 +233,6 @@ def new_run_id() -> str:
     """A name for a fresh run, the same on every rank (rank 0 draws it; collective)."""
     import secrets
 
-    from mcore_rl.distributed.comm import all_reduce_scalars
-
     mine = [time.time(), secrets.randbelow(1 << 24)] if _rank() == 0 else [0.0, 0.0]
     seconds, nonce = all_reduce_scalars(mine, op="max")
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime(seconds)) + f"-{int(nonce):06x}"
@@ -247,8 +250,6 @@ def _inner(model):
 
 def save_model_and_optimizer(model, opt, where: str) -> None:
     """Collective: this rank's shards of the model and of its optimizer state."""
-    from converters.checkpoint import save_model, save_sharded
-
     save_model(_inner(model), os.path.join(where, "model"))
     if opt is not None:
         sd = opt.sharded_state_dict(_inner(model).sharded_state_dict(), metadata=OPTIM_METADATA)
@@ -275,8 +276,6 @@ def optimizer_state_unloadable(opt) -> str | None:
 
 def load_model_and_optimizer(model, opt, where: str) -> None:
     from megatron.core import dist_checkpointing
-
-    from converters.checkpoint import load_model
 
     load_model(_inner(model), os.path.join(where, "model"))
     if opt is not None:
@@ -307,8 +306,6 @@ def start_writer_helper() -> None:
         return  # already started, or a megatron-core without the helper
     import multiprocessing as mp
     from multiprocessing.managers import SyncManager
-
-    from mcore_rl.lifetime import die_with_parent, graceful_signals_blocked, owner
 
     manager = SyncManager(ctx=mp.get_context("spawn"))
     with graceful_signals_blocked():
@@ -346,8 +343,6 @@ def set_rng_state(state: dict) -> None:
 # ------------------------------------------------------------------------------ save / load
 def all_finite(*models) -> bool:
     """True when every parameter of every model is finite on every rank (collective)."""
-    from mcore_rl.distributed.comm import agree
-
     ok = all(bool(torch.isfinite(p).all()) for m in models if m is not None for p in _inner(m).parameters())
     return not agree(not ok)
 
@@ -355,8 +350,6 @@ def all_finite(*models) -> bool:
 def save_checkpoint(root: str, step: int, *, actor, actor_opt, critic=None, critic_opt=None,
                     hf_side_dir: str, trainer_state: dict, keep: int | None = None) -> str:
     """Collective. Returns the published checkpoint path."""
-    from converters.checkpoint import write_side
-
     final = os.path.join(root, step_dir_name(step))
     tmp = os.path.join(root, f".{step_dir_name(step)}.tmp")
     if _rank() == 0:
@@ -400,9 +393,6 @@ def load_checkpoint(ckpt: str, *, actor, actor_opt, critic=None, critic_opt=None
     """Collective. Loads weights and optimizer states (any saved layout), and RNG states when the
     layout is the one saved; returns the trainer state."""
     from torch.distributed.checkpoint.api import CheckpointException
-
-    from converters.checkpoint import last_line
-    from converters.hf_io import CheckpointError
 
     state = read_state(ckpt)
     if critic is not None and not os.path.isdir(os.path.join(ckpt, "critic")):

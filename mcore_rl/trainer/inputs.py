@@ -13,15 +13,17 @@ import os
 
 from omegaconf import DictConfig
 
+from converters.checkpoint import overlaps
+from mcore_rl.data import PromptLoader, load_prompts
+from mcore_rl.rewards import RewardScorer
+from mcore_rl.rollout import vllm_available
+
 # trainer.logger names -> the package each needs
 LOGGERS = {"console": None, "tensorboard": "tensorboard", "wandb": "wandb"}
 
 
 def check_environment(cfg: DictConfig, model_path: str, output_dir: str) -> None:
     """Rollout engine and loggers installed; the model not inside what the run replaces."""
-    from converters.checkpoint import overlaps
-    from mcore_rl.rollout import vllm_available
-
     if overlaps(model_path, os.path.join(output_dir, "hf_model")):
         raise ValueError(f"actor_rollout_ref.model.path={model_path} overlaps this run's {output_dir}/hf_model, "
                          f"which the run replaces: copy the model elsewhere or choose another trainer.output_dir")
@@ -37,10 +39,7 @@ def check_environment(cfg: DictConfig, model_path: str, output_dir: str) -> None
 def load_inputs(cfg: DictConfig, model_path: str, output_dir: str):
     """(tokenizer, pad id, prompt dataset, prompt loader, reward scorer) of a run, after
     `check_environment`. The reward scorer's helper process starts now, while the models build."""
-    from transformers import AutoTokenizer
-
-    from mcore_rl.data import PromptLoader, load_prompts
-    from mcore_rl.rewards import RewardScorer
+    from transformers import AutoTokenizer  # seconds to import: only when a run starts
 
     check_environment(cfg, model_path, output_dir)
     d = cfg.data

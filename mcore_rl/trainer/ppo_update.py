@@ -28,16 +28,11 @@ from mcore_rl.algorithms import (
     rollout_is_weights,
     value_loss,
 )
+from mcore_rl.distributed import device as _device
 from mcore_rl.distributed.comm import agree, all_reduce, all_reduce_scalars, group_size
 from mcore_rl.models.forward import run_microbatches, vocab_parallel_logprobs
 from mcore_rl.trainer.batch import Shard
 from mcore_rl.trainer.packing import packed_micro_batches, per_sequence, scatter_rows
-
-
-def _device():
-    from mcore_rl.distributed import device
-
-    return device()
 
 
 def _micro_batches(shard: Shard, rows: range, micro: int, keys, max_tokens: int | None = None,

@@ -23,6 +23,7 @@ import time
 import torch
 
 from mcore_rl.distributed import comm
+from mcore_rl.data import load_prompts
 from mcore_rl.trainer.rollouts import SliceSampling, score_once
 
 PASS_SCORE = 1.0
@@ -65,8 +66,6 @@ def load_val_dataset(cfg, tokenizer):
     """The validation prompts of `data.val_files` (None: no validation). `toy` is the toy task's
     own split; a folder is read at its `test` split (verl's data/<name>/test.parquet)."""
     from omegaconf import ListConfig
-
-    from mcore_rl.data import load_prompts
 
     d = cfg.data
     if d.val_files is None:
