@@ -125,7 +125,7 @@ def bench_size(size: str, args) -> dict:
     from mcore_rl.distributed import init_distributed
     from mcore_rl.models.arch import arch_from_hf_config
     from mcore_rl.resharding import Resharder
-    from mcore_rl.resharding.gather import iter_hf_tensors
+    from converters.gather import iter_hf_tensors
     from mcore_rl.rollout import make_engine
 
     tp = args.tp
@@ -269,7 +269,7 @@ def check_fast_path(arch: str, tp: int, tmp: str) -> dict:
     from mcore_rl.models.arch import arch_from_hf_config
     from mcore_rl.models.build import build_model
     from mcore_rl.resharding.fast_path import build_plan, compare, run_plan, snapshot
-    from mcore_rl.resharding.gather import iter_hf_tensors
+    from converters.gather import iter_hf_tensors
 
     init_distributed(tp, 1)
     rank = torch.distributed.get_rank()

@@ -303,4 +303,4 @@ def test_weight_sync_without_agreement_is_caught_quickly(tiny_model_factory, tmp
     tp = [line for line in str(e.value).splitlines() if "group TENSOR_MODEL_PARALLEL_GROUP [0, 1]: call #" in line]
     assert len(tp) == 1, str(e.value)
     assert "rank 0 issued nothing" in tp[0] and "rank 1 issued all_gather_into_tensor" in tp[0], tp[0]
-    assert "mcore_rl/resharding/gather.py:" in tp[0], tp[0]
+    assert "converters/gather.py:" in tp[0], tp[0]

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from mcore_rl.resharding.gather import build_plan, iter_hf_tensors
+from converters.gather import build_plan, iter_hf_tensors
 
 FAST_PATH_MODES = ("auto", "off")
 
