@@ -290,12 +290,11 @@ class PPOTrainer:
             max_model_len=self.cfg.data.max_prompt_length + self.cfg.data.max_response_length,
             enforce_eager=r.enforce_eager, kv_cache_gib_cpu=r.kv_cache_gib_cpu, kv_cache_gib=r.kv_cache_gib,
             enable_sleep_mode=bool(r.free_cache_engine), logprobs_mode=r.logprobs_mode.removesuffix("_logprobs"))
-        # free_cache_engine: the engine sleeps after generating (level 2: weights and KV cache
-        # dropped; the next step's sync rewrites every weight) and wakes before the sync.
-        self._engine_sleeps = bool(r.free_cache_engine) and bool(getattr(engine, "sleep_enabled", False))
+        # free_cache_engine: the engine sleeps after generating (`release`) and wakes in the next
+        # `update_weights`, where it can sleep (`sleep_enabled`)
         self.resharder.set_fast_path(r.sync_fast_path)
         _say(f"mcore_rl: rollout engine {type(engine).__name__} ready in {time.perf_counter() - t0:.1f}s"
-             f"{' (sleeps during training)' if self._engine_sleeps else ''}")
+             f"{' (sleeps during training)' if engine.sleep_enabled else ''}")
         return engine
 
     # ---------------------------------------------------------------- one step
@@ -311,10 +310,7 @@ class PPOTrainer:
                                   seed=self.cfg.trainer.seed * 1_000_003 + self.step * 100_003, prompts=tuple(slice_))
         outs = self.engine.generate([row.input_ids for row in mine], sampling) if mine else []
         timing["timing/generate"] = time.perf_counter() - t
-        if self._engine_sleeps:
-            t = time.perf_counter()
-            self.engine.sleep(level=2)
-            timing["timing/sleep"] = time.perf_counter() - t
+        timing.update(self.engine.release())
         t = time.perf_counter()
         texts = self.tokenizer.batch_decode([o.token_ids for o in outs], skip_special_tokens=True)
         scores, errors = self.rewards.score([mine[o.prompt_index].prompt for o in outs], texts,
@@ -400,17 +396,7 @@ class PPOTrainer:
 
     def _sync_weights(self, timing: dict) -> None:
         """The actor's current weights into the rollout engine, which is then ready to generate."""
-        if self._engine_sleeps:  # weights first, sync, then the KV cache: lowest peak memory
-            t = time.perf_counter()
-            self.engine.wake_up(tags=["weights"])
-            timing["timing/wake"] = time.perf_counter() - t
-        t = time.perf_counter()
-        timing.update({k: v for k, v in self.resharder.sync(self.engine).items()})
-        timing["timing/sync"] = time.perf_counter() - t
-        if self._engine_sleeps:
-            t = time.perf_counter()
-            self.engine.wake_up(tags=["kv_cache"])
-            timing["timing/wake"] += time.perf_counter() - t
+        timing.update(self.resharder.sync(self.engine))
 
     def train_step(self) -> dict:
         cfg, a = self.cfg, self.cfg.actor_rollout_ref
