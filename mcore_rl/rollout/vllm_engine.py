@@ -18,8 +18,9 @@ Weight updates (`update_weights`, see `mcore_rl.rollout.base`) take HF names and
   shares its parameter with ``embed_tokens``, receives no weights of its own and is therefore
   not re-processed: it is re-packed explicitly afterwards.
 
-Both are followed by ``reset_prefix_cache()``: cached KV blocks computed with the old weights
-would otherwise be reused by prompts sharing a prefix (any prompt longer than a KV block).
+`update_weights` follows either with ``reset_prefix_cache()``: cached KV blocks computed with
+the old weights would otherwise be reused by prompts sharing a prefix (any prompt longer than
+a KV block).
 
 With ``reload_mode="direct"`` on GPU the engine also accepts plain copies into its (fused)
 parameters: `copy_slots` describes them from the vLLM layers' own attributes, so that a
