@@ -123,41 +123,34 @@ class PeakRSS:
         self.peak = self.now()
 
 
-class SyntheticEngine:
+def _synthetic_engine(vocab: range):
     """Instant rollouts: random digit tokens and log-probs, seeded per prompt (layout-free)."""
+    import torch
 
-    sleep_enabled = False
+    from mcore_rl.rollout.base import RolloutEngine, RolloutOutput, WeightTarget
 
-    def __init__(self, vocab: range):
-        self.vocab = vocab
-
-    def generate(self, prompts, sampling):
-        import torch
-
-        from mcore_rl.rollout.base import RolloutOutput
-
-        outs = []
-        for i in range(len(prompts)):
-            g = torch.Generator().manual_seed(sampling.request_seed(i))
-            for k in range(sampling.n):
-                n = int(torch.randint(sampling.max_tokens // 2, sampling.max_tokens + 1, (1,), generator=g))
-                ids = torch.randint(self.vocab.start, self.vocab.stop, (n,), generator=g).tolist()
-                lps = (-torch.rand(n, generator=g)).tolist()
-                outs.append(RolloutOutput(i, ids, lps, "length" if n == sampling.max_tokens else "stop", k))
-        return outs
-
-    def load_weights(self, weights):
+    def consume(weights):
         for _ in weights:
             pass
 
-    def sleep(self, level=1):
-        pass
+    class SyntheticEngine(RolloutEngine):
+        target = WeightTarget(load_hf=consume, why_not_copy="synthetic engine")
 
-    def wake_up(self, tags=None):
-        pass
+        def weight_target(self):
+            return self.target
 
-    def close(self):
-        pass
+        def generate(self, prompts, sampling):
+            outs = []
+            for i in range(len(prompts)):
+                g = torch.Generator().manual_seed(sampling.request_seed(i))
+                for k in range(sampling.n):
+                    n = int(torch.randint(sampling.max_tokens // 2, sampling.max_tokens + 1, (1,), generator=g))
+                    ids = torch.randint(vocab.start, vocab.stop, (n,), generator=g).tolist()
+                    lps = (-torch.rand(n, generator=g)).tolist()
+                    outs.append(RolloutOutput(i, ids, lps, "length" if n == sampling.max_tokens else "stop", k))
+            return outs
+
+    return SyntheticEngine()
 
 
 def _stand_ins(trainer_mod):
@@ -206,7 +199,7 @@ def worker(args) -> None:
     from mcore_rl.config import load_config
     from mcore_rl.toy import TOY_VOCAB
 
-    rollout.make_engine = lambda name, **kw: SyntheticEngine(range(3, len(TOY_VOCAB)))
+    rollout.make_engine = lambda name, **kw: _synthetic_engine(range(3, len(TOY_VOCAB)))
     new = _stand_ins(trainer_mod)
     counter, rss = Counter(), PeakRSS()
     counter.install()

@@ -133,16 +133,13 @@ def live_check(trainer, cfg, out_dir: str) -> dict:
     prompts = _toy_prompts(hf_dir, max_len)
     max_tokens = int(cfg.data.max_response_length)
     res = {"rank": rank, "prompts": prompts, "max_tokens": max_tokens, "engine": type(engine).__name__}
-    sleeps = bool(getattr(engine, "sleep_enabled", False))
+    sleeps = engine.sleep_enabled
     t0 = time.perf_counter()
     if not sleeps:  # CPU: the engine still holds the weights synced before the last update
         res["pre_sync_tokens"] = _greedy(engine, prompts, max_tokens)
     else:  # as after a step's generation: weights and KV cache dropped
-        engine.sleep(level=2)
-        engine.wake_up(tags=["weights"])
-    stats = resharder.sync(engine)
-    if sleeps:
-        engine.wake_up(tags=["kv_cache"])
+        engine.release()
+    stats = resharder.sync(engine)  # as a training step: wake, load, wake, reset
     res["tokens"] = _greedy(engine, prompts, max_tokens)
     res["sync"] = {k: float(v) for k, v in stats.items() if isinstance(v, (int, float))}
     res["fast_reason"] = getattr(resharder, "fast_reason", None)

@@ -3,7 +3,7 @@
 For random Qwen2.5-{0.5B,1.5B,7B}-shaped bf16 models (public shapes, random weights; vLLM
 starts with ``load_format="dummy"``, so nothing is read from disk):
 
-* ``hf``: `mcore_rl.resharding.Resharder.sync_hf(engine)` (gather -> HF names -> vLLM
+* ``hf``: ``engine.update_weights(Resharder.load_hf)`` (gather -> HF names -> vLLM
   ``load_weights``), the general path; ``gather`` times its first half alone.
 * ``fast-graph`` / ``fast-hybrid`` / ``fast-foreach`` / ``fast-loop``:
   `mcore_rl.resharding.fast_path.FastSync` (precomputed copies into vLLM's fused parameters;
@@ -125,7 +125,7 @@ def bench_size(size: str, args) -> dict:
     from mcore_rl.distributed import init_distributed
     from mcore_rl.models.arch import arch_from_hf_config
     from mcore_rl.resharding import Resharder
-    from mcore_rl.resharding.gather import iter_hf_tensors
+    from converters.gather import iter_hf_tensors
     from mcore_rl.rollout import make_engine
 
     tp = args.tp
@@ -183,18 +183,22 @@ def bench_size(size: str, args) -> dict:
     rows = [{"path": "gather only", "seconds": common.med(ts)}]
 
     resharder = Resharder(model, bucket_mb=args.bucket_mb)
-    stats = [resharder.sync_hf(engine) for _ in range(reps + 1)][1:]
+    stats = [engine.update_weights(resharder.load_hf) for _ in range(reps + 1)][1:]
     rows.append({"path": "hf (Resharder)", "seconds": common.med(s["sync/seconds"] for s in stats),
                  "spread": [min(s["sync/seconds"] for s in stats), max(s["sync/seconds"] for s in stats)]})
     res["bytes"] = rank_max
     res["hf_tensors"] = stats[0]["sync/tensors"]
 
     if gpu and not args.no_fast:
-        from mcore_rl.resharding.fast_path import FastSync, NotApplicable, check_against_hf_path
+        sys.path.insert(0, os.path.join(common.REPO, "tests"))
+        from fast_path_oracle import check_against_hf_path
 
-        fast, why = None, None
+        from mcore_rl.resharding.fast_path import FastSync, NotApplicable
+
+        fast, target = None, engine.weight_target()
+        why = target.why_not_copy
         try:
-            fast = FastSync(model, engine, mode="graph")
+            fast = FastSync(model, target.copy_slots(), mode="graph") if why is None else None
         except NotApplicable as e:
             why = str(e)
         # every rank takes the same branch: the check below runs the HF path's collectives
@@ -207,7 +211,7 @@ def bench_size(size: str, args) -> dict:
             res["fast_plan_copies"] = [len(fast.plan.copies), len(fast.plan.gathers), len(fast.plan.zeros)]
             res["fast_plan_bytes_per_rank"] = all_ranks(fast.plan.nbytes)
             if not args.skip_check:
-                bad = check_against_hf_path(model, engine, resharder, fast)
+                bad = check_against_hf_path(engine, resharder, fast)
                 bads = all_ranks(bad[:10])
                 res["fast_bit_exact"] = not any(bads)
                 res["fast_mismatch"] = {r: b for r, b in enumerate(bads) if b}
@@ -268,8 +272,11 @@ def check_fast_path(arch: str, tp: int, tmp: str) -> dict:
     from mcore_rl.distributed import init_distributed
     from mcore_rl.models.arch import arch_from_hf_config
     from mcore_rl.models.build import build_model
-    from mcore_rl.resharding.fast_path import build_plan, compare, run_plan, snapshot
-    from mcore_rl.resharding.gather import iter_hf_tensors
+    from fast_path_oracle import compare, snapshot
+
+    from mcore_rl.resharding.fast_path import build_plan, run_plan
+    from mcore_rl.rollout.vllm_engine import copy_slots
+    from converters.gather import iter_hf_tensors
 
     init_distributed(tp, 1)
     rank = torch.distributed.get_rank()
@@ -297,8 +304,8 @@ def check_fast_path(arch: str, tp: int, tmp: str) -> dict:
             vm = cls(vllm_config=cfg, prefix="")
     with torch.no_grad():
         vm.load_weights(iter_hf_tensors(model))  # vLLM's own loaders: the oracle
-    ref = snapshot(vm)
-    plan = build_plan(model, vm)
+    ref = snapshot(dict(vm.named_parameters()))
+    plan = build_plan(model, copy_slots(vm))
     rank_numel = rank_shard_numel(model)
     bad = {}
     for mode in ("hybrid", "foreach", "loop"):
@@ -306,7 +313,7 @@ def check_fast_path(arch: str, tp: int, tmp: str) -> dict:
             for p in vm.parameters():
                 p.data.normal_()
         run_plan(plan, mode)
-        bad[mode] = compare(ref, snapshot(vm))
+        bad[mode] = compare(ref, dict(vm.named_parameters()))
     return {"arch": arch, "tp": tp, "rank": rank, "params": len(ref), "copies": len(plan.copies),
             "gathers": len(plan.gathers), "zeros": len(plan.zeros), "mismatch": bad,
             "plan_numel": plan_numel(plan), "rank_numel": rank_numel, "shard_match": plan_numel(plan) == rank_numel,

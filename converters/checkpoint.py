@@ -210,7 +210,7 @@ def export_hf(model, hf_side_dir: str, out: str, force: bool = False, shard_mb: 
     from megatron.core import parallel_state as ps
     from tqdm import tqdm
 
-    from mcore_rl.resharding.gather import build_plan, iter_hf_tensors
+    from converters.gather import build_plan, iter_hf_tensors
 
     check_output_dir(out, force, inputs=(hf_side_dir,))
     inner = model.module if hasattr(model, "module") else model

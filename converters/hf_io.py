@@ -20,7 +20,7 @@ import shutil
 
 import torch
 
-from converters.mapping import NameIndex, hf_to_mcore
+from converters.mapping import NameIndex, hf_counterpart, hf_to_mcore
 from mcore_rl.models.arch import ArchSpec
 
 INDEX = "model.safetensors.index.json"
@@ -267,9 +267,7 @@ class ShardSource:
         self.index = NameIndex(spec, te=te)
 
     def shard(self, name: str, shape, dtype: torch.dtype | None = None) -> torch.Tensor:
-        if name == "output_layer.weight" and self.spec.tied_embeddings:
-            name = "embedding.word_embeddings.weight"  # a last PP stage's copy of the tied weight
-        rule, layer = self.index.mcore(local_to_global(name, self.offset))
+        rule, layer = self.index.mcore(local_to_global(hf_counterpart(name, self.spec), self.offset))
         hf = [self.reader.get(n) for n in rule.hf_names(layer)]
         shard = hf_to_mcore(rule, hf, self.spec, self.tp_rank, self.tp_size)
         if tuple(shard.shape) != tuple(shape):
@@ -291,6 +289,5 @@ def load_hf_into_model(model, spec: ArchSpec, hf_path: str | HFReader, te: bool 
     role = getattr(model, "mcore_rl_role", "actor")
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if role == "critic" and name.startswith("output_layer."):
-                continue  # the value head is new; it has no HF counterpart
-            param.copy_(source.shard(name, param.shape))
+            if hf_counterpart(name, spec, role) is not None:
+                param.copy_(source.shard(name, param.shape))

@@ -110,6 +110,30 @@ def rules_for(spec: ArchSpec) -> list[Rule]:
     return TABLES[spec.family](spec)
 
 
+def hf_counterpart(name: str, spec: ArchSpec, role: str = "actor") -> str | None:
+    """The Megatron parameter whose HF tensors `name` holds: `name` itself; the embedding for
+    the output layer of a tied model (a last PP stage's copy of it); None for the critic's
+    output layer (the value head is new: no HF tensor corresponds to it)."""
+    if name.startswith("output_layer."):
+        if role == "critic":
+            return None
+        if name == "output_layer.weight" and spec.tied_embeddings:
+            return "embedding.word_embeddings.weight"
+    return name
+
+
+def qkv_rows(groups: int, per: int, d: int, device=None) -> torch.Tensor:
+    """Row permutation from Megatron's fused QKV to HF's: row i of [q; k; v] is row
+    ``rows[i]`` of Megatron's per-group [q_g (per * d rows); k_g (d); v_g (d)] for each group.
+
+    Holds for any run of whole groups (a TP rank's shard: `groups` = its local groups)."""
+    g = torch.arange(groups, device=device).view(-1, 1) * (per + 2) * d
+    q = (g + torch.arange(per * d, device=device)).reshape(-1)
+    k = (g + per * d + torch.arange(d, device=device)).reshape(-1)
+    v = (g + (per + 1) * d + torch.arange(d, device=device)).reshape(-1)
+    return torch.cat([q, k, v])
+
+
 class NameIndex:
     """Looks up the rule and global layer of a Megatron parameter name, and of an HF name."""
 
@@ -169,12 +193,12 @@ def hf_to_mcore(rule: Rule, hf: list[torch.Tensor], spec: ArchSpec, tp_rank: int
             t = torch.cat([t, t.new_zeros(pad, *t.shape[1:])])
         return _chunk(t, 0, tp_rank, tp_size)
     if kind == "qkv":
-        q, k, v = hf
         g, d = spec.num_query_groups, spec.head_dim
-        per = spec.num_attention_heads // g
-        tail = q.shape[1:]
-        fused = torch.cat([q.reshape(g, per * d, *tail), k.reshape(g, d, *tail), v.reshape(g, d, *tail)], dim=1)
-        return _chunk(fused, 0, tp_rank, tp_size).reshape(-1, *tail)
+        if g % tp_size:
+            raise ValueError(f"{g} query groups are not divisible by TP={tp_size}")
+        qkv = torch.cat(hf)  # [q; k; v]
+        fused = qkv.index_select(0, torch.argsort(qkv_rows(g, spec.num_attention_heads // g, d, qkv.device)))
+        return _chunk(fused, 0, tp_rank, tp_size)  # whole groups per rank
     if kind == "gate_up":
         gate, up = hf
         return torch.cat([_chunk(gate, 0, tp_rank, tp_size), _chunk(up, 0, tp_rank, tp_size)])
@@ -196,10 +220,8 @@ def mcore_to_hf(rule: Rule, shards: list[torch.Tensor], spec: ArchSpec) -> list[
         g, d = spec.num_query_groups, spec.head_dim
         per = spec.num_attention_heads // g
         full = torch.cat(shards, 0)
-        tail = full.shape[1:]
-        grouped = full.reshape(g, (per + 2) * d, *tail)
-        q, k, v = grouped.split([per * d, d, d], dim=1)
-        return [q.reshape(-1, *tail), k.reshape(-1, *tail), v.reshape(-1, *tail)]
+        qkv = full.index_select(0, qkv_rows(g, per, d, full.device))
+        return list(qkv.split([g * per * d, g * d, g * d]))
     if kind == "gate_up":
         halves = [s.chunk(2, 0) for s in shards]
         return [torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])]

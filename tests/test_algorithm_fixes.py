@@ -103,7 +103,6 @@ def _stub_trainer(cfg, shard, logp, ref, captured, monkeypatch):
     tr = object.__new__(pt.PPOTrainer)
     tr.cfg = cfg
     tr.loader = SimpleNamespace(next_batch=lambda: list(range(int(shard.prompt_index.max()) + 1)))
-    tr._engine_sleeps = False
     tr.engine = None
     tr.resharder = SimpleNamespace(sync=lambda engine: {})
     tr._rollout = lambda rows, timing: shard

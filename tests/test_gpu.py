@@ -268,11 +268,12 @@ def test_live_sync_equals_fresh_engine_from_export(arch, live):
 def test_fast_path_bit_exact_and_greedy(arch, live):
     if not torch.cuda.is_available():
         pytest.skip("fast path needs vLLM on GPU (CPU vLLM repacks its weights)")
-    from mcore_rl.resharding.fast_path import FastSync, check_against_hf_path
+    from fast_path_oracle import check_against_hf_path
+    from mcore_rl.resharding.fast_path import FastSync
 
     lv = live(arch)
-    fast = FastSync(lv.actor, lv.A, mode="graph")
-    bad = check_against_hf_path(lv.actor, lv.A, lv.resharder, fast)  # HF path, scramble, fast path, compare
+    fast = FastSync(lv.actor, lv.A.weight_target().copy_slots(), mode="graph")
+    bad = check_against_hf_path(lv.A, lv.resharder, fast)  # HF path, scramble, fast path, compare
     got = _greedy(lv.A)
     _record(f"fast_path_{arch}", {"mismatched_params": bad, "greedy_equal": got == _greedy(lv.B),
                                   "plan": [len(fast.plan.copies), len(fast.plan.gathers), len(fast.plan.zeros)]})
@@ -287,10 +288,10 @@ def test_resharder_auto_takes_fast_path(arch, live):
     from mcore_rl.resharding import Resharder
 
     lv = live(arch)
-    if torch.cuda.is_available():
-        with torch.no_grad():  # scrambled: only a sync that writes every weight restores the output
-            for p in lv.A.model().parameters():
-                p.normal_() if p.dtype.is_floating_point else p.zero_()
+    if torch.cuda.is_available():  # scrambled: only a sync that writes every weight restores the output
+        from fast_path_oracle import engine_params, scramble
+
+        scramble(engine_params(lv.A))
     r = Resharder(lv.actor)
     stats = [r.sync(lv.A) for _ in range(3)]
     got = _greedy(lv.A)
@@ -326,24 +327,25 @@ def test_sleep_wake_releases_memory(arch, live):
     lv.A.sleep(level=2)
     torch.cuda.synchronize()
     free_asleep2 = torch.cuda.mem_get_info()[0]
-    lv.resharder.sync(lv.A)  # wakes the weights itself
-    lv.A.wake_up(tags=["kv_cache"])
+    lv.resharder.sync(lv.A)  # update_weights wakes the weights, loads, wakes the KV cache
     after_l2 = _greedy(lv.A)
     # the same with the fast path (its CUDA graph was captured before the sleep: cumem keeps the
     # virtual addresses, so the replay must write the re-mapped memory): bit for bit the HF path's
-    from mcore_rl.resharding.fast_path import FastSync, compare, snapshot
+    from fast_path_oracle import compare, engine_params, scramble, snapshot
+    from mcore_rl.resharding.fast_path import FastSync
 
-    fast = FastSync(lv.actor, lv.A, mode="graph")
-    fast.sync()
-    ref_params = snapshot(lv.A.model())
-    lv.A.sleep(level=2)
-    lv.A.wake_up(tags=["weights"])
-    with torch.no_grad():  # whatever the woken memory holds, a missed copy must show
-        for p in lv.A.model().parameters():
-            p.normal_() if p.dtype.is_floating_point else p.zero_()
-    fast.sync()
-    lv.A.wake_up(tags=["kv_cache"])
-    bad_fast_l2 = compare(ref_params, dict(lv.A.model().named_parameters()))
+    fast = FastSync(lv.actor, lv.A.weight_target().copy_slots(), mode="graph")
+    lv.A.update_weights(lambda target: fast.sync())
+    params = engine_params(lv.A)
+    ref_params = snapshot(params)
+    lv.A.release()  # level 2, as after a step's generation
+
+    def scrambled_then_fast(target):  # whatever the woken memory holds, a missed copy must show
+        scramble(params)
+        return fast.sync()
+
+    lv.A.update_weights(scrambled_then_fast)
+    bad_fast_l2 = compare(ref_params, params)
     del ref_params
     after_fast_l2 = _greedy(lv.A)
     gib = 2**30

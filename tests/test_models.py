@@ -57,7 +57,7 @@ def _train_step_worker(hf_path, ids, tp, pp):
 
     from mcore_rl.models.forward import run_microbatches, vocab_parallel_logprobs
     from mcore_rl.models.optim import wrap_for_training
-    from mcore_rl.resharding.gather import iter_hf_tensors
+    from converters.gather import iter_hf_tensors
 
     spec, model = _mcore(hf_path, tp, pp)
     ddp, _ = wrap_for_training(model)

@@ -228,7 +228,7 @@ def _models_worker(path, tp, pp):
     from mcore_rl.models.arch import arch_from_hf_config
     from mcore_rl.models.build import build_model
     from mcore_rl.models.optim import wrap_for_training
-    from mcore_rl.resharding.gather import iter_hf_tensors
+    from converters.gather import iter_hf_tensors
     from mcore_rl.trainer.batch import last_token_rewards
 
     init_distributed(tp, pp)

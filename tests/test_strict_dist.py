@@ -232,6 +232,7 @@ def _sync_worker(hf_path: str, out_dir: str, agree: bool) -> int:
     from mcore_rl.models.arch import arch_from_hf_config
     from mcore_rl.models.build import build_model
     from mcore_rl.resharding import fast_path
+    from mcore_rl.rollout.base import WeightTarget
     from mcore_rl.rollout.hf_engine import HFEngine
 
     init_distributed(2, 1)
@@ -254,7 +255,10 @@ def _sync_worker(hf_path: str, out_dir: str, agree: bool) -> int:
         def sync(self):
             return {"sync/seconds": 0.0, "sync/bytes": 0, "sync/tensors": 0, "sync/GBps": 0.0}
 
-    resharding.Resharder._fast_reason = staticmethod(lambda engine: None if dist.get_rank() == 0 else "probe says no")
+    hf_target = engine.weight_target()  # the engine's own says no copies; this one says yes on rank 0 only
+    target = WeightTarget(load_hf=hf_target.load_hf, copy_slots=lambda: None,
+                          why_not_copy=None if dist.get_rank() == 0 else "probe says no")
+    engine.weight_target = lambda: target
     fast_path.FastSync = FakeFastSync
     if not agree:
         resharding._agree = lambda reason: reason
@@ -303,4 +307,4 @@ def test_weight_sync_without_agreement_is_caught_quickly(tiny_model_factory, tmp
     tp = [line for line in str(e.value).splitlines() if "group TENSOR_MODEL_PARALLEL_GROUP [0, 1]: call #" in line]
     assert len(tp) == 1, str(e.value)
     assert "rank 0 issued nothing" in tp[0] and "rank 1 issued all_gather_into_tensor" in tp[0], tp[0]
-    assert "mcore_rl/resharding/gather.py:" in tp[0], tp[0]
+    assert "converters/gather.py:" in tp[0], tp[0]

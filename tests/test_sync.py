@@ -21,6 +21,7 @@ def _resharded(hf_path, tp, pp, bucket_mb):
     from mcore_rl.models.arch import arch_from_hf_config
     from mcore_rl.models.build import build_model
     from mcore_rl.resharding import Resharder
+    from mcore_rl.rollout.base import WeightTarget
 
     init_distributed(tp, pp)
     spec = arch_from_hf_config(hf_path)
@@ -28,12 +29,11 @@ def _resharded(hf_path, tp, pp, bucket_mb):
     load_hf_into_model(model, spec, hf_path)
     out = {}
 
-    class Sink:  # records what a rollout engine would receive
-        def load_weights(self, weights):
-            for name, t in weights:
-                out[name] = t.clone()
+    def sink(weights):  # records what a rollout engine would receive
+        for name, t in weights:
+            out[name] = t.clone()
 
-    stats = Resharder(model, bucket_mb=bucket_mb).sync(Sink())
+    stats = Resharder(model, bucket_mb=bucket_mb).load(WeightTarget(load_hf=sink, why_not_copy="a sink"))
     return out, stats
 
 
@@ -65,6 +65,7 @@ def _memory_worker(path):
     from mcore_rl.models.arch import arch_from_hf_config
     from mcore_rl.models.build import build_model
     from mcore_rl.resharding import Resharder
+    from mcore_rl.rollout.base import WeightTarget
 
     init_distributed(1, 1)
     spec = arch_from_hf_config(path)
@@ -76,17 +77,16 @@ def _memory_worker(path):
     def freed(n):
         alive[0] -= n
 
-    class MeasuringSink:
-        def load_weights(self, weights):
-            for _, t in weights:
-                n = t.numel() * t.element_size()
-                largest[0] = max(largest[0], n)
-                alive[0] += n
-                peak[0] = max(peak[0], alive[0])
-                weakref.finalize(t, freed, n)
-                del t
+    def measuring_sink(weights):
+        for _, t in weights:
+            n = t.numel() * t.element_size()
+            largest[0] = max(largest[0], n)
+            alive[0] += n
+            peak[0] = max(peak[0], alive[0])
+            weakref.finalize(t, freed, n)
+            del t
 
-    stats = Resharder(model, bucket_mb=bucket_mb).sync(MeasuringSink())
+    stats = Resharder(model, bucket_mb=bucket_mb).load(WeightTarget(load_hf=measuring_sink, why_not_copy="a sink"))
     return peak[0], bucket_mb * 2**20 + largest[0], stats["sync/bytes"]
 
 

@@ -68,7 +68,7 @@ def _trainer(out, model, reward, *extra):
 
 def _hf_named(model, source="param") -> dict[str, torch.Tensor]:
     """The model's tensors (or gradients) under their HF names, as the weight sync produces them."""
-    from mcore_rl.resharding.gather import iter_hf_tensors
+    from converters.gather import iter_hf_tensors
 
     return {name: t.detach().float().clone() for name, t in iter_hf_tensors(model, source=source)}
 

@@ -1,14 +1,17 @@
 """Actor weights, Megatron layout -> rollout engine.
 
-Two paths, chosen per engine by `Resharder.sync`:
+The engine orders an update (`RolloutEngine.update_weights`: wake, load, wake, reset); the
+resharder is its loader (`Resharder.load`), by one of two paths:
 
-* fast (`fast_path.FastSync`): when this rank's training shard and its rollout shard line up
-  (CUDA, an in-process vLLM engine with unquantised weights updated in place, same TP size
-  and rank, PP=1), a precomputed plan copies the Megatron shard straight into vLLM's fused
-  parameters; bit-identical to the HF-named path, ~1.4x the copy floor at 1.5B.
-* HF-named (`gather.iter_hf_tensors` -> ``engine.load_weights``): the general case, in
-  bounded buckets. Used wherever the fast path does not apply (CPU, the transformers engine,
-  PP > 1, different training and rollout TP, ...), with a one-line reason printed once.
+* fast (`fast_path.FastSync`): when the engine accepts plain copies into its parameters
+  (`WeightTarget.copy_slots`: an in-process vLLM engine on GPU with unquantised weights
+  updated in place) and this rank's training shard lines up with its rollout shard (same TP
+  size and rank, PP=1), a precomputed plan copies the Megatron shard straight into vLLM's
+  fused parameters; bit-identical to the HF-named path, close to the copy floor.
+* HF-named (`converters.gather.iter_hf_tensors` -> `WeightTarget.load_hf`): the general
+  case, in bounded buckets. Used wherever the fast path does not apply (CPU, the
+  transformers engine, PP > 1, different training and rollout TP, ...), with a one-line
+  reason printed once.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import time
 
 import torch
 
-from mcore_rl.resharding.gather import build_plan, iter_hf_tensors
+from converters.gather import build_plan, iter_hf_tensors
 
 FAST_PATH_MODES = ("auto", "off")
 
@@ -49,7 +52,7 @@ def _agree(reason: str | None) -> str | None:
 
 
 class Resharder:
-    """Pushes the actor's weights into a rollout engine before each rollout phase.
+    """Loads the actor's weights into a rollout engine before each rollout phase.
 
     `fast_path`: ``"auto"`` uses `fast_path.FastSync` where it applies (decided once per
     engine; see `why_not_fast`), else the HF-named path; ``"off"`` always the HF-named path.
@@ -71,24 +74,25 @@ class Resharder:
         if mode not in FAST_PATH_MODES:
             raise ValueError(f"sync_fast_path must be one of {FAST_PATH_MODES}, got {mode!r}")
         self.fast_path = mode
-        self._fast = self._fast_engine = None  # decided again at the next sync
+        self._fast = self._fast_target = None  # decided again at the next sync
 
-    def why_not_fast(self, engine) -> str | None:
-        """None when the fast path applies to `engine` (building its plan), else the reason."""
+    def why_not_fast(self, target) -> str | None:
+        """None when the fast path applies to the engine's `WeightTarget` (building its plan),
+        else the reason."""
         if self.fast_path == "off":
             return "actor_rollout_ref.rollout.sync_fast_path=off"
-        if engine is self._fast_engine:
+        if target is self._fast_target:
             return None if self._fast is not None else self.fast_reason
-        self._fast, self._fast_engine = None, engine
-        self.fast_reason = self._fast_reason(engine)
+        self._fast, self._fast_target = None, target
+        self.fast_reason = target.why_not_copy
         if self.fast_reason is None:
             from mcore_rl.resharding.fast_path import FastSync, NotApplicable
 
             try:
-                self._fast = FastSync(self.model, engine)
+                self._fast = FastSync(self.model, target.copy_slots())
             except NotApplicable as e:
                 self.fast_reason = str(e)
-            except (AttributeError, KeyError, TypeError) as e:  # a vLLM layout the plan does not know
+            except (AttributeError, KeyError, TypeError) as e:  # an engine layout the plan does not know
                 self.fast_reason = f"fast-path plan failed: {type(e).__name__}: {e}"
         self.fast_reason = _agree(self.fast_reason)
         if self.fast_reason is not None:
@@ -99,20 +103,6 @@ class Resharder:
         else:
             _say(f"mcore_rl: weight sync: HF-named path ({self.fast_reason})")
         return self.fast_reason
-
-    @staticmethod
-    def _fast_reason(engine) -> str | None:
-        if not torch.cuda.is_available():
-            return "no CUDA: vLLM on CPU repacks its linear weights"
-        from mcore_rl.rollout.vllm_engine import VLLMEngine
-
-        if not isinstance(engine, VLLMEngine):
-            return f"the {type(engine).__name__} rollout engine has no vLLM parameters to copy into"
-        if engine.on_cpu:
-            return "vLLM runs on CPU (repacked linear weights)"
-        if engine.reload_mode != "direct":
-            return f"engine reload_mode={engine.reload_mode!r} (weights are post-processed after loading)"
-        return None
 
     def _buckets(self, stats: dict):
         bucket, size = [], 0
@@ -127,22 +117,26 @@ class Resharder:
             stats["tensors"] += 1
         yield from bucket
 
-    @torch.no_grad()
     def sync(self, engine) -> dict[str, float]:
-        """Load the current actor weights into `engine` by the fast path where it applies, else
-        the HF-named path; returns seconds, bytes, tensors, GB/s and ``sync/fast`` (1 or 0)."""
-        if self.why_not_fast(engine) is None:
-            return {**self._fast.sync(), "sync/fast": 1.0}
-        return self.sync_hf(engine)
+        """The whole update: ``engine.update_weights(self.load)``."""
+        return engine.update_weights(self.load)
 
     @torch.no_grad()
-    def sync_hf(self, engine) -> dict[str, float]:
+    def load(self, target) -> dict[str, float]:
+        """Loader for `RolloutEngine.update_weights`: the fast path where it applies, else the
+        HF-named path; returns seconds, bytes, tensors, GB/s and ``sync/fast`` (1 or 0)."""
+        if self.why_not_fast(target) is None:
+            return {**self._fast.sync(), "sync/fast": 1.0}
+        return self.load_hf(target)
+
+    @torch.no_grad()
+    def load_hf(self, target) -> dict[str, float]:
         """The HF-named path, always (the general case, and the fast path's oracle)."""
         stats = {"bytes": 0, "tensors": 0}
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        engine.load_weights(self._buckets(stats))
+        target.load_hf(self._buckets(stats))
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0

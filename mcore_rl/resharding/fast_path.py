@@ -1,11 +1,12 @@
 """Fast weight sync: Megatron shard -> vLLM's fused parameters through a precomputed copy plan.
 
-The general path (`Resharder`) turns every Megatron parameter into full HF-named tensors and
-hands them to vLLM's per-tensor ``load_weights``, which slices its TP shard and re-fuses QKV
-and gate/up; that costs ~10x the copy floor (benchmarks/sync.py). When this rank's training shard
-and its rollout shard line up (same TP size and rank, PP=1, colocated in one process, an
-unquantised vLLM model on GPU whose parameters are the tensors its kernels read), each vLLM
-parameter is a fixed function of this rank's Megatron parameters:
+The general path (`Resharder.load_hf`) turns every Megatron parameter into full HF-named
+tensors and hands them to vLLM's per-tensor ``load_weights``, which slices its TP shard and
+re-fuses QKV and gate/up; that costs many times the copy floor (benchmarks/sync.py). When the
+engine accepts plain copies (`WeightTarget.copy_slots`: an unquantised vLLM model on GPU whose
+parameters are the tensors its kernels read) and this rank's training shard and its rollout
+shard line up (same TP size and rank, PP=1, colocated in one process), each engine parameter
+is a fixed function of this rank's Megatron parameters:
 
 =================  ===========================================  ==========================
 vLLM parameter     Megatron source (this rank's shard)          operation
@@ -17,31 +18,27 @@ qkv_proj (+bias)   ``linear_qkv`` interleaved per query group   one row gather (
 embed / lm_head    vocab shard, Megatron padding to 128         copy valid rows, zero the rest
 =================  ===========================================  ==========================
 
-The plan (destination views, sources, the QKV row permutation) is built once; a sync is
-just those copies: no names, no Python per HF tensor, no temporaries. On CUDA the copies
-are captured once in a CUDA graph and a sync is one graph replay (``mode="graph"``); the
-capture is redone if a parameter's storage moved. vLLM's sleep mode (cumem) keeps virtual
-addresses across sleep/wake, so the graph stays valid.
+The plan (destination views, sources, the QKV row permutation `converters.mapping.qkv_rows`)
+is built once; a sync is just those copies: no names, no Python per HF tensor, no
+temporaries. On CUDA the copies are captured once in a CUDA graph and a sync is one graph
+replay (``mode="graph"``); the capture is redone if a parameter's storage moved. vLLM's sleep
+mode (cumem) keeps virtual addresses across sleep/wake, so the graph stays valid.
 
-Whether the plan applies is decided once, from the vLLM modules' own attributes
-(``QKVParallelLinear.num_heads/num_kv_heads/head_size/tp_rank``, ``MergedColumnParallelLinear
-.output_sizes``, ``VocabParallelEmbedding.shard_indices``) and the model class's
-``packed_modules_mapping``; anything unexpected raises `NotApplicable` (use `Resharder`).
-Every vLLM parameter must be written exactly as vLLM's own loader would write it: the
-HF-named path is the oracle (`check_against_hf_path`, bit for bit).
+Whether the plan applies is decided once, from the engine's description of its parameters
+(`CopySlots`: fused parts, TP shard, heads, vocabulary rows); anything unexpected raises
+`NotApplicable` (use the HF-named path). Every engine parameter must be written exactly as
+vLLM's own loader would write it: the HF-named path is the oracle (bit for bit, in the GPU
+tests and ``benchmarks/sync.py --check-fast-path``).
 
 Replicated tensors (norms) are copied from this rank's own copy, where the HF path takes TP
 rank 0's: the two agree because Megatron keeps replicated parameters identical across TP.
 
-Not applicable on CPU vLLM: its linear weights are repacked for oneDNN after loading
-(FIELD_NOTES), so the parameters are not what the kernels read.
+Not applicable on CPU vLLM: after loading, its linear weights are repacked into oneDNN's
+layout, so the parameters are not what the kernels read.
 
-Measured (H100, vLLM 0.26, TP=1, random Qwen2.5 shapes; benchmarks/gpu/RESULTS.md): 1.5B
-2.9 ms = 1.40x the copy floor (HF-named path 34.5 ms = 16.8x), 7B 11.7 ms = 1.15x (47 ms),
-bit-identical vLLM parameters. Verified bit for bit against vLLM's own loaders at TP=1 and
-TP=2 (CPU, real vLLM model objects: ``benchmarks/sync.py --check-fast-path``). `Resharder.sync`
-(and so the trainer) takes this path automatically where it applies and falls back to the
-HF-named path, with the reason, where it does not (``rollout.sync_fast_path: auto|off``).
+`Resharder.load` (and so the trainer) takes this path automatically where it applies and
+falls back to the HF-named path, with the reason, where it does not
+(``rollout.sync_fast_path: auto|off``). Measured speed: benchmarks/gpu/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -51,7 +48,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from converters.mapping import NameIndex
+from converters.mapping import NameIndex, hf_counterpart, qkv_rows
+from mcore_rl.rollout.base import CopySlots
 
 
 class NotApplicable(RuntimeError):
@@ -68,31 +66,8 @@ class Plan:
     n_hf_tensors: int = 0
 
 
-def _inverse_packed(vllm_model) -> dict[str, tuple[str, int]]:
-    packed = getattr(type(vllm_model), "packed_modules_mapping", None) or {}
-    return {sub: (fused, i) for fused, subs in packed.items() for i, sub in enumerate(subs)}
-
-
-def _vllm_name(hf_name: str, inverse: dict[str, tuple[str, int]]) -> tuple[str, int | None]:
-    parts = hf_name.split(".")
-    for i, p in enumerate(parts):
-        if p in inverse:
-            fused, shard = inverse[p]
-            return ".".join(parts[:i] + [fused] + parts[i + 1:]), shard
-    return hf_name, None
-
-
-def _qkv_rows(groups_local: int, per: int, d: int, device) -> torch.Tensor:
-    """Row permutation: vLLM's [q (all local heads); k; v] from Megatron's per-group [q_g; k_g; v_g]."""
-    g = torch.arange(groups_local).view(-1, 1, 1) * (per + 2) * d
-    q = (g + torch.arange(per * d).view(1, 1, -1)).reshape(-1)
-    k = (g + per * d + torch.arange(d).view(1, 1, -1)).reshape(-1)
-    v = (g + (per + 1) * d + torch.arange(d).view(1, 1, -1)).reshape(-1)
-    return torch.cat([q, k, v]).to(device)
-
-
-def build_plan(mcore_model, vllm_model) -> Plan:
-    """The copy plan from this rank's Megatron shard into this rank's vLLM model (see module doc)."""
+def build_plan(mcore_model, slots: CopySlots) -> Plan:
+    """The copy plan from this rank's Megatron shard into the engine's parameters (see module doc)."""
     from megatron.core import parallel_state as ps
 
     inner = mcore_model.module if hasattr(mcore_model, "module") else mcore_model
@@ -105,79 +80,72 @@ def build_plan(mcore_model, vllm_model) -> Plan:
         raise NotApplicable(f"no fast-path layout for family {spec.family!r}")
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     index = NameIndex(spec)
-    inverse = _inverse_packed(vllm_model)
-    vparams = dict(vllm_model.named_parameters())
-    vmodules = dict(vllm_model.named_modules())
     plan = Plan()
-    written: dict[str, int] = {}  # vLLM param -> rows written (to check full coverage)
+    written: dict[str, int] = {}  # engine param -> rows written (to check full coverage)
     per = spec.num_attention_heads // spec.num_query_groups
     d = spec.head_dim
 
     def target(hf_name: str):
-        vname, shard = _vllm_name(hf_name, inverse)
-        if vname not in vparams:
-            raise NotApplicable(f"vLLM model has no parameter {vname!r} (for HF tensor {hf_name!r})")
-        p = vparams[vname]
+        vname, part = slots.locate(hf_name)
+        if vname not in slots.slots:
+            raise NotApplicable(f"the engine has no parameter {vname!r} (for HF tensor {hf_name!r})")
+        slot = slots.slots[vname]
+        p = slot.param
         if p.numel() == 0:
-            raise NotApplicable(f"vLLM parameter {vname} is empty (CPU: repacked for oneDNN)")
+            raise NotApplicable(f"engine parameter {vname} is empty (repacked?)")
         if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise NotApplicable(f"vLLM parameter {vname} has dtype {p.dtype} (quantised?)")
-        return vname, shard, p, vmodules.get(vname.rsplit(".", 1)[0])
+            raise NotApplicable(f"engine parameter {vname} has dtype {p.dtype} (quantised?)")
+        return vname, part, p, slot
 
-    def check_rank(vname, module):
-        r = getattr(module, "tp_rank", None)
-        s = getattr(module, "tp_size", None)
+    def check_rank(vname, slot):
+        r, s = slot.tp_rank, slot.tp_size
         if (r is not None and r != tp_rank) or (s is not None and s != tp):
-            raise NotApplicable(f"{vname}: vLLM TP rank/size ({r}/{s}) != Megatron ({tp_rank}/{tp})")
+            raise NotApplicable(f"{vname}: engine TP rank/size ({r}/{s}) != Megatron ({tp_rank}/{tp})")
 
     for mname, param in inner.named_parameters():
-        if mname == "output_layer.weight" and spec.tied_embeddings:
-            continue
+        if hf_counterpart(mname, spec) != mname:
+            continue  # a tied copy of the embedding
         rule, layer = index.mcore(mname)
         hf_names = rule.hf_names(layer)
         src = param.detach()
         plan.watched.append(param)
         if rule.kind in ("repl", "row", "col", "gate_up"):
-            vname, shard, dst, module = target(hf_names[0])
+            vname, part, dst, slot = target(hf_names[0])
             if rule.kind == "gate_up":
-                if shard != 0 or _vllm_name(hf_names[1], inverse)[0] != vname:
+                if part != 0 or slots.locate(hf_names[1]) != (vname, 1):
                     raise NotApplicable(f"{vname}: gate/up are not fused as [gate; up]")
-                sizes = getattr(module, "output_sizes", None)
+                sizes = slot.part_sizes
                 if sizes is None or len(sizes) != 2 or sizes[0] != spec.ffn_hidden_size or sizes[1] != spec.ffn_hidden_size:
                     raise NotApplicable(f"{vname}: unexpected output_sizes {sizes}")
             if rule.kind != "repl":
-                check_rank(vname, module)
+                check_rank(vname, slot)
             if dst.shape != src.shape:
-                raise NotApplicable(f"{vname}: vLLM shard {tuple(dst.shape)} != Megatron shard {tuple(src.shape)}")
+                raise NotApplicable(f"{vname}: engine shard {tuple(dst.shape)} != Megatron shard {tuple(src.shape)}")
             plan.copies.append((dst.data, src))
             written[vname] = dst.shape[0]
         elif rule.kind == "qkv":
-            names = [_vllm_name(n, inverse) for n in hf_names]
-            vname, _, dst, module = target(hf_names[0])
-            if [s for _, s in names] != [0, 1, 2] or any(n != vname for n, _ in names):
+            vname, _, dst, slot = target(hf_names[0])
+            if [slots.locate(n) for n in hf_names] != [(vname, 0), (vname, 1), (vname, 2)]:
                 raise NotApplicable(f"{vname}: q/k/v are not fused as [q; k; v]")
-            check_rank(vname, module)
+            check_rank(vname, slot)
             g_local = spec.num_query_groups // tp
-            if (getattr(module, "num_kv_head_replicas", 1) != 1 or module.num_kv_heads != g_local
-                    or module.num_heads != g_local * per or module.head_size != d):
-                raise NotApplicable(f"{vname}: vLLM heads {module.num_heads}/{module.num_kv_heads}x{module.head_size} "
-                                    f"(replicas {getattr(module, 'num_kv_head_replicas', 1)}) != Megatron "
-                                    f"{g_local * per}/{g_local}x{d}")
+            if slot.heads != (g_local * per, g_local, d, 1):
+                raise NotApplicable(f"{vname}: engine heads (q, kv, size, kv replicas) {slot.heads} != Megatron "
+                                    f"{(g_local * per, g_local, d, 1)}")
             if dst.shape != src.shape:
-                raise NotApplicable(f"{vname}: vLLM shard {tuple(dst.shape)} != Megatron shard {tuple(src.shape)}")
-            rows = _qkv_rows(g_local, per, d, src.device)
+                raise NotApplicable(f"{vname}: engine shard {tuple(dst.shape)} != Megatron shard {tuple(src.shape)}")
+            rows = qkv_rows(g_local, per, d, src.device)
             plan.gathers.append((dst.data, src, rows))
             written[vname] = dst.shape[0]
         elif rule.kind == "vocab":
-            vname, _, dst, module = target(hf_names[0])
-            check_rank(vname, module)
-            si = getattr(module, "shard_indices", None)
-            if si is None:
-                raise NotApplicable(f"{vname}: not a VocabParallelEmbedding")
+            vname, _, dst, slot = target(hf_names[0])
+            check_rank(vname, slot)
+            if slot.vocab_rows is None:
+                raise NotApplicable(f"{vname}: not a vocab-parallel embedding")
+            start, n = slot.vocab_rows[0], slot.vocab_rows[1] - slot.vocab_rows[0]
             rows_m = spec.padded_vocab_size // tp
-            start, n = si.org_vocab_start_index, si.org_vocab_end_index - si.org_vocab_start_index
             if start != tp_rank * rows_m or n > rows_m or dst.shape[1:] != src.shape[1:]:
-                raise NotApplicable(f"{vname}: vLLM vocab shard [{start}, {start + n}) does not line up with "
+                raise NotApplicable(f"{vname}: engine vocab shard [{start}, {start + n}) does not line up with "
                                     f"Megatron's [{tp_rank * rows_m}, {(tp_rank + 1) * rows_m})")
             plan.copies.append((dst.data[:n], src[:n]))
             if dst.shape[0] > n:
@@ -186,11 +154,10 @@ def build_plan(mcore_model, vllm_model) -> Plan:
         else:
             raise NotApplicable(f"no fast-path operation for rule kind {rule.kind!r}")
         plan.n_hf_tensors += len(hf_names)
-    missing = sorted(set(vparams) - set(written))
+    missing = sorted(set(slots.slots) - set(written))
     if missing:
-        raise NotApplicable(f"vLLM parameters the plan does not write: {missing[:5]}")
-    for vname, p in vparams.items():
-        plan.watched.append(p)
+        raise NotApplicable(f"engine parameters the plan does not write: {missing[:5]}")
+    plan.watched += [slot.param for slot in slots.slots.values()]
     plan.nbytes = sum(d_.numel() * d_.element_size() for d_, _ in plan.copies) + \
         sum(d_.numel() * d_.element_size() for d_, _, _ in plan.gathers)
     return plan
@@ -229,33 +196,27 @@ def run_plan(plan: Plan, mode: str = "hybrid") -> None:
 
 
 class FastSync:
-    """Weight sync into a `VLLMEngine` by a precomputed copy plan (see module doc).
+    """Weight sync into an engine's `CopySlots` by a precomputed copy plan (see module doc).
 
     ``mode``: ``"graph"`` (the ``"hybrid"`` copies captured once in a CUDA graph; default on
     CUDA), or eager: ``"hybrid"`` (large tensors one ``copy_`` each, small ones in one
     multi-tensor copy), ``"foreach"`` (one multi-tensor copy for all), ``"loop"`` (one
     ``copy_`` each); QKV is one row gather per tensor in every mode. All write the same bytes.
+    Build it and call `sync` inside `RolloutEngine.update_weights` (weights awake).
     """
 
-    def __init__(self, mcore_model, engine, mode: str | None = None):
-        if getattr(engine, "on_cpu", False):
-            raise NotApplicable("vLLM on CPU repacks linear weights (oneDNN); use Resharder")
-        self.model, self.engine = mcore_model, engine
+    def __init__(self, mcore_model, slots: CopySlots, mode: str | None = None):
+        self.model = mcore_model
         self.mode = mode or ("graph" if torch.cuda.is_available() else "hybrid")
         if self.mode not in ("graph", "hybrid", "foreach", "loop"):
             raise ValueError(f"mode must be graph, hybrid, foreach or loop, got {self.mode!r}")
-        self._wake()
         t0 = time.perf_counter()
-        self.plan = build_plan(mcore_model, engine.model())
+        self.plan = build_plan(mcore_model, slots)
         self.plan_seconds = time.perf_counter() - t0
         self._graph = None
         self._ptrs = None
         self.graph_error: str | None = None
         self.captures = 0  # CUDA graph captures so far (1 unless a parameter's storage moved)
-
-    def _wake(self):
-        if getattr(self.engine, "_asleep", False) and getattr(self.engine, "sleep_enabled", False):
-            self.engine.wake_up(tags=["weights"])
 
     def _ptr_key(self):
         return tuple(p.data_ptr() for p in self.plan.watched)
@@ -279,7 +240,7 @@ class FastSync:
 
     @torch.no_grad()
     def copy(self) -> None:
-        """Issue the copies (asynchronous on CUDA); no engine bookkeeping."""
+        """Issue the copies (asynchronous on CUDA)."""
         if self.mode == "graph":
             if self._graph is None or self._ptr_key() != self._ptrs:
                 try:
@@ -295,8 +256,7 @@ class FastSync:
 
     @torch.no_grad()
     def sync(self) -> dict[str, float]:
-        """Load the actor's weights into the engine; same stats as `Resharder.sync`."""
-        self._wake()
+        """Write the actor's weights into the engine's parameters; the HF-named path's stats."""
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -304,50 +264,5 @@ class FastSync:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        self.engine.llm.reset_prefix_cache()
         return {"sync/seconds": dt, "sync/bytes": self.plan.nbytes, "sync/tensors": self.plan.n_hf_tensors,
-                "sync/GBps": self.plan.nbytes / dt / 1e9 if dt > 0 else 0.0, "sync/graph_captures": self.captures,
-                "sync/prefix_reset_s": time.perf_counter() - t0 - dt}
-
-
-def snapshot(vllm_model, device=None) -> dict[str, torch.Tensor]:
-    """A copy of every vLLM parameter (for bit-exact comparisons), on `device` (default: its own)."""
-    return {n: p.detach().to(device, copy=True) if device is not None else p.detach().clone()
-            for n, p in vllm_model.named_parameters()}
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.uint8) if t.dtype != torch.bool else t
-
-
-def compare(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
-    """Names whose tensors differ in any bit (or are missing on one side); `b` may live on
-    another device than `a` (compared one tensor at a time on `b`'s device)."""
-    bad = sorted(set(a) ^ set(b))
-    for n in sorted(set(a) & set(b)):
-        x, y = a[n], b[n].detach()
-        if x.shape != y.shape or x.dtype != y.dtype or not torch.equal(_bits(x.to(y.device).contiguous()),
-                                                                        _bits(y.contiguous())):
-            bad.append(n)
-    return bad
-
-
-@torch.no_grad()
-def check_against_hf_path(mcore_model, engine, resharder=None, fast: FastSync | None = None) -> list[str]:
-    """Bit-exact oracle: load with the HF-named path, snapshot, scramble, load with the fast
-    path, compare every vLLM parameter. Returns the names that differ (empty: identical).
-    The snapshot is kept on the GPU when it fits with room to spare, else in host memory."""
-    from mcore_rl.resharding import Resharder
-
-    resharder = resharder or Resharder(mcore_model)
-    fast = fast or FastSync(mcore_model, engine)
-    resharder.sync_hf(engine)
-    model = engine.model()
-    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    on_gpu = torch.cuda.is_available() and torch.cuda.mem_get_info()[0] > 1.5 * nbytes + (4 << 30)
-    ref = snapshot(model, None if on_gpu or not torch.cuda.is_available() else torch.device("cpu"))
-    g = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
-    for p in model.parameters():  # scramble, so that a missed copy shows
-        p.data.normal_(generator=g) if p.dtype.is_floating_point else p.data.zero_()
-    fast.sync()
-    return compare(ref, dict(model.named_parameters()))
+                "sync/GBps": self.plan.nbytes / dt / 1e9 if dt > 0 else 0.0, "sync/graph_captures": self.captures}

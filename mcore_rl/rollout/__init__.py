@@ -11,11 +11,12 @@ import importlib.util
 import inspect
 import logging
 
-from .base import RolloutEngine, RolloutOutput, Sampling, model_eos_token_ids
+from .base import CopySlot, CopySlots, RolloutEngine, RolloutOutput, Sampling, WeightTarget, model_eos_token_ids
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RolloutEngine", "RolloutOutput", "Sampling", "make_engine", "vllm_available", "model_eos_token_ids"]
+__all__ = ["CopySlot", "CopySlots", "RolloutEngine", "RolloutOutput", "Sampling", "WeightTarget", "make_engine",
+           "vllm_available", "model_eos_token_ids"]
 
 
 def vllm_available() -> bool:

@@ -21,6 +21,10 @@ Conventions shared by every engine, so that callers (and tests) can swap them:
   the ``n`` samples of a request ``s, s+1, ...``), so no two samples of a call share a random
   stream; callers that shard prompts over data-parallel ranks should add
   ``n * (global index of their first prompt)`` to the seed.
+* Weight updates go through `RolloutEngine.update_weights`, the one place that orders them:
+  wake the weights (if the engine sleeps) -> load -> wake the KV cache -> drop cached
+  prefixes (KV computed with the old weights). `RolloutEngine.release` puts the engine to
+  sleep after generating, where it sleeps at all (`sleep_enabled`).
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from __future__ import annotations
 import abc
 import json
 import os
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -92,6 +97,50 @@ class RolloutOutput:
         return len(self.token_ids)
 
 
+@dataclass
+class CopySlot:
+    """One engine parameter, with what a loader needs to write it by plain copies."""
+
+    param: torch.Tensor  # this rank's shard, the very tensor the engine's kernels read
+    tp_rank: int | None = None  # its tensor-parallel shard, where the engine states it
+    tp_size: int | None = None
+    part_sizes: tuple[int, ...] | None = None  # rows of each fused part (e.g. gate, up), where stated
+    heads: tuple[int, int, int, int] | None = None  # fused QKV: (q heads, kv heads, head size, kv head replicas)
+    vocab_rows: tuple[int, int] | None = None  # vocab-parallel: [start, end) of the real vocabulary rows held
+
+
+@dataclass
+class CopySlots:
+    """An engine's parameters (by the engine's names) and how HF tensors map onto them."""
+
+    slots: dict[str, CopySlot]
+    fused: dict[str, tuple[str, int]] = field(default_factory=dict)  # HF module -> (engine module, part)
+
+    def locate(self, hf_name: str) -> tuple[str, int | None]:
+        """The engine parameter an HF tensor goes into, and its part there (None: not fused)."""
+        parts = hf_name.split(".")
+        for i, p in enumerate(parts):
+            if p in self.fused:
+                module, part = self.fused[p]
+                return ".".join(parts[:i] + [module] + parts[i + 1:]), part
+        return hf_name, None
+
+
+@dataclass(frozen=True)
+class WeightTarget:
+    """What an engine accepts new weights as, handed to the loader by `update_weights`.
+
+    `load_hf`: ``(HF name, full tensor)`` pairs, every engine (see `RolloutEngine.load_weights`).
+    `copy_slots`: the engine's parameters, written in place by plain copies; None where that
+    would not reach the kernels, with the reason in `why_not_copy`. An engine hands out the
+    same target every time, so that loaders can keep per-target plans.
+    """
+
+    load_hf: Callable[[Iterable[tuple[str, torch.Tensor]]], None]
+    copy_slots: Callable[[], CopySlots] | None = None
+    why_not_copy: str | None = None
+
+
 class RolloutEngine(abc.ABC):
     """A generator of samples whose weights can be replaced in place.
 
@@ -101,6 +150,8 @@ class RolloutEngine(abc.ABC):
 
     #: token ids that end a sample unless `Sampling.ignore_eos` (see `model_eos_token_ids`)
     eos_token_ids: frozenset[int] = frozenset()
+    #: whether `release` frees accelerator memory (decided when the engine is built)
+    sleep_enabled: bool = False
 
     @abc.abstractmethod
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: Sampling | None = None
@@ -108,13 +159,56 @@ class RolloutEngine(abc.ABC):
         ...
 
     @abc.abstractmethod
+    def weight_target(self) -> WeightTarget:
+        """What this engine accepts new weights as (the same object every call)."""
+
+    def update_weights(self, load: Callable[[WeightTarget], dict | None]) -> dict[str, float]:
+        """Replace the weights: ``load(self.weight_target())`` inside the engine's protocol.
+
+        Wake the weights (if the engine sleeps) -> `load` -> wake the KV cache -> reset the
+        prefix cache. Waking the weights first and the KV cache after the load keeps peak
+        memory lowest. Returns `load`'s stats plus ``timing/sync`` (load and prefix reset),
+        ``sync/prefix_reset_s`` and, where the engine sleeps, ``timing/wake``.
+        """
+        stats: dict[str, float] = {}
+        if self.sleep_enabled:
+            t = time.perf_counter()
+            self.wake_up(tags=["weights"])
+            stats["timing/wake"] = time.perf_counter() - t
+        t = time.perf_counter()
+        stats.update(load(self.weight_target()) or {})
+        load_s = time.perf_counter() - t
+        if self.sleep_enabled:
+            t = time.perf_counter()
+            self.wake_up(tags=["kv_cache"])
+            stats["timing/wake"] += time.perf_counter() - t
+        t = time.perf_counter()
+        self.reset_prefix_cache()
+        stats["sync/prefix_reset_s"] = time.perf_counter() - t
+        stats["timing/sync"] = load_s + stats["sync/prefix_reset_s"]
+        return stats
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Replace the weights in place from ``(HF parameter name, full tensor)`` pairs.
+        """Replace the weights from ``(HF parameter name, full tensor)`` pairs (`update_weights`).
 
         `weights` may be a generator (e.g. yielding buckets from a resharder): it is consumed
         once, in order, without being materialised. Pass every tensor of the model (a partial
         update of a layer is not supported by every engine).
         """
+        self.update_weights(lambda target: target.load_hf(weights))
+
+    def release(self) -> dict[str, float]:
+        """Done generating until the next `update_weights`: where the engine sleeps, drop its
+        weights and KV cache (level 2: the next update rewrites every weight). Returns
+        ``timing/sleep`` when it slept."""
+        if not self.sleep_enabled:
+            return {}
+        t = time.perf_counter()
+        self.sleep(level=2)
+        return {"timing/sleep": time.perf_counter() - t}
+
+    def reset_prefix_cache(self) -> None:
+        """Forget cached KV blocks (computed with other weights); no-op without a prefix cache."""
 
     def sleep(self, level: int = 1) -> None:
         """Release accelerator memory between rollouts (no-op where unsupported)."""

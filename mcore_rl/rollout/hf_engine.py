@@ -12,7 +12,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from .base import LogprobsMode, RolloutEngine, RolloutOutput, Sampling, model_eos_token_ids, truncate_at_stop
+from .base import (LogprobsMode, RolloutEngine, RolloutOutput, Sampling, WeightTarget, model_eos_token_ids,
+                   truncate_at_stop)
 
 
 class HFEngine(RolloutEngine):
@@ -51,6 +52,8 @@ class HFEngine(RolloutEngine):
                                                           "max_position_embeddings", 1 << 30))
         # state_dict(keep_vars=True) lists tied parameters under every name they have
         self._params = self.model.state_dict(keep_vars=True)
+        self._target = WeightTarget(load_hf=self._load_hf,
+                                    why_not_copy="the transformers engine takes HF-named tensors only")
         torch.manual_seed(seed)
 
     @torch.no_grad()
@@ -89,8 +92,11 @@ class HFEngine(RolloutEngine):
                                              finish_reason=reason))
         return results
 
+    def weight_target(self) -> WeightTarget:
+        return self._target
+
     @torch.no_grad()
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def _load_hf(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         for name, tensor in weights:
             param = self._params.get(name)
             if param is None:

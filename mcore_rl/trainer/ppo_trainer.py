@@ -145,11 +145,10 @@ class PPOTrainer:
         self.resharder = Resharder(self.actor, bucket_mb=a.rollout.sync_bucket_mb, fast_path=a.rollout.sync_fast_path)
         t0 = time.perf_counter()
         self.engine = build.build_engine(cfg, self.model_path)
-        # free_cache_engine: the engine sleeps after generating (level 2: weights and KV cache
-        # dropped; the next step's sync rewrites every weight) and wakes before the sync.
-        self._engine_sleeps = bool(a.rollout.free_cache_engine) and bool(getattr(self.engine, "sleep_enabled", False))
+        # free_cache_engine: the engine sleeps after generating (`release`: weights and KV cache
+        # dropped) and wakes in the next `update_weights`, which rewrites every weight
         _say(f"mcore_rl: rollout engine {type(self.engine).__name__} ready in {time.perf_counter() - t0:.1f}s"
-             f"{' (sleeps during training)' if self._engine_sleeps else ''}")
+             f"{' (sleeps during training)' if self.engine.sleep_enabled else ''}")
         bad_rows = getattr(self.dataset, "bad_rows", [])
         for bad in bad_rows[:20]:
             _say(f"mcore_rl: skipped bad data row: {bad}")
@@ -233,14 +232,7 @@ class PPOTrainer:
 
     def _sync_weights(self, timing: dict) -> None:
         """The actor's current weights into the rollout engine, which is then ready to generate."""
-        if self._engine_sleeps:  # weights first, sync, then the KV cache: lowest peak memory
-            with _timed(timing, "wake"):
-                self.engine.wake_up(tags=["weights"])
-        with _timed(timing, "sync"):
-            timing.update(self.resharder.sync(self.engine))
-        if self._engine_sleeps:
-            with _timed(timing, "wake"):
-                self.engine.wake_up(tags=["kv_cache"])
+        timing.update(self.resharder.sync(self.engine))
 
     def _rollout(self, rows: list, timing: dict) -> Shard:
         """Generate and score this engine's slice of the step's prompts (every rank of the engine
@@ -250,15 +242,10 @@ class PPOTrainer:
         sampling = rollouts.SliceSampling(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                                           max_tokens=cfg.data.max_response_length,
                                           seed=cfg.trainer.seed * 1_000_003 + self.step * 100_003, prompts=tuple(slice_))
-
-        def sleep():
-            if self._engine_sleeps:
-                with _timed(timing, "sleep"):
-                    self.engine.sleep(level=2)
-
         return rollouts.generate_and_score(
             self.engine, self.rewards, self.tokenizer, self.layout, rows, slice_, sampling, cfg.reward.strict,
-            cfg.data.max_prompt_length, cfg.data.max_response_length, self.pad_id, timing, after_generate=sleep)
+            cfg.data.max_prompt_length, cfg.data.max_response_length, self.pad_id, timing,
+            after_generate=lambda: timing.update(self.engine.release()))  # the engine sleeps, if it may
 
     def _reward_metrics(self, local: Shard) -> dict:
         return rollouts.reward_metrics(local, self.layout.leads_engine)

@@ -90,8 +90,7 @@ def validate(trainer) -> dict[str, float]:
                              max_tokens=cfg.data.max_response_length,
                              seed=cfg.trainer.seed * 1_000_003 + 999_983, prompts=tuple(mine))
     outs = trainer.engine.generate([rows[j].input_ids for j in mine], sampling) if mine else []
-    if trainer._engine_sleeps:
-        trainer.engine.sleep(level=2)
+    trainer.engine.release()
     texts = trainer.tokenizer.batch_decode([o.token_ids for o in outs], skip_special_tokens=True)
     scores, errors = score_once(trainer.rewards, layout, [rows[mine[o.prompt_index]].prompt for o in outs], texts,
                                 [rows[mine[o.prompt_index]].ground_truth for o in outs], cfg.reward.strict)

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from converters.hf_io import global_layer_offset, local_to_global
-from converters.mapping import NameIndex, mcore_to_hf
+from converters.mapping import NameIndex, hf_counterpart, mcore_to_hf
 
 
 @dataclass
@@ -31,11 +31,9 @@ class Entry:
     dtype: torch.dtype
 
 
-def _skip(name: str, model) -> bool:
-    role = getattr(model, "mcore_rl_role", "actor")
-    if role == "critic" and name.startswith("output_layer."):
-        return True  # the value head has no HF counterpart
-    return name == "output_layer.weight" and model.mcore_rl_spec.tied_embeddings  # PP copy of the tied embedding
+def _own_hf_tensors(name: str, model) -> bool:
+    """Whether `name` is the one home of its HF tensors (not the value head, not a tied copy)."""
+    return hf_counterpart(name, model.mcore_rl_spec, getattr(model, "mcore_rl_role", "actor")) == name
 
 
 def build_plan(model) -> list[Entry]:
@@ -45,7 +43,7 @@ def build_plan(model) -> list[Entry]:
     stage = ps.get_pipeline_model_parallel_rank()
     offset = global_layer_offset(model)
     mine = [(local_to_global(n, offset), n, tuple(p.shape), p.dtype)
-            for n, p in model.named_parameters() if not _skip(n, model)]
+            for n, p in model.named_parameters() if _own_hf_tensors(n, model)]
     if ps.get_pipeline_model_parallel_world_size() == 1:
         stages = [mine]
     else:
