@@ -216,6 +216,38 @@ def model_config(size: str, max_len: int) -> dict:
     return common.qwen25_config(size, max_position_embeddings=max_len)
 
 
+class _PeakWatch:
+    """The GPU's peak memory in use during a step, whoever allocated it (Megatron, vLLM's pools,
+    NCCL): device free memory polled every 10 ms from a thread."""
+
+    def __init__(self, device: int):
+        import threading
+
+        import torch
+
+        self.device, self.total = device, torch.cuda.mem_get_info(device)[1]
+        self.min_free, self._stop = self.total, threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+
+    def _poll(self):
+        import torch
+
+        torch.cuda.set_device(self.device)
+        while not self._stop.wait(0.01):
+            self.min_free = min(self.min_free, torch.cuda.mem_get_info(self.device)[0])
+
+    def reset(self):
+        self.min_free = self.total
+
+    def peak_used_gib(self) -> float:
+        return (self.total - self.min_free) / 2**30
+
+    def stop(self):
+        self._stop.set()
+        self.thread.join()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="1.5B", help="Qwen2.5 shape (0.5B, 1.5B, 3B, 7B) or 'tiny' (CPU dry run)")
@@ -301,12 +333,16 @@ def main(argv=None):
     draw = length_sampler(args.response_len, random.Random(args.length_seed)) if args.lengths == "realistic" else None
     lengths = hold_to_lengths(trainer.engine, draw)  # per step: (prompt, response) tokens of this engine's samples
     steps = []
+    watch = _PeakWatch(local_rank) if gpu else None
     try:
         for i in range(args.warmup + args.steps):
             trainer.step += 1
+            if watch:
+                watch.reset()
             m = trainer.train_step()
             if gpu:  # (torch's peak-allocated counter also counts vLLM's sleep-mode pool: not reported)
                 m["mem/free_after_step_GiB"] = torch.cuda.mem_get_info()[0] / 2**30
+                m["mem/peak_used_GiB"] = watch.peak_used_gib()
             m = {k: float(v) for k, v in m.items() if isinstance(v, (int, float))}
             m["warmup"] = i < args.warmup
             steps.append(m)
@@ -317,6 +353,8 @@ def main(argv=None):
                     f"{m.get('sync/seconds', float('nan')) * 1e3:.2f} ms, graph captures {m.get('sync/graph_captures', 0):.0f}",
                     flush=True)
     finally:
+        if watch:
+            watch.stop()
         trainer.close()
     if rank != 0:
         return 0
@@ -369,6 +407,8 @@ def main(argv=None):
         "step_tokens_per_s": med["perf/tokens_per_s"],
         "step_tokens_per_s_per_gpu": med["perf/tokens_per_s"] / world,
     })
+    if gpu:
+        derived["peak_used_GiB"] = max(s["mem/peak_used_GiB"] for s in steps)
     if world == 1 and lengths:  # one engine saw the whole batch: what DP balancing would leave on it
         last = lengths[-1]
         tokens = [0.0] * args.prompts

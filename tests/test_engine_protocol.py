@@ -97,13 +97,13 @@ def test_update_weights_orders_wake_load_wake_reset(tiny_model_factory):
 
 
 def _trainer_worker(out):
-    import mcore_rl.rollout as rollout
+    import mcore_rl.trainer.build as build
     from mcore_rl.config import load_config
     from mcore_rl.toy import build_toy_model
     from mcore_rl.trainer.ppo_trainer import PPOTrainer
 
     accepted = inspect.signature(HFEngine.__init__).parameters
-    rollout.make_engine = lambda name, **kw: SleepingHF(**{k: v for k, v in kw.items() if k in accepted})
+    build.make_engine = lambda name, **kw: SleepingHF(**{k: v for k, v in kw.items() if k in accepted})
     model = build_toy_model(os.path.join(out, "model"), seed=1)
     cfg = load_config(os.path.join(REPO, "configs", "toy_grpo.yaml"), [
         "data.train_batch_size=4", "actor_rollout_ref.rollout.n=2", "actor_rollout_ref.actor.ppo_mini_batch_size=4",

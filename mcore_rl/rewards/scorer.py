@@ -13,13 +13,20 @@ threads is unsafe), ignores SIGINT/SIGTERM and dies with its rank (`mcore_rl.lif
 
 from __future__ import annotations
 
-import atexit
 import multiprocessing as mp
+import multiprocessing.util as mp_util
 import time
 
 from mcore_rl.rewards import RewardFn, RewardFunctionError, ScoreError, describe, get_reward_fn, score_one
 
 _START_S = 120  # how long a helper may take to start (a cold interpreter on a busy node)
+
+
+def _kill(proc) -> None:
+    """Stop a helper (it ignores SIGTERM, so multiprocessing's own exit hook cannot)."""
+    if proc.is_alive():
+        proc.kill()
+    proc.join()
 
 
 def _serve(spec, conn, parent_pid: int, pdeathsig: bool) -> None:
@@ -47,8 +54,8 @@ class RewardScorer:
             raise ValueError(f"reward.timeout_s={timeout_s}: must be >= 0 seconds (0: no limit)")
         self.fn = get_reward_fn(spec)  # a bad spec fails here, in the trainer's process
         self.spec, self.timeout_s = spec, float(timeout_s)
-        self._proc = self._conn = None
-        self._ready = self._atexit = False
+        self._proc = self._conn = self._finalizer = None
+        self._ready = False
         if self.timeout_s:
             self._start()  # now: its interpreter starts while the models are built
 
@@ -62,16 +69,15 @@ class RewardScorer:
         with graceful_signals_blocked():
             self._proc.start()
         child.close()
-        if not self._atexit:  # before multiprocessing's own exit hook, whose SIGTERM the helper ignores
-            atexit.register(self._stop)
-            self._atexit = True
+        # at interpreter exit, and in a multiprocessing child (whose exit joins its children
+        # before any atexit hook runs) before that join: the helper never blocks an exit
+        self._finalizer = mp_util.Finalize(self, _kill, args=(self._proc,), exitpriority=100)
 
     def _stop(self) -> None:
         if self._proc is not None:
             self._conn.close()
-            self._proc.kill()
-            self._proc.join()
-            self._proc = self._conn = None
+            self._finalizer()  # kills and joins the helper, once
+            self._proc = self._conn = self._finalizer = None
             self._ready = False
 
     def score(self, prompts, responses, ground_truths, strict: bool = False) -> tuple[list[float], list[ScoreError]]:
