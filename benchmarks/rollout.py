@@ -11,7 +11,7 @@ log-probs themselves cost. The optional ``wrapper-sleep`` row is the trainer's d
 (``enable_sleep_mode=True``: cumem allocator).
 
 Workloads (ignore_eos, so every sample has exactly max_tokens tokens):
-  ``64x1x256``: 64 prompts of 64 tokens, n=1, 256 new tokens, T=1 (FIELD_NOTES baseline)
+  ``64x1x256``: 64 prompts of 64 tokens, n=1, 256 new tokens, T=1 (the baseline of earlier measurements)
   ``32x8x512``: 32 prompts of 128 tokens, n=8, 512 new tokens, T=1 (a GRPO step)
 
     python benchmarks/rollout.py                 # GPU

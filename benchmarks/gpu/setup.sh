@@ -9,7 +9,7 @@
 #   .whl/   megatron-core 0.19.2 wheel (2.4 MB; Requires-Dist torch, numpy, packaging: all on the image),
 #           omegaconf 2.4.0 + antlr4-python3-runtime 4.13.2 (0.4 MB; the trainer's config; PyYAML is on the image)
 #   .vparts/c1/p1 (60 MiB) + .vparts/c2/{p2,SHA256,install.sh} (16 MiB): a stripped, preinstalled
-#           vLLM 0.26.0 + 29 small wheels, built by ../shared/gpu/prepare_vllm_parts.sh. A call may
+#           vLLM 0.26.0 + 29 small wheels, built by `prepare` ($SHARED/gpu/prepare_vllm_parts.sh). A call may
 #           carry 64 MiB, so the two parts go in two calls made back to back (the machine stays
 #           warm 30 s after a call; /tmp there survives only while it is warm).
 # After device2: PYTHONPATH = repo root : /tmp/mcsite (megatron) : /tmp/site (vLLM + deps).
