@@ -68,7 +68,8 @@ WORKER_OF = {"test_loss_does_not_depend_on_micro_batch_size": "micro", "test_kl_
 
 def _workers(names, model, reward, out):
     """Run the named workers one after another in this process; a worker that raises is reported by
-    its own test (its traceback as text), the others still run."""
+    its own test (its traceback as text), the others still run. Every trainer a worker built is
+    closed after it, raised or not: an open one's reward helper would keep this process from exiting."""
     import traceback
 
     import mcore_rl.trainer.ppo_trainer as pt
@@ -76,15 +77,26 @@ def _workers(names, model, reward, out):
 
     fns = {"micro": _micro_worker, "kl": _kl_worker, "grpo": _grpo_worker, "rng": _resume_worker,
            "prompt": _prompt_worker, "sync": _sync_worker}
+    init = pt.PPOTrainer.__init__
     results = {}
     for name in names:
         saved = pt.update_actor, pt.compute_advantages, workers._step
+        built = []
+
+        def tracked_init(self, *args, **kwargs):
+            built.append(self)
+            init(self, *args, **kwargs)
+
+        pt.PPOTrainer.__init__ = tracked_init
         try:
             results[name] = fns[name](model, reward, os.path.join(out, name))
         except Exception:
             results[name] = _Failed(traceback.format_exc())
         finally:
+            pt.PPOTrainer.__init__ = init
             pt.update_actor, pt.compute_advantages, workers._step = saved
+            for tr in built:
+                tr.close()
     return results
 
 
