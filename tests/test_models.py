@@ -2,15 +2,14 @@
 TP=1, TP=2, PP=2, DP=2 (gloo). The reference is the HF model and PyTorch autograd.
 
 The selected cases of a test that need the same number of ranks run in one set of spawned
-processes, one after another (`_in_turn`): starting the processes and importing megatron costs
-more than a case.
+processes, one after another (`dist_utils.in_turn`).
 """
 
 import pytest
 import torch
 
 from conftest import make_tiny_hf_model
-from dist_utils import run_ranks
+from dist_utils import in_turn, run_ranks, selected
 
 pytestmark = pytest.mark.convert
 ARCHS = ["llama", "qwen2", "qwen3", "mistral", "opt", "llama3-rope"]
@@ -37,17 +36,6 @@ def _hf(hf_path):
     return tf.AutoModelForCausalLM.from_pretrained(hf_path, dtype=torch.float32, attn_implementation="eager")
 
 
-def _in_turn(calls):
-    """{key: fn(*args)} for each `key: (fn, args)` of `calls`, one after another on this rank."""
-    return {key: fn(*args) for key, (fn, args) in calls.items()}
-
-
-def _selected(request, test):
-    """The selected cases of `test` in this module: {case id: its parameters}."""
-    return {item.callspec.id: item.callspec.params for item in request.session.items
-            if item.module is request.module and item.originalname == test}
-
-
 def _logits_worker(hf_path, ids):
     from mcore_rl.models.forward import run_microbatches
 
@@ -66,8 +54,8 @@ def megatron_logits(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("logits")
     paths = {arch: make_tiny_hf_model(root / arch, "llama", **LLAMA3_ROPE) if arch == "llama3-rope"
              else make_tiny_hf_model(root / arch, arch) for arch in
-             sorted({p["arch"] for p in _selected(request, "test_hf_vs_megatron_logits").values()})}
-    got = run_ranks(_in_turn, 1, {arch: (_logits_worker, (path, LOGITS_IDS)) for arch, path in paths.items()})[0]
+             sorted({p["arch"] for p in selected(request, "test_hf_vs_megatron_logits").values()})}
+    got = run_ranks(in_turn, 1, {arch: (_logits_worker, (path, LOGITS_IDS)) for arch, path in paths.items()})[0]
     return {arch: (paths[arch], got[arch]) for arch in paths}
 
 
@@ -120,13 +108,13 @@ def train_steps(request, tmp_path_factory):
     """{case id: (checkpoint, per-rank (loss, grads))} of the selected cases; the cases of one world
     size run in one set of processes (each case sets its own TP/PP)."""
     root = tmp_path_factory.mktemp("train_step")
-    cases = _selected(request, "test_train_step_matches_hf")
+    cases = selected(request, "test_train_step_matches_hf")
     paths = {arch: make_tiny_hf_model(root / arch, arch) for arch in sorted({p["arch"] for p in cases.values()})}
     out = {}
     for world in sorted({_world(c) for c in cases}):
         calls = {c: (_train_step_worker, (paths[p["arch"]], STEP_IDS, p["tp"], p["pp"]))
                  for c, p in cases.items() if _world(c) == world}
-        ranks = run_ranks(_in_turn, world, calls)
+        ranks = run_ranks(in_turn, world, calls)
         out.update({c: (paths[cases[c]["arch"]], [r[c] for r in ranks]) for c in calls})
     return out
 
@@ -209,11 +197,11 @@ def _chunked_logprob_case(rank, tp, vocab_size, padded, dtype, seed):
 @pytest.fixture(scope="module")
 def chunked_logprobs(request):
     """{case id: per-rank results} of the selected cases; the cases of one TP size in one set of processes."""
-    cases = _selected(request, "test_chunked_logprobs_match_plain_formula")
+    cases = selected(request, "test_chunked_logprobs_match_plain_formula")
     out = {}
     for tp in sorted({p["tp"] for p in cases.values()}):
         calls = {c: (_chunked_logprob_worker, (p["vocab_size"], p["padded"], 0)) for c, p in cases.items() if p["tp"] == tp}
-        ranks = run_ranks(_in_turn, tp, calls)
+        ranks = run_ranks(in_turn, tp, calls)
         out.update({c: [r[c] for r in ranks] for c in calls})
     return out
 
