@@ -126,7 +126,8 @@ def test_tp2_checkpoint_loads_at_tp1_and_pp2(tiny_model_factory, tmp_path):
     ids = torch.randint(0, 250, (2, 30), generator=torch.Generator().manual_seed(3))
     m = str(tmp_path / "m")
     # one pair of processes: convert at TP=2, then load it at PP=2 and at TP=2
-    two = run_ranks(in_turn, 2, {"convert": (_convert_worker, (src, m, 2, 1)), "pp2": (_logits_from_ckpt, (m, 1, 2, ids)),
+    two = run_ranks(in_turn, 2, {"convert": (_convert_worker, (src, m, 2, 1)),
+                                 "pp2": (_logits_from_ckpt, (m, 1, 2, ids)),
                                  "tp2": (_logits_from_ckpt, (m, 2, 1, ids))})
     pp2, tp2 = [r["pp2"] for r in two], [r["tp2"] for r in two]
     tp1 = run_ranks(_logits_from_ckpt, 1, m, 1, 1, ids)[0][0]

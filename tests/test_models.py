@@ -200,7 +200,8 @@ def chunked_logprobs(request):
     cases = selected(request, "test_chunked_logprobs_match_plain_formula")
     out = {}
     for tp in sorted({p["tp"] for p in cases.values()}):
-        calls = {c: (_chunked_logprob_worker, (p["vocab_size"], p["padded"], 0)) for c, p in cases.items() if p["tp"] == tp}
+        calls = {c: (_chunked_logprob_worker, (p["vocab_size"], p["padded"], 0))
+                 for c, p in cases.items() if p["tp"] == tp}
         ranks = run_ranks(in_turn, tp, calls)
         out.update({c: [r[c] for r in ranks] for c in calls})
     return out

@@ -43,7 +43,8 @@ def resharded(request, tmp_path_factory):
     """{case id: (checkpoint, per-rank (tensors, stats))} of the selected cases, one pair of processes for all."""
     root = tmp_path_factory.mktemp("resharder")
     cases = selected(request, "test_resharder_equals_checkpoint_bit_for_bit")
-    paths = {a: make_tiny_hf_model(root / a, a, dtype=torch.bfloat16) for a in sorted({p["arch"] for p in cases.values()})}
+    paths = {a: make_tiny_hf_model(root / a, a, dtype=torch.bfloat16)
+             for a in sorted({p["arch"] for p in cases.values()})}
     ranks = run_ranks(in_turn, 2, {c: (_resharded, (paths[p["arch"]], p["tp"], p["pp"], 1)) for c, p in cases.items()})
     return {c: (paths[p["arch"]], [r[c] for r in ranks]) for c, p in cases.items()}
 

@@ -72,8 +72,9 @@ def algo_run(tmp_path_factory):
             steps = THINNED if (algo, backend) == ("grpo", "hf") else ["trainer.max_steps=2"]
             args = [preset, "data.dataset_name=toy", "data.max_prompt_length=8", "data.max_response_length=8",
                     f"actor_rollout_ref.rollout.name={backend}", *steps] + SMALL[:1] + [
-                "actor_rollout_ref.actor.ppo_mini_batch_size=8", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8",
-                "critic.ppo_micro_batch_size_per_gpu=8", "trainer.logger=[console]"]
+                "actor_rollout_ref.actor.ppo_mini_batch_size=8",
+                "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8", "critic.ppo_micro_batch_size_per_gpu=8",
+                "trainer.logger=[console]"]
             cache[algo, backend] = train(tmp_path_factory.mktemp(f"{algo}_{backend}"), args)
         return cache[algo, backend]
 
