@@ -79,3 +79,41 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def toy_default_run(tmp_path_factory):
+    """`mcore-rl train` with no config file (the toy default: PPO with a critic, 20 steps, vLLM), run
+    once for the session: tests/test_golden.py compares its first steps with the golden curve and
+    tests/test_trainer.py checks the whole run. Starts at once; calling the returned function waits
+    for the run and gives (metrics rows, console log)."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    tmp = tmp_path_factory.mktemp("toy_default")
+    env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
+               TMPDIR=str(tmp))  # vLLM's socket files: a directory of its own
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    args = ["actor_rollout_ref.rollout.name=vllm", "trainer.logger=[console]", "trainer.export_hf_at_end=false",
+            f"trainer.output_dir={tmp / 'run'}"]
+    log = open(tmp / "log.txt", "w")  # a file, not a pipe: nothing blocks while other runs go on
+    proc = subprocess.Popen([sys.executable, "-m", "mcore_rl.cli", "train", *args], cwd=repo, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+    def result():
+        rc = proc.wait(timeout=600)
+        text = (tmp / "log.txt").read_text()
+        assert rc == 0, f"mcore-rl train exited {rc}:\n{text[-5000:]}"
+        rows = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines() if line]
+        return rows, text
+
+    yield result
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    log.close()

@@ -36,3 +36,16 @@ def run_ranks(fn, world: int, *args):
     with tempfile.TemporaryDirectory() as out:
         mp.start_processes(_entry, args=(world, _free_port(), out, fn, args), nprocs=world, start_method="spawn")
         return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+
+
+def in_turn(calls):
+    """{key: fn(*args)} for each `key: (fn, args)` of `calls`, one after another on this rank. Run by
+    `run_ranks(in_turn, world, calls)`, several cases share one set of spawned processes: starting them
+    (interpreters, imports, process groups) costs more than a case. Each case sets its own TP/PP."""
+    return {key: fn(*args) for key, (fn, args) in calls.items()}
+
+
+def selected(request, test):
+    """{case id: its parameters} of the selected cases of test function `test` in the requesting module."""
+    return {item.callspec.id: item.callspec.params for item in request.session.items
+            if item.module is request.module and item.originalname == test}

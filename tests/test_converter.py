@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dist_utils import run_ranks
+from conftest import make_tiny_hf_model
+from dist_utils import in_turn, run_ranks, selected
 
 pytestmark = pytest.mark.convert
 
@@ -43,13 +44,31 @@ def _assert_bit_exact(a_path, b_path):
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.fixture(scope="module")
+def round_trips(request, tmp_path_factory):
+    """{case id: (HF source, work dir)} of the selected cases, each converted to Megatron at its layout
+    (m/) and exported back (h/). The 2-rank conversions share one pair of processes; the 1-rank
+    conversions and all exports then share one process."""
+    cases = selected(request, "test_round_trip_bit_exact")
+    out = {}
+    for c, p in cases.items():
+        tmp = tmp_path_factory.mktemp(f"round_trip_{c}")
+        out[c] = (make_tiny_hf_model(tmp / "src", p["arch"], dtype=torch.bfloat16), tmp)
+    for world in (2, 1):
+        calls = {("convert", c): (_convert_worker, (out[c][0], str(out[c][1] / "m"), p["tp"], p["pp"]))
+                 for c, p in cases.items() if p["tp"] * p["pp"] == world}
+        if world == 1:
+            calls.update({("export", c): (_export_worker, (str(out[c][1] / "m"), str(out[c][1] / "h"))) for c in cases})
+        if calls:
+            run_ranks(in_turn, world, calls)
+    return out
+
+
 @pytest.mark.parametrize("arch,tp,pp", [("llama", 1, 1), ("llama", 2, 1), ("qwen2", 1, 2), ("opt", 2, 1)])
-def test_round_trip_bit_exact(arch, tp, pp, tiny_model_factory, tmp_path):
-    src = tiny_model_factory(arch, dtype=torch.bfloat16)
-    run_ranks(_convert_worker, tp * pp, src, str(tmp_path / "m"), tp, pp)
+def test_round_trip_bit_exact(arch, tp, pp, round_trips, request):
+    src, tmp_path = round_trips[request.node.callspec.id]
     meta = json.load(open(tmp_path / "m" / "mcore_rl.json"))
     assert meta["dtype"] == "bfloat16" and meta["written_at"] == {"tp": tp, "pp": pp}
-    run_ranks(_export_worker, 1, str(tmp_path / "m"), str(tmp_path / "h"))
     _assert_bit_exact(src, tmp_path / "h")
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]  # staging dirs are gone
 
@@ -104,11 +123,14 @@ def test_tp2_checkpoint_loads_at_tp1_and_pp2(tiny_model_factory, tmp_path):
     import transformers as tf
 
     src = tiny_model_factory("llama")
-    run_ranks(_convert_worker, 2, src, str(tmp_path / "m"), 2, 1)
     ids = torch.randint(0, 250, (2, 30), generator=torch.Generator().manual_seed(3))
-    tp1 = run_ranks(_logits_from_ckpt, 1, str(tmp_path / "m"), 1, 1, ids)[0][0]
-    pp2 = run_ranks(_logits_from_ckpt, 2, str(tmp_path / "m"), 1, 2, ids)
-    tp2 = run_ranks(_logits_from_ckpt, 2, str(tmp_path / "m"), 2, 1, ids)
+    m = str(tmp_path / "m")
+    # one pair of processes: convert at TP=2, then load it at PP=2 and at TP=2
+    two = run_ranks(in_turn, 2, {"convert": (_convert_worker, (src, m, 2, 1)),
+                                 "pp2": (_logits_from_ckpt, (m, 1, 2, ids)),
+                                 "tp2": (_logits_from_ckpt, (m, 2, 1, ids))})
+    pp2, tp2 = [r["pp2"] for r in two], [r["tp2"] for r in two]
+    tp1 = run_ranks(_logits_from_ckpt, 1, m, 1, 1, ids)[0][0]
     for logits, _ in pp2 + tp2:
         assert torch.equal(logits, tp1) or (logits - tp1).abs().max() < 1e-5
     assert torch.equal(pp2[0][0], tp1)  # same math, different placement: identical

@@ -1,10 +1,12 @@
 """Golden curves: the CPU toy runs' per-step metrics, pinned to committed values.
 
-`mcore-rl train` runs as a user runs it, 5 steps each, on the toy task (tiny Llama, fp32, vLLM
-on CPU, one thread):
+`mcore-rl train` runs as a user runs it on the toy task (tiny Llama, fp32, vLLM on CPU, one
+thread); the first 5 steps are pinned:
 
-- GRPO: ``mcore-rl train configs/toy_grpo.yaml`` (KL loss to the reference, no critic);
-- PPO:  ``mcore-rl train`` (the toy default, configs/toy.yaml: critic, KL in the reward).
+- GRPO: ``mcore-rl train configs/toy_grpo.yaml`` (KL loss to the reference, no critic), 5 steps;
+- PPO:  ``mcore-rl train`` (the toy default, configs/toy.yaml: critic, KL in the reward): conftest's
+  `toy_default_run`, its full 20 steps, which tests/test_trainer.py also checks (the constant
+  learning rate makes its first 5 steps those of a 5-step run).
 
 Every step's metrics in `GOLDEN_KEYS` must match ``tests/golden/toy_{grpo,ppo}.jsonl`` within
 ``rel_tol=RTOL, abs_tol=ATOL``. The runs are bit-identical from run to run and at 1 or 2 threads
@@ -46,7 +48,7 @@ STEPS = 5
 RTOL, ATOL = 1e-3, 1e-5
 RUNS = {
     "grpo": [str(REPO / "configs" / "toy_grpo.yaml")],
-    "ppo": [],  # no config: the toy default
+    "ppo": [],  # no config: the toy default, conftest's `toy_default_run`
 }
 COMMON = ("reward/mean", "reward/max", "reward/min", "response/length_mean", "response/clip_ratio",
           "actor/loss", "actor/pg_loss", "actor/kl", "actor/entropy", "actor/pg_clipfrac", "actor/ppo_kl",
@@ -83,9 +85,13 @@ def runs(request, tmp_path_factory):
         pytest.skip("the golden curves are the CPU runs' (vLLM would generate on the GPU)")
     wanted = {item.callspec.params["algo"] for item in request.session.items
               if item.module is request.module and hasattr(item, "callspec")}
-    procs = {algo: _start(algo, tmp_path_factory.mktemp(f"golden_{algo}")) for algo in RUNS if algo in wanted}
+    toy_default = request.getfixturevalue("toy_default_run") if "ppo" in wanted else None
+    procs = {algo: _start(algo, tmp_path_factory.mktemp(f"golden_{algo}")) for algo in RUNS
+             if algo in wanted and algo != "ppo"}
 
     def result(algo: str) -> list[dict]:
+        if algo == "ppo":
+            return toy_default()[0][:STEPS]
         proc = procs[algo]
         rc = proc.wait(timeout=400)
         proc.log.close()

@@ -1,10 +1,15 @@
 """Megatron models against HuggingFace: logits, and a train step's loss and gradients at
-TP=1, TP=2, PP=2, DP=2 (gloo). The reference is the HF model and PyTorch autograd."""
+TP=1, TP=2, PP=2, DP=2 (gloo). The reference is the HF model and PyTorch autograd.
+
+The selected cases of a test that need the same number of ranks run in one set of spawned
+processes, one after another (`dist_utils.in_turn`).
+"""
 
 import pytest
 import torch
 
-from dist_utils import run_ranks
+from conftest import make_tiny_hf_model
+from dist_utils import in_turn, run_ranks, selected
 
 pytestmark = pytest.mark.convert
 ARCHS = ["llama", "qwen2", "qwen3", "mistral", "opt", "llama3-rope"]
@@ -40,13 +45,26 @@ def _logits_worker(hf_path, ids):
     return out[0]["logits"]
 
 
+LOGITS_IDS = torch.randint(0, 250, (2, 40), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def megatron_logits(request, tmp_path_factory):
+    """{arch: (checkpoint, Megatron logits)} of the selected archs, one process for all."""
+    root = tmp_path_factory.mktemp("logits")
+    paths = {arch: make_tiny_hf_model(root / arch, "llama", **LLAMA3_ROPE) if arch == "llama3-rope"
+             else make_tiny_hf_model(root / arch, arch) for arch in
+             sorted({p["arch"] for p in selected(request, "test_hf_vs_megatron_logits").values()})}
+    got = run_ranks(in_turn, 1, {arch: (_logits_worker, (path, LOGITS_IDS)) for arch, path in paths.items()})[0]
+    return {arch: (paths[arch], got[arch]) for arch in paths}
+
+
 @pytest.mark.parametrize("arch", ARCHS)
-def test_hf_vs_megatron_logits(arch, tiny_model_factory):
-    path = tiny_model_factory("llama", **LLAMA3_ROPE) if arch == "llama3-rope" else tiny_model_factory(arch)
-    ids = torch.randint(0, 250, (2, 40), generator=torch.Generator().manual_seed(0))
+def test_hf_vs_megatron_logits(arch, megatron_logits):
+    path, got = megatron_logits[arch]
+    ids = LOGITS_IDS
     with torch.no_grad():
         ref = _hf(path)(ids).logits
-    got = run_ranks(_logits_worker, 1, path, ids)[0]
     diff = (got - ref).abs().max().item()
     assert ref.abs().mean() > 0.1  # non-trivial logits
     assert diff < 1e-4, f"{arch}: max abs diff {diff}"
@@ -78,19 +96,41 @@ def _train_step_worker(hf_path, ids, tp, pp):
     return loss.item(), grads
 
 
+STEP_IDS = torch.randint(0, 250, (4, 24), generator=torch.Generator().manual_seed(1))
+
+
+def _world(case_id):
+    return 1 if case_id == "llama-tp1" else 2
+
+
+@pytest.fixture(scope="module")
+def train_steps(request, tmp_path_factory):
+    """{case id: (checkpoint, per-rank (loss, grads))} of the selected cases; the cases of one world
+    size run in one set of processes (each case sets its own TP/PP)."""
+    root = tmp_path_factory.mktemp("train_step")
+    cases = selected(request, "test_train_step_matches_hf")
+    paths = {arch: make_tiny_hf_model(root / arch, arch) for arch in sorted({p["arch"] for p in cases.values()})}
+    out = {}
+    for world in sorted({_world(c) for c in cases}):
+        calls = {c: (_train_step_worker, (paths[p["arch"]], STEP_IDS, p["tp"], p["pp"]))
+                 for c, p in cases.items() if _world(c) == world}
+        ranks = run_ranks(in_turn, world, calls)
+        out.update({c: (paths[cases[c]["arch"]], [r[c] for r in ranks]) for c in calls})
+    return out
+
+
 @pytest.mark.parametrize("arch,tp,pp", [("llama", 1, 1), ("llama", 2, 1), ("llama", 1, 2), ("llama", 1, 1, ),
                                         ("qwen2", 2, 1), ("qwen2", 1, 2), ("opt", 2, 1)],
                          ids=["llama-tp1", "llama-tp2", "llama-pp2", "llama-dp2", "qwen2tied-tp2", "qwen2tied-pp2", "opt-tp2"])
-def test_train_step_matches_hf(arch, tp, pp, tiny_model_factory, request):
-    world = 2 if request.node.callspec.id != "llama-tp1" else 1
-    path = tiny_model_factory(arch)
-    ids = torch.randint(0, 250, (4, 24), generator=torch.Generator().manual_seed(1))
+def test_train_step_matches_hf(arch, tp, pp, train_steps, request):
+    path, results = train_steps[request.node.callspec.id]
+    ids = STEP_IDS
     hf = _hf(path)
     logits = hf(ids).logits
     ref_loss = -torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).mean()
     ref_loss.backward()
     ref_grads = {n: p.grad for n, p in hf.named_parameters()}
-    results = run_ranks(_train_step_worker, world, path, ids, tp, pp)
+    assert len(results) == _world(request.node.callspec.id)
     for loss, grads in results:
         assert abs(loss - ref_loss.item()) < 1e-5
         assert set(grads) == {n for n in ref_grads if not (n == "lm_head.weight" and hf.config.tie_word_embeddings)}
@@ -154,14 +194,28 @@ def _chunked_logprob_case(rank, tp, vocab_size, padded, dtype, seed):
     return out
 
 
+@pytest.fixture(scope="module")
+def chunked_logprobs(request):
+    """{case id: per-rank results} of the selected cases; the cases of one TP size in one set of processes."""
+    cases = selected(request, "test_chunked_logprobs_match_plain_formula")
+    out = {}
+    for tp in sorted({p["tp"] for p in cases.values()}):
+        calls = {c: (_chunked_logprob_worker, (p["vocab_size"], p["padded"], 0))
+                 for c, p in cases.items() if p["tp"] == tp}
+        ranks = run_ranks(in_turn, tp, calls)
+        out.update({c: [r[c] for r in ranks] for c in calls})
+    return out
+
+
 @pytest.mark.parametrize("tp,vocab_size,padded", [(1, 250, 256), (2, 250, 256), (2, 100, 256)],
                          ids=["tp1", "tp2", "tp2-rank-all-padding"])
-def test_chunked_logprobs_match_plain_formula(tp, vocab_size, padded):
+def test_chunked_logprobs_match_plain_formula(tp, vocab_size, padded, chunked_logprobs, request):
     """The trainer's chunked log-prob/entropy (several chunks, the trainer's sliced view) equals the
     plain full-size formula and torch's log_softmax, values and gradients, at TP=1 and TP=2
     (including a TP rank whose shard is all vocab padding), fp32 and bf16 logits."""
-    for dtype, res in ((d, r) for rank in run_ranks(_chunked_logprob_worker, tp, vocab_size, padded, 0)
-                       for d, r in rank.items()):
+    ranks = chunked_logprobs[request.node.callspec.id]
+    assert len(ranks) == tp
+    for dtype, res in ((d, r) for rank in ranks for d, r in rank.items()):
         for key, errs in res.items():
             if key[1] in ("ref", "truth"):
                 lp, ent, grad = errs

@@ -304,12 +304,26 @@ def tiny_llama(tmp_path_factory):
     return make_tiny_hf_model(tmp_path_factory.mktemp("packing") / "llama", "llama")
 
 
+def _layouts_worker(path, layouts):
+    """`_models_worker` at each (tp, pp) in turn, in this pair of processes (one start-up for all)."""
+    return {(tp, pp): _models_worker(path, tp, pp) for tp, pp in layouts}
+
+
+@pytest.fixture(scope="module")
+def packed_vs_padded(request, tiny_llama):
+    """{(tp, pp): per-rank results} of the selected layouts, all run by one pair of processes."""
+    layouts = sorted({(item.callspec.params["tp"], item.callspec.params["pp"]) for item in request.session.items
+                      if item.module is request.module and item.originalname == "test_packed_equals_padded"})
+    ranks = run_ranks(_layouts_worker, 2, tiny_llama, layouts)
+    return {layout: [r[layout] for r in ranks] for layout in layouts}
+
+
 @pytest.mark.train
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (1, 1)], ids=["tp2", "pp2", "dp2"])
-def test_packed_equals_padded(tiny_llama, tp, pp):
+def test_packed_equals_padded(packed_vs_padded, tp, pp):
     """Log-probs, values, and every update's losses and per-mini-batch gradients (actor for GRPO
     and GAE advantages; critic for GAE), packed into token-budget micro-batches vs padded ones."""
-    results = run_ranks(_models_worker, 2, tiny_llama, tp, pp)
+    results = packed_vs_padded[tp, pp]
     for r in results:
         valid = r["valid"]
         for key in ("logp", "values"):

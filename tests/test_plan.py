@@ -73,15 +73,27 @@ def _megatron_params_worker(hf_path):
     return [sum(p.numel() for p in build_model(spec, role=role).parameters()) for role in ("actor", "critic")]
 
 
-def test_params_per_gpu_match_megatron_at_tp2(tiny_model_factory):
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """What the module's 2-rank workers return, both run by one pair of processes: {"params": the
+    per-rank parameter counts of a tiny Llama of vocab 300 (and its path), "saved": the per-rank
+    saved-activation bytes of SAVED_CFGS}."""
+    from conftest import make_tiny_hf_model
+    from dist_utils import in_turn, run_ranks
+
+    path = make_tiny_hf_model(tmp_path_factory.mktemp("plan") / "llama", "llama", vocab_size=300)
+    ranks = run_ranks(in_turn, 2, {"params": (_megatron_params_worker, (path,)),
+                                   "saved": (_saved_bytes_worker, (SAVED_CFGS,))})
+    return {"path": path, "params": [r["params"] for r in ranks], "saved": [r["saved"] for r in ranks]}
+
+
+def test_params_per_gpu_match_megatron_at_tp2(two_ranks):
     """The planner's per-GPU count is what megatron-core allocates, padded vocab included: 300 tokens pad
     to 384 (a multiple of 128, whatever TP), not to 512 (a multiple of 128 x TP)."""
-    from dist_utils import run_ranks
-
-    path = tiny_model_factory("llama", vocab_size=300)
+    path = two_ranks["path"]
     spec = arch_from_hf_config(path)
     assert spec.padded_vocab_size == 384
-    per_rank = run_ranks(_megatron_params_worker, 2, path)
+    per_rank = two_ranks["params"]
     pc = count_params(spec)
     assert per_rank[0] == per_rank[1] == [params_per_gpu(pc, spec, 2, 1), params_per_gpu(pc, spec, 2, 1, value_head=True)]
 
@@ -303,7 +315,7 @@ SAVED_CFGS = {
 }
 
 
-def test_activation_estimate_matches_what_autograd_saves():
+def test_activation_estimate_matches_what_autograd_saves(two_ranks):
     """plan's saved-activation term against the bytes autograd really keeps for a real megatron-core
     forward (saved-tensor hooks), padded and packed, TP 1 and 2, RMSNorm / LayerNorm, Q/K norms.
 
@@ -312,9 +324,7 @@ def test_activation_estimate_matches_what_autograd_saves():
     input and its fp32 normalized output (8 bytes a value); the expected CPU bytes add that. On
     top, CPU packed attention keeps one SDPA output per sequence and their concatenation (one more
     attention-output copy); so the estimate must be within 10% below to 3% above what is saved."""
-    from dist_utils import run_ranks
-
-    per_rank = run_ranks(_saved_bytes_worker, 2, SAVED_CFGS)
+    per_rank = two_ranks["saved"]
     assert per_rank[0] == per_rank[1]
     for (name, tp, kind), (tokens, measured) in per_rank[0].items():
         spec = arch_from_hf_config(SAVED_CFGS[name])

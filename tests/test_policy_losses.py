@@ -186,20 +186,40 @@ def test_policy_loss_config_key():
         load_config(None, ["actor_rollout_ref.actor.policy_loss=sapo"])
 
 
-@pytest.mark.train
-@pytest.mark.parametrize("mode", ["gspo", "cispo"])
-def test_trainer_runs_with_policy_loss(mode, tmp_path):
-    from tests.test_trainer import train
+def _fit(out, mode):
+    """A 2-step GRPO run on the toy task with policy loss `mode`: its metrics, step by step."""
+    from mcore_rl.config import load_config
+    from mcore_rl.trainer.ppo_trainer import PPOTrainer
 
     preset = os.path.join(os.path.dirname(__file__), "..", "configs", "grpo.yaml")
     clip = ["actor_rollout_ref.actor.clip_ratio_low=3e-4", "actor_rollout_ref.actor.clip_ratio_high=4e-4"] \
         if mode == "gspo" else []
-    args = [preset, "data.dataset_name=toy", "data.max_prompt_length=8", "data.max_response_length=8",
+    args = ["data.dataset_name=toy", "data.max_prompt_length=8", "data.max_response_length=8",
             "actor_rollout_ref.rollout.name=hf", "trainer.max_steps=2", "data.train_batch_size=8",
             "actor_rollout_ref.actor.ppo_mini_batch_size=4", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8",
             "actor_rollout_ref.actor.ppo_epochs=2", f"actor_rollout_ref.actor.policy_loss={mode}",
-            "trainer.logger=[console]", "trainer.export_hf_at_end=false"] + clip
-    rows, _ = train(tmp_path, args)
+            "trainer.logger=[console]", "trainer.export_hf_at_end=false", f"trainer.output_dir={out}"] + clip
+    trainer = PPOTrainer(load_config(preset, args))
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
+
+
+@pytest.fixture(scope="module")
+def policy_loss_runs(request, tmp_path_factory):
+    """{mode: metrics rows} of the selected modes' runs, one world-of-one process for all."""
+    from dist_utils import in_turn, run_ranks, selected
+
+    root = tmp_path_factory.mktemp("policy_loss_runs")
+    modes = sorted({p["mode"] for p in selected(request, "test_trainer_runs_with_policy_loss").values()})
+    return run_ranks(in_turn, 1, {m: (_fit, (str(root / m), m)) for m in modes})[0]
+
+
+@pytest.mark.train
+@pytest.mark.parametrize("mode", ["gspo", "cispo"])
+def test_trainer_runs_with_policy_loss(mode, policy_loss_runs):
+    rows = policy_loss_runs[mode]
     assert [r["step"] for r in rows] == [1, 2]
     if mode == "gspo":  # second PPO epoch is off-policy: GSPO's tiny range clips some responses
         assert max(r["actor/pg_clipfrac"] for r in rows) > 0

@@ -134,7 +134,7 @@ def test_sigkill_after_step_k_resume_equals_uninterrupted(reference, tmp_path):
     _kill_group(proc)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    p = _run(_args(out, "trainer.save_freq=1"))  # trainer.resume=auto is the default
+    p = _run(_args(out, "trainer.save_freq=1", "trainer.export_hf_at_end=true"))  # trainer.resume=auto is the default
     assert p.returncode == 0, _log(p)
     assert "resumed from" in p.stdout and "RNG restored" in p.stdout, _log(p)
     got = _metrics(out)
@@ -142,12 +142,9 @@ def test_sigkill_after_step_k_resume_equals_uninterrupted(reference, tmp_path):
     _assert_same(got, ref, range(1, STEPS + 1), tol=1e-6)
     # trainer.max_ckpt_to_keep=2 (default): only the two newest survive
     assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step_00000003", "step_00000004"]
-    # the final actor weights equal the uninterrupted run's, bit for bit (through `mcore-rl export`)
-    x, y = tmp_path / "x", tmp_path / "y"
-    for ckpt, dst in ((out, x), (ref_out, y)):
-        e = subprocess.run([sys.executable, "-m", "mcore_rl.cli", "export", "--ckpt", str(ckpt), "--out", str(dst)],
-                           env=_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
-        assert e.returncode == 0, _log(e)
+    # the final actor weights equal the uninterrupted run's, bit for bit (both runs export them at
+    # the end, trainer.export_hf_at_end; test_nan_loss_skips_reports_and_stops uses `mcore-rl export`)
+    x, y = out / "hf_model", ref_out / "hf_model"
     from safetensors.torch import load_file
 
     tx, ty = load_file(next(x.glob("*.safetensors"))), load_file(next(y.glob("*.safetensors")))
@@ -290,9 +287,18 @@ def test_hf_export_at_end_loads_in_transformers_and_vllm(reference):
     assert got == want
 
 
-def test_resume_path_errors(tmp_path):
-    p = _run(_args(tmp_path / "run", f"trainer.resume={tmp_path / 'nowhere'}"))
-    assert p.returncode == 2 and "no complete checkpoint there" in p.stderr, _log(p)
+def _main(args) -> int:
+    """`mcore-rl train` in this process: for bad input, refused before any process group exists."""
+    from mcore_rl.trainer.main_ppo import main
+
+    return main(args)
+
+
+def test_resume_path_errors(tmp_path, capsys):
+    import torch.distributed as dist
+
+    assert _main(_args(tmp_path / "run", f"trainer.resume={tmp_path / 'nowhere'}")) == 2
+    assert "no complete checkpoint there" in capsys.readouterr().err and not dist.is_initialized()
 
 
 REWARD_THAT_RAISES = r'''
@@ -303,10 +309,14 @@ def reward(prompt, response, ground_truth):
 '''
 
 
-def _data_run(tmp_path, *extra):
+@pytest.fixture(scope="module")
+def toy_model(tmp_path_factory) -> str:
     from mcore_rl.toy import build_toy_model
 
-    model = build_toy_model(tmp_path / "model", seed=1)
+    return build_toy_model(tmp_path_factory.mktemp("toy") / "model", seed=1)
+
+
+def _data_args(tmp_path, model, *extra):
     rows = [{"prompt": f"{i % 10}:", "answer": str(i % 10)} for i in range(16)]
     rows[2] = {"text": "2:"}                      # no prompt column
     rows[5] = {"prompt": "  "}                    # empty prompt
@@ -314,18 +324,18 @@ def _data_run(tmp_path, *extra):
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "my_reward.py").write_text(REWARD_THAT_RAISES)
-    return _run([f"actor_rollout_ref.model.path={model}", f"data.dataset_name={data}", "data.train_batch_size=8",
-                 "data.max_prompt_length=8", "actor_rollout_ref.actor.ppo_mini_batch_size=8",
-                 "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8", "critic.ppo_micro_batch_size_per_gpu=8",
-                 "actor_rollout_ref.rollout.name=hf", f"reward.name={tmp_path / 'my_reward.py'}:reward",
-                 f"trainer.output_dir={tmp_path / 'run'}", "trainer.max_steps=2", "trainer.logger=[console]",
-                 "trainer.export_hf_at_end=false", *extra])
+    return [f"actor_rollout_ref.model.path={model}", f"data.dataset_name={data}", "data.train_batch_size=8",
+            "data.max_prompt_length=8", "actor_rollout_ref.actor.ppo_mini_batch_size=8",
+            "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8", "critic.ppo_micro_batch_size_per_gpu=8",
+            "actor_rollout_ref.rollout.name=hf", f"reward.name={tmp_path / 'my_reward.py'}:reward",
+            f"trainer.output_dir={tmp_path / 'run'}", "trainer.max_steps=2", "trainer.logger=[console]",
+            "trainer.export_hf_at_end=false", *extra]
 
 
-def test_bad_data_rows_and_raising_reward_are_reported(tmp_path):
+def test_bad_data_rows_and_raising_reward_are_reported(tmp_path, toy_model):
     """on_bad_row=skip: each bad row named with file and row, the run goes on; a reward function
     that raises is reported with the sample (score 0) and does not stop the run."""
-    p = _data_run(tmp_path)
+    p = _run(_data_args(tmp_path, toy_model))
     assert p.returncode == 0, _log(p)
     data = tmp_path / "prompts.jsonl"
     for row, why in ((2, "no prompt column 'prompt'"), (5, "empty prompt"), (7, "max_prompt_length=8")):
@@ -336,10 +346,13 @@ def test_bad_data_rows_and_raising_reward_are_reported(tmp_path):
     assert sorted(_metrics(tmp_path / "run")) == [1, 2]
 
 
-def test_bad_data_row_fatal_when_configured(tmp_path):
-    p = _data_run(tmp_path, "data.on_bad_row=error")
-    assert p.returncode == 2, _log(p)
-    assert f"{tmp_path / 'prompts.jsonl'}:3 (row 2)" in p.stderr and "no prompt column" in p.stderr, _log(p)
+def test_bad_data_row_fatal_when_configured(tmp_path, toy_model, capsys):
+    import torch.distributed as dist
+
+    assert _main(_data_args(tmp_path, toy_model, "data.on_bad_row=error")) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'prompts.jsonl'}:3 (row 2)" in err and "no prompt column" in err, err
+    assert not dist.is_initialized()
 
 
 def test_resolve_resume(reference, tmp_path):

@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dist_utils import run_ranks
+from conftest import make_tiny_hf_model
+from dist_utils import in_turn, run_ranks, selected
 
 pytestmark = pytest.mark.sync
 
@@ -37,13 +38,25 @@ def _resharded(hf_path, tp, pp, bucket_mb):
     return out, stats
 
 
+@pytest.fixture(scope="module")
+def resharded(request, tmp_path_factory):
+    """{case id: (checkpoint, per-rank (tensors, stats))} of the selected cases, one pair of processes for all."""
+    root = tmp_path_factory.mktemp("resharder")
+    cases = selected(request, "test_resharder_equals_checkpoint_bit_for_bit")
+    paths = {a: make_tiny_hf_model(root / a, a, dtype=torch.bfloat16)
+             for a in sorted({p["arch"] for p in cases.values()})}
+    ranks = run_ranks(in_turn, 2, {c: (_resharded, (paths[p["arch"]], p["tp"], p["pp"], 1)) for c, p in cases.items()})
+    return {c: (paths[p["arch"]], [r[c] for r in ranks]) for c, p in cases.items()}
+
+
 @pytest.mark.parametrize("arch,tp,pp", [("llama", 2, 1), ("llama", 1, 2), ("qwen2", 2, 1), ("qwen2", 1, 2)])
-def test_resharder_equals_checkpoint_bit_for_bit(arch, tp, pp, tiny_model_factory):
-    path = tiny_model_factory(arch, dtype=torch.bfloat16)
+def test_resharder_equals_checkpoint_bit_for_bit(arch, tp, pp, resharded, request):
+    path, ranks = resharded[request.node.callspec.id]
     ref = {}
     for f in glob.glob(os.path.join(path, "*.safetensors")):
         ref.update(load_file(f))
-    for got, stats in run_ranks(_resharded, 2, path, tp, pp, 1):
+    assert len(ranks) == 2
+    for got, stats in ranks:
         assert set(got) == set(ref)  # tied qwen2: no lm_head, as HF saves it
         for k in ref:
             assert got[k].dtype == ref[k].dtype and torch.equal(got[k], ref[k]), k

@@ -34,9 +34,10 @@ def train(tmp, args, nproc=1, timeout=420):
     return rows, r.stdout
 
 
-def test_toy_default_reward_rises(tmp_path):
-    """`mcore-rl train` with no config: the reward really climbs (last 3 vs first 3 steps)."""
-    rows, stdout = train(tmp_path, [])
+def test_toy_default_reward_rises(toy_default_run):
+    """`mcore-rl train` with no config: the reward really climbs (last 3 vs first 3 steps). The run
+    is conftest's `toy_default_run`, whose first steps tests/test_golden.py also pins."""
+    rows, stdout = toy_default_run()
     assert len(rows) == 20
     for key in ("step", "reward/mean", "actor/loss", "actor/kl", "critic/loss", "actor/entropy",
                 "response/length_mean", "timing/sync", "timing/generate", "timing/train", "perf/tokens_per_s"):
@@ -55,29 +56,44 @@ def test_toy_default_reward_rises(tmp_path):
 # (test_resume_at_another_layout continues a TP=1 checkpoint at each layout, same metrics).
 
 
+# The GRPO run on the transformers engine also checks trainer.log_interval (3 steps, a console line
+# every 2 and at the last): one run, not two, since the interval does not change what runs.
+THINNED = ["trainer.max_steps=3", "trainer.log_interval=2"]
+
+
+@pytest.fixture(scope="module")
+def algo_run(tmp_path_factory):
+    """`algo_run(algo, backend)` -> (metrics rows, stdout) of that preset's run on the toy data, run once."""
+    cache = {}
+
+    def get(algo, backend):
+        if (algo, backend) not in cache:
+            preset = os.path.join(os.path.dirname(__file__), "..", "configs", f"{algo}.yaml")
+            steps = THINNED if (algo, backend) == ("grpo", "hf") else ["trainer.max_steps=2"]
+            args = [preset, "data.dataset_name=toy", "data.max_prompt_length=8", "data.max_response_length=8",
+                    f"actor_rollout_ref.rollout.name={backend}", *steps] + SMALL[:1] + [
+                "actor_rollout_ref.actor.ppo_mini_batch_size=8",
+                "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8", "critic.ppo_micro_batch_size_per_gpu=8",
+                "trainer.logger=[console]"]
+            cache[algo, backend] = train(tmp_path_factory.mktemp(f"{algo}_{backend}"), args)
+        return cache[algo, backend]
+
+    return get
+
+
 @pytest.mark.parametrize("algo,backend", [("grpo", "vllm"), ("grpo", "hf"), ("ppo", "hf")])
-def test_algorithms_run_end_to_end(algo, backend, tmp_path):
-    preset = os.path.join(os.path.dirname(__file__), "..", "configs", f"{algo}.yaml")
-    args = [preset, "data.dataset_name=toy", "data.max_prompt_length=8", "data.max_response_length=8",
-            f"actor_rollout_ref.rollout.name={backend}", "trainer.max_steps=2"] + SMALL[:1] + [
-        "actor_rollout_ref.actor.ppo_mini_batch_size=8", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8",
-        "critic.ppo_micro_batch_size_per_gpu=8", "trainer.logger=[console]"]
-    rows, stdout = train(tmp_path, args)
-    assert [r["step"] for r in rows] == [1, 2]
+def test_algorithms_run_end_to_end(algo, backend, algo_run):
+    rows, stdout = algo_run(algo, backend)
+    assert [r["step"] for r in rows] == ([1, 2, 3] if (algo, backend) == ("grpo", "hf") else [1, 2])
     assert ("critic/loss" in rows[0]) == (algo == "ppo")
     if algo == "grpo":
         assert "actor/kl_loss" in rows[0]  # GRPO preset: KL to the reference as a loss
     assert all(0.0 <= r["reward/mean"] <= 1.0 for r in rows)
 
 
-def test_log_interval_thins_the_console_not_the_metrics(tmp_path):
+def test_log_interval_thins_the_console_not_the_metrics(algo_run):
     """verl's quick-start line sets trainer.log_interval: a console line every N steps and the last."""
-    args = [os.path.join(os.path.dirname(__file__), "..", "configs", "grpo.yaml"), "data.dataset_name=toy",
-            "data.max_prompt_length=8", "data.max_response_length=8", "actor_rollout_ref.rollout.name=hf",
-            "trainer.max_steps=3", "trainer.log_interval=2", "data.train_batch_size=8",
-            "actor_rollout_ref.actor.ppo_mini_batch_size=8", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8",
-            "trainer.logger=[console]", "trainer.export_hf_at_end=false"]
-    rows, stdout = train(tmp_path, args)
+    rows, stdout = algo_run("grpo", "hf")  # log_interval=2, 3 steps
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert "step    1 |" not in stdout and "step    2 |" in stdout and "step    3 |" in stdout, stdout[-2000:]
 

@@ -10,8 +10,10 @@ runs still train and look plausible.
 - the response mask is shifted exactly by one; prompt positions are not in the loss; the rollout
   engine holds the actor's current weights at every step.
 
-Each trainer runs in a spawned world-of-one process (`dist_utils.run_ranks`), on the toy model
-with the transformers rollout engine, fp32. About 45 s on 2 CPU cores.
+The trainers run on the toy model with the transformers rollout engine, fp32, all in one spawned
+world-of-one process (`dist_utils.run_ranks`): starting a process and its first trainer costs more
+than a step, so the module pays it once. Each test's worker has its own output dir, and the trainer
+functions a worker patches are put back after it.
 """
 
 from __future__ import annotations
@@ -54,6 +56,68 @@ def setup(tmp_path_factory):
     model = build_toy_model(root / "model", seed=1)
     (root / "varied_reward.py").write_text(VARIED_REWARD)
     return str(model), f"{root / 'varied_reward.py'}:reward"
+
+
+# which worker each test reads (all of them run in one process, below)
+WORKER_OF = {"test_loss_does_not_depend_on_micro_batch_size": "micro", "test_kl_loss_contributes_its_gradient": "kl",
+             "test_grpo_group_ids_are_the_prompts": "grpo",
+             "test_response_mask_marks_the_tokens_after_each_position": "grpo",
+             "test_resume_restores_rng": "rng", "test_prompt_positions_are_not_in_the_loss": "prompt",
+             "test_engine_holds_the_actor_weights_every_step": "sync"}
+
+
+def _workers(names, model, reward, out):
+    """Run the named workers one after another in this process; a worker that raises is reported by
+    its own test (its traceback as text), the others still run. Every trainer a worker built is
+    closed after it, raised or not: an open one's reward helper would keep this process from exiting."""
+    import traceback
+
+    import mcore_rl.trainer.ppo_trainer as pt
+    import mcore_rl.trainer.workers as workers
+
+    fns = {"micro": _micro_worker, "kl": _kl_worker, "grpo": _grpo_worker, "rng": _resume_worker,
+           "prompt": _prompt_worker, "sync": _sync_worker}
+    init = pt.PPOTrainer.__init__
+    results = {}
+    for name in names:
+        saved = pt.update_actor, pt.compute_advantages, workers._step
+        built = []
+
+        def tracked_init(self, *args, **kwargs):
+            built.append(self)
+            init(self, *args, **kwargs)
+
+        pt.PPOTrainer.__init__ = tracked_init
+        try:
+            results[name] = fns[name](model, reward, os.path.join(out, name))
+        except Exception:
+            results[name] = _Failed(traceback.format_exc())
+        finally:
+            pt.PPOTrainer.__init__ = init
+            pt.update_actor, pt.compute_advantages, workers._step = saved
+            for tr in built:
+                tr.close()
+    return results
+
+
+class _Failed(str):
+    """A worker's traceback."""
+
+
+@pytest.fixture(scope="module")
+def worker(request, setup, tmp_path_factory):
+    """`worker(name)`: what that worker returned. The workers of the selected tests run together."""
+    names = sorted({WORKER_OF[item.originalname] for item in request.session.items
+                    if item.module is request.module and item.originalname in WORKER_OF})
+    results = run_ranks(_workers, 1, names, *setup, str(tmp_path_factory.mktemp("runs")))[0]
+
+    def get(name):
+        r = results[name]
+        if isinstance(r, _Failed):
+            pytest.fail(f"worker {name} raised:\n{r}", pytrace=False)
+        return r
+
+    return get
 
 
 # ---------------------------------------------------------------- helpers run in the rank process
@@ -110,12 +174,12 @@ def _micro_worker(model, reward, out):
 
 
 @pytest.mark.train
-def test_loss_does_not_depend_on_micro_batch_size(setup, tmp_path):
+def test_loss_does_not_depend_on_micro_batch_size(worker):
     """The same step at micro-batch 4 (4 micro-batches per mini-batch), 16 (one) and packed into
     micro-batches of at most 24 real tokens: same loss, policy loss, KL loss, entropy and gradient
     norm. A denominator per micro-batch (instead of the mini-batch's token count) scales the
     4-micro-batch loss and gradient."""
-    m = run_ranks(_micro_worker, 1, *setup, str(tmp_path))[0]
+    m = worker("micro")
     b = m[16]
     assert abs(b["actor/pg_loss"]) > 1e-4 and b["actor/grad_norm"] > 1e-3  # something to compare
     for a in (m[4], m["packed"]):
@@ -198,12 +262,12 @@ def _rel(a: dict, b: dict) -> float:
 
 
 @pytest.mark.train
-def test_kl_loss_contributes_its_gradient(setup, tmp_path):
+def test_kl_loss_contributes_its_gradient(worker):
     """use_kl_loss with coefficient 0.9 and a reference that differs from the actor: the gradient of
     the trainer's loss equals autograd of pg + 0.9 * KL(k3) computed here in plain PyTorch on a
     transformers copy of the actor. A dropped KL term, or one computed on a detached tensor (same
     loss value, no gradient), leaves the policy-loss gradient only."""
-    r = run_ranks(_kl_worker, 1, *setup, str(tmp_path))[0]
+    r = worker("kl")
     assert r["single_minibatch"]
     m = r["metrics"]
     assert r["kl"] > 1e-3  # the actor really differs from the reference
@@ -259,10 +323,10 @@ def _grpo_worker(model, reward, out):
     return cap
 
 
-@pytest.fixture(scope="module")
-def grpo_step(setup, tmp_path_factory):
+@pytest.fixture
+def grpo_step(worker):
     """One GRPO step (8 prompts x 3 samples) with the engine's outputs and the step's shards recorded."""
-    return run_ranks(_grpo_worker, 1, *setup, str(tmp_path_factory.mktemp("grpo")))[0]
+    return worker("grpo")
 
 
 def _check_samples_match_engine(shard, rows, outs):
@@ -362,11 +426,11 @@ def _resume_worker(model, reward, out):
 
 
 @pytest.mark.resume
-def test_resume_restores_rng(setup, tmp_path):
+def test_resume_restores_rng(worker):
     """Save at step 1, load into a fresh trainer: the torch, Python, numpy and megatron-tracker
     random streams continue where the saving run's do (a load that skips the RNG restore leaves
     the fresh trainer's seeding)."""
-    uninterrupted, resumed, step = run_ranks(_resume_worker, 1, *setup, str(tmp_path))[0]
+    uninterrupted, resumed, step = worker("rng")
     assert step == 1
     assert sorted(resumed) == sorted(uninterrupted)
     for k in uninterrupted:
@@ -421,10 +485,10 @@ def _prompt_worker(model, reward, out):
 
 
 @pytest.mark.train
-def test_prompt_positions_are_not_in_the_loss(setup, tmp_path):
+def test_prompt_positions_are_not_in_the_loss(worker):
     """Advantages (or old / reference log-probs) changed on the positions that score prompt tokens,
     or on padding, change neither the loss nor the gradient; one response position does."""
-    res = run_ranks(_prompt_worker, 1, *setup, str(tmp_path))[0]
+    res = worker("prompt")
     base_m, base_g = res["base"]
     keys = ("actor/loss", "actor/pg_loss", "actor/kl_loss", "actor/entropy")
 
@@ -461,10 +525,10 @@ def _sync_worker(model, reward, out):
 
 
 @pytest.mark.train
-def test_engine_holds_the_actor_weights_every_step(setup, tmp_path):
+def test_engine_holds_the_actor_weights_every_step(worker):
     """At steps 1 and 2 the rollout engine generates with exactly the actor's current weights
     (the actor changed in between: a sync skipped at step 2 would leave step 1's)."""
-    seen = run_ranks(_sync_worker, 1, *setup, str(tmp_path))[0]
+    seen = worker("sync")
     assert [s for s, _, _ in seen] == [1, 2]
     for step, actor, engine in seen:
         assert sorted(actor) == sorted(engine), step
