@@ -264,7 +264,7 @@ def test_verl_quick_start_line_runs(tmp_path, capsys):
     # the line as verl writes it (SGLang): refused before anything is built (checked in this process)
     import torch.distributed as dist
 
-    from mcore_rl.trainer.main_ppo import main
+    from mcore_rl.commands.train import main
 
     capsys.readouterr()
     sglang = cmd[3:6] + ["actor_rollout_ref.rollout.name=sglang"] + cmd[7:]

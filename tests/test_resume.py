@@ -289,7 +289,7 @@ def test_hf_export_at_end_loads_in_transformers_and_vllm(reference):
 
 def _main(args) -> int:
     """`mcore-rl train` in this process: for bad input, refused before any process group exists."""
-    from mcore_rl.trainer.main_ppo import main
+    from mcore_rl.commands.train import main
 
     return main(args)
 

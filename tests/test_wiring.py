@@ -73,14 +73,14 @@ def _workers(names, model, reward, out):
     import traceback
 
     import mcore_rl.trainer.ppo_trainer as pt
-    import mcore_rl.trainer.workers as workers
+    import mcore_rl.trainer.ppo_update as ppo_update
 
     fns = {"micro": _micro_worker, "kl": _kl_worker, "grpo": _grpo_worker, "rng": _resume_worker,
            "prompt": _prompt_worker, "sync": _sync_worker}
     init = pt.PPOTrainer.__init__
     results = {}
     for name in names:
-        saved = pt.update_actor, pt.compute_advantages, workers._step
+        saved = pt.update_actor, pt.compute_advantages, ppo_update._step
         built = []
 
         def tracked_init(self, *args, **kwargs):
@@ -94,7 +94,7 @@ def _workers(names, model, reward, out):
             results[name] = _Failed(traceback.format_exc())
         finally:
             pt.PPOTrainer.__init__ = init
-            pt.update_actor, pt.compute_advantages, workers._step = saved
+            pt.update_actor, pt.compute_advantages, ppo_update._step = saved
             for tr in built:
                 tr.close()
     return results
