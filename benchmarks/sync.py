@@ -86,7 +86,7 @@ def rank_shard_numel(model) -> int:
     """Elements a sync writes into this rank's rollout shard (same TP as training): every
     TP-split tensor's local shard, replicated tensors (norms) whole, the vocabulary shards
     without their padding rows; the tied output layer is the embedding. The fast plan writes
-    exactly these (`fast_path.Plan.nbytes` / element size)."""
+    exactly these (`fast_path.CopyProgram.nbytes` / element size)."""
     from megatron.core import parallel_state as ps
 
     from converters.mapping import NameIndex
@@ -207,9 +207,9 @@ def bench_size(size: str, args) -> dict:
         if why is not None:
             res["fast_not_applicable"] = why
         else:
-            res["fast_plan_s"] = fast.plan_seconds
-            res["fast_plan_copies"] = [len(fast.plan.copies), len(fast.plan.gathers), len(fast.plan.zeros)]
-            res["fast_plan_bytes_per_rank"] = all_ranks(fast.plan.nbytes)
+            res["fast_plan_s"] = fast.build_seconds
+            res["fast_plan_copies"] = [len(fast.program.copies), len(fast.program.gathers), len(fast.program.zeros)]
+            res["fast_plan_bytes_per_rank"] = all_ranks(fast.program.nbytes)
             if not args.skip_check:
                 bad = check_against_hf_path(engine, resharder, fast)
                 bads = all_ranks(bad[:10])
@@ -274,7 +274,7 @@ def check_fast_path(arch: str, tp: int, tmp: str) -> dict:
     from mcore_rl.models.build import build_model
     from fast_path_oracle import compare, snapshot
 
-    from mcore_rl.resharding.fast_path import build_plan, run_plan
+    from mcore_rl.resharding.fast_path import build_program, run_program
     from mcore_rl.rollout.vllm_engine import copy_slots
     from converters.gather import iter_hf_tensors
 
@@ -305,14 +305,14 @@ def check_fast_path(arch: str, tp: int, tmp: str) -> dict:
     with torch.no_grad():
         vm.load_weights(iter_hf_tensors(model))  # vLLM's own loaders: the oracle
     ref = snapshot(dict(vm.named_parameters()))
-    plan = build_plan(model, copy_slots(vm))
+    plan = build_program(model, copy_slots(vm))
     rank_numel = rank_shard_numel(model)
     bad = {}
     for mode in ("hybrid", "foreach", "loop"):
         with torch.no_grad():
             for p in vm.parameters():
                 p.data.normal_()
-        run_plan(plan, mode)
+        run_program(plan, mode)
         bad[mode] = compare(ref, dict(vm.named_parameters()))
     return {"arch": arch, "tp": tp, "rank": rank, "params": len(ref), "copies": len(plan.copies),
             "gathers": len(plan.gathers), "zeros": len(plan.zeros), "mismatch": bad,

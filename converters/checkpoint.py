@@ -210,23 +210,23 @@ def export_hf(model, hf_side_dir: str, out: str, force: bool = False, shard_mb: 
     from megatron.core import parallel_state as ps
     from tqdm import tqdm
 
-    from converters.gather import build_plan, iter_hf_tensors
+    from converters.gather import global_params, iter_hf_tensors
 
     check_output_dir(out, force, inputs=(hf_side_dir,))
     inner = model.module if hasattr(model, "module") else model
     spec = inner.mcore_rl_spec
-    plan = build_plan(inner)
+    params = global_params(inner)
     writer = None
     with removed_on_failure(staging_dir(out)) as tmp:
         if _rank0():
             index, tp = NameIndex(spec), ps.get_tensor_model_parallel_world_size()
             layout = []
-            for e in plan:
+            for e in params:
                 rule, layer = index.mcore(e.global_name)
                 layout += _hf_layout(rule, layer, e.shape, e.dtype, tp, spec)
             writer = _staged_writer(tmp, layout, shard_mb)
         n_hf = len(NameIndex(spec).all_hf_names())
-        tensors = iter_hf_tensors(model, plan=plan)
+        tensors = iter_hf_tensors(model, params=params)
         for name, tensor in tqdm(tensors, total=n_hf, desc="export", unit="tensor", disable=not (progress and _rank0())):
             if writer is not None:
                 writer.add(name, tensor)
@@ -236,14 +236,14 @@ def export_hf(model, hf_side_dir: str, out: str, force: bool = False, shard_mb: 
     return out
 
 
-def checkpoint_plan(spec: ArchSpec, tensors: dict) -> list[tuple[str, int | None, Rule]]:
+def export_order(spec: ArchSpec, tensors: dict) -> list[tuple[str, int | None, Rule]]:
     """(sharded key, layer, rule) for every tensor of a converted checkpoint, in HF order.
 
     `tensors`: sharded key -> (global shape, dtype), as `streaming.checkpoint_tensors` reads
     them. A layer's tensors are stored under `decoder.layers.<name>` with the layers stacked on
     the first axis; local-spec layer norms are stored under their TransformerEngine names.
     """
-    plan, used = {"pre": [], "layers": [], "post": []}, set()
+    order, used = {"pre": [], "layers": [], "post": []}, set()
     seen_layer_rule = False
     for rule in rules_for(spec):
         names = dict.fromkeys([rule.mcore_name(te=True), rule.mcore_name()])
@@ -256,14 +256,14 @@ def checkpoint_plan(spec: ArchSpec, tensors: dict) -> list[tuple[str, int | None
             seen_layer_rule = True
             if tensors[key][0][0] != spec.num_layers:
                 raise CheckpointError(f"{key} holds {tensors[key][0][0]} layers, config.json says {spec.num_layers}")
-            plan["layers"].append((key, rule))
+            order["layers"].append((key, rule))
         else:
-            plan["post" if seen_layer_rule else "pre"].append((key, None, rule))
+            order["post" if seen_layer_rule else "pre"].append((key, None, rule))
     extra = sorted(set(tensors) - used)
     if extra:
         raise CheckpointError(f"the checkpoint has tensors the {spec.family} mapping does not know: {extra[:5]}")
-    by_layer = [(key, i, rule) for i in range(spec.num_layers) for key, rule in plan["layers"]]
-    return plan["pre"] + by_layer + plan["post"]
+    by_layer = [(key, i, rule) for i in range(spec.num_layers) for key, rule in order["layers"]]
+    return order["pre"] + by_layer + order["post"]
 
 
 def mcore_to_hf(mcore_path: str, out: str, force: bool = False, shard_mb: int = 2048, progress: bool = True) -> str:
@@ -315,17 +315,17 @@ def _write_hf(ckpt: str, spec: ArchSpec, hf_side: str, out: str, shard_mb: int, 
     from converters.streaming import checkpoint_tensors, iter_checkpoint
 
     tensors = checkpoint_tensors(ckpt)
-    plan = checkpoint_plan(spec, tensors)
+    order = export_order(spec, tensors)
     writer = None
     with removed_on_failure(staging_dir(out)) as tmp:
         if _rank0():
             layout = []
-            for key, layer, rule in plan:
+            for key, layer, rule in order:
                 shape, dtype = tensors[key]
                 layout += _hf_layout(rule, layer, shape[1:] if layer is not None else shape, dtype, 1, spec)
             writer = _staged_writer(tmp, layout, shard_mb)
-        loaded = iter_checkpoint(ckpt, [(key, layer) for key, layer, _ in plan], tensors)
-        for (_, layer, rule), (_, _, t) in tqdm(zip(plan, loaded), total=len(plan), desc="export", unit="tensor",
+        loaded = iter_checkpoint(ckpt, [(key, layer) for key, layer, _ in order], tensors)
+        for (_, layer, rule), (_, _, t) in tqdm(zip(order, loaded), total=len(order), desc="export", unit="tensor",
                                                 disable=not (progress and _rank0())):
             hf = mapping_mcore_to_hf(rule, [t], spec)
             if writer is not None:

@@ -7,7 +7,7 @@ converter's table (`converters.mapping.mcore_to_hf`, the only copy of the mappin
 
 Tensors are produced one Megatron parameter at a time and handed to the consumer before
 the next is gathered, so extra memory is bounded by the largest parameter (its TP shards
-plus its HF form), never by the model. The plan (names, shapes, owners) is computed once.
+plus its HF form), never by the model. The list of global parameters (names, shapes, owners) is computed once.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from converters.mapping import NameIndex, hf_counterpart, mcore_to_hf
 
 
 @dataclass
-class Entry:
+class GlobalParam:
     stage: int
     global_name: str
     local_name: str  # only meaningful on ranks of `stage`
@@ -36,7 +36,7 @@ def _own_hf_tensors(name: str, model) -> bool:
     return hf_counterpart(name, model.mcore_rl_spec, getattr(model, "mcore_rl_role", "actor")) == name
 
 
-def build_plan(model) -> list[Entry]:
+def global_params(model) -> list[GlobalParam]:
     """The global, ordered parameter list, identical on every rank."""
     from megatron.core import parallel_state as ps
 
@@ -49,10 +49,10 @@ def build_plan(model) -> list[Entry]:
     else:
         stages = [None] * ps.get_pipeline_model_parallel_world_size()
         dist.all_gather_object(stages, mine, group=ps.get_pipeline_model_parallel_group())
-    return [Entry(s, g, loc, shape, dtype) for s, items in enumerate(stages) for g, loc, shape, dtype in items]
+    return [GlobalParam(s, g, loc, shape, dtype) for s, items in enumerate(stages) for g, loc, shape, dtype in items]
 
 
-def iter_hf_tensors(model, source: str = "param", plan: list[Entry] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_hf_tensors(model, source: str = "param", params: list[GlobalParam] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (hf_name, full tensor) for every HF tensor of `model` (unwrapped GPTModel or DDP).
 
     `source="grad"` yields the accumulated gradients (`main_grad`) in HF layout instead.
@@ -62,15 +62,15 @@ def iter_hf_tensors(model, source: str = "param", plan: list[Entry] | None = Non
     inner = model.module if hasattr(model, "module") else model
     spec = inner.mcore_rl_spec
     index = NameIndex(spec)
-    plan = plan if plan is not None else build_plan(inner)
-    params = dict(inner.named_parameters())
+    params = params if params is not None else global_params(inner)
+    local = dict(inner.named_parameters())
     my_stage = ps.get_pipeline_model_parallel_rank()
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     tp_group, pp_group = ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group()
     device = next(inner.parameters()).device
-    for e in plan:
+    for e in params:
         if e.stage == my_stage:
-            p = params[e.local_name]
+            p = local[e.local_name]
             t = (p.main_grad if source == "grad" and hasattr(p, "main_grad") else p.grad if source == "grad" else p).detach()
             if tp > 1:
                 flat = torch.empty((tp * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=device)

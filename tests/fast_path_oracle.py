@@ -33,7 +33,7 @@ def engine_params(engine) -> dict[str, torch.Tensor]:
 
 
 def scramble(params: dict[str, torch.Tensor], seed: int = 0) -> None:
-    """Overwrite every parameter, so that a copy the plan misses shows."""
+    """Overwrite every parameter, so that a copy the program misses shows."""
     g = torch.Generator(device=next(iter(params.values())).device).manual_seed(seed)
     with torch.no_grad():
         for p in params.values():

@@ -76,7 +76,7 @@ def test_round_trip_bit_exact(arch, tp, pp, round_trips, request):
 def _streamed_and_megatron_saved_worker(hf_path, streamed, saved):
     """The same TP=2 shards written by the streaming converter and by megatron's own writer,
     then read back tensor by tensor from both; returns the tensors that differ."""
-    from converters.checkpoint import checkpoint_plan, hf_to_mcore, save_model
+    from converters.checkpoint import export_order, hf_to_mcore, save_model
     from converters.hf_io import load_hf_into_model
     from converters.streaming import checkpoint_tensors, iter_checkpoint
     from mcore_rl.models.arch import arch_from_hf_config
@@ -89,7 +89,7 @@ def _streamed_and_megatron_saved_worker(hf_path, streamed, saved):
     save_model(model, saved)
     a, b = checkpoint_tensors(os.path.join(streamed, "model")), checkpoint_tensors(saved)
     assert a == b  # same keys, global shapes, dtypes
-    keys = [(key, layer) for key, layer, _ in checkpoint_plan(spec, a)]
+    keys = [(key, layer) for key, layer, _ in export_order(spec, a)]
     pairs = zip(iter_checkpoint(os.path.join(streamed, "model"), keys), iter_checkpoint(saved, keys))
     return [(k, layer) for (k, layer, x), (_, _, y) in pairs if not torch.equal(x, y)], len(keys)
 

@@ -43,7 +43,7 @@ def _simulate(world, tp, pp, rtp, order_of):
     batch = mini * 3
     order = order_of(batch, mini)
     held = {r: set(lays[r].rollout_slice(batch, mini)) for r in range(world)}
-    plans = [lay.shard_plan(order, mini) for lay in lays]
+    plans = [lay.prompt_exchange(order, mini) for lay in lays]
     shards = {}
     for r, (recv, send) in enumerate(plans):
         for dst, prompts in send.items():  # what r sends is what dst expects from r
@@ -93,7 +93,7 @@ def test_shards_come_from_the_model_parallel_group(world, tp, pp, rtp):
     order = list(range(mini * 2))
     moved = 0
     for lay in lays:
-        recv, _ = lay.shard_plan(order, mini)
+        recv, _ = lay.prompt_exchange(order, mini)
         for src, ps in recv.items():
             assert lay.coord(src).dp == lay.me.dp or not aligned, (lay.rank, src)
             moved += len(ps)

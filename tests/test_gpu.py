@@ -276,7 +276,7 @@ def test_fast_path_bit_exact_and_greedy(arch, live):
     bad = check_against_hf_path(lv.A, lv.resharder, fast)  # HF path, scramble, fast path, compare
     got = _greedy(lv.A)
     _record(f"fast_path_{arch}", {"mismatched_params": bad, "greedy_equal": got == _greedy(lv.B),
-                                  "plan": [len(fast.plan.copies), len(fast.plan.gathers), len(fast.plan.zeros)]})
+                                  "plan": [len(fast.program.copies), len(fast.program.gathers), len(fast.program.zeros)]})
     assert not bad, f"fast path differs from vLLM's loaders in {bad[:5]}"
     assert got == _greedy(lv.B)
 

@@ -245,9 +245,9 @@ def _sync_worker(hf_path: str, out_dir: str, agree: bool) -> int:
         for p in engine.model.parameters():
             p.zero_()
 
-    class FakeFastSync:  # the real plan needs CUDA and a GPU vLLM engine; this one copies nothing
-        plan = type("Plan", (), {"copies": [], "gathers": []})()
-        plan_seconds = 0.0
+    class FakeFastSync:  # the real copy program needs CUDA and a GPU vLLM engine; this one copies nothing
+        program = type("CopyProgram", (), {"copies": [], "gathers": []})()
+        build_seconds = 0.0
 
         def __init__(self, model, engine):
             pass

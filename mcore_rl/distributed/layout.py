@@ -140,10 +140,10 @@ class Layout:
             return None
         return self.rollout_groups[engine][self.coords[rank].rollout_tp]
 
-    def shard_plan(self, order: Sequence[int], mini: int) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+    def prompt_exchange(self, order: Sequence[int], mini: int) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
         """What this rank receives and sends to build every training shard from the engines'
         outputs: ({source rank: prompts}, {destination rank: prompts}), each list in the
-        receiver's training order. Every rank computes the same plan for its peers."""
+        receiver's training order. Every rank computes the same exchange for its peers."""
         recv: dict[int, list[int]] = {}
         for p in self.train_shard(order, mini):
             src = self.shard_source(p, mini)

@@ -6,7 +6,7 @@ resharder is its loader (`Resharder.load`), by one of two paths:
 * fast (`fast_path.FastSync`): when the engine accepts plain copies into its parameters
   (`WeightTarget.copy_slots`: an in-process vLLM engine on GPU with unquantised weights
   updated in place) and this rank's training shard lines up with its rollout shard (same TP
-  size and rank, PP=1), a precomputed plan copies the Megatron shard straight into vLLM's
+  size and rank, PP=1), a precomputed copy program copies the Megatron shard straight into vLLM's
   fused parameters; bit-identical to the HF-named path, close to the copy floor.
 * HF-named (`converters.gather.iter_hf_tensors` -> `WeightTarget.load_hf`): the general
   case, in bounded buckets. Used wherever the fast path does not apply (CPU, the
@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from converters.gather import build_plan, iter_hf_tensors
+from converters.gather import global_params, iter_hf_tensors
 
 FAST_PATH_MODES = ("auto", "off")
 
@@ -36,7 +36,7 @@ def _agree(reason: str | None) -> str | None:
     """Every rank takes the same path: the fast path only where it applies on all ranks.
 
     The HF-named path runs TP all-gathers and PP broadcasts, the fast path none; one rank on
-    each would leave the other waiting in a collective forever. The plan can apply on one TP
+    each would leave the other waiting in a collective forever. The program can apply on one TP
     rank and not another (e.g. vLLM's vocab shard lines up with Megatron's on rank 0 only).
     """
     import torch.distributed as dist
@@ -65,7 +65,7 @@ class Resharder:
     def __init__(self, model, bucket_mb: int = 512, fast_path: str = "auto"):
         inner = model.module if hasattr(model, "module") else model
         self.model, self.bucket_bytes = model, bucket_mb * 2**20
-        self.plan = build_plan(inner)  # names, shapes, owners: computed once
+        self.params = global_params(inner)  # names, shapes, owners: computed once
         self.fast_reason: str | None = None  # why the last engine does not take the fast path
         self.set_fast_path(fast_path)
 
@@ -77,7 +77,7 @@ class Resharder:
         self._fast = self._fast_target = None  # decided again at the next sync
 
     def why_not_fast(self, target) -> str | None:
-        """None when the fast path applies to the engine's `WeightTarget` (building its plan),
+        """None when the fast path applies to the engine's `WeightTarget` (building its copy program),
         else the reason."""
         if self.fast_path == "off":
             return "actor_rollout_ref.rollout.sync_fast_path=off"
@@ -92,21 +92,21 @@ class Resharder:
                 self._fast = FastSync(self.model, target.copy_slots())
             except NotApplicable as e:
                 self.fast_reason = str(e)
-            except (AttributeError, KeyError, TypeError) as e:  # an engine layout the plan does not know
-                self.fast_reason = f"fast-path plan failed: {type(e).__name__}: {e}"
+            except (AttributeError, KeyError, TypeError) as e:  # an engine layout the program does not know
+                self.fast_reason = f"fast-path program failed: {type(e).__name__}: {e}"
         self.fast_reason = _agree(self.fast_reason)
         if self.fast_reason is not None:
             self._fast = None
         if self.fast_reason is None:
-            _say(f"mcore_rl: weight sync: fast path ({len(self._fast.plan.copies)} copies, "
-                 f"{len(self._fast.plan.gathers)} QKV gathers, plan built in {self._fast.plan_seconds * 1e3:.0f} ms)")
+            _say(f"mcore_rl: weight sync: fast path ({len(self._fast.program.copies)} copies, "
+                 f"{len(self._fast.program.gathers)} QKV gathers, built in {self._fast.build_seconds * 1e3:.0f} ms)")
         else:
             _say(f"mcore_rl: weight sync: HF-named path ({self.fast_reason})")
         return self.fast_reason
 
     def _buckets(self, stats: dict):
         bucket, size = [], 0
-        for name, t in iter_hf_tensors(self.model, plan=self.plan):
+        for name, t in iter_hf_tensors(self.model, params=self.params):
             nbytes = t.numel() * t.element_size()
             if bucket and size + nbytes > self.bucket_bytes:
                 yield from bucket

@@ -1,4 +1,4 @@
-"""Fast weight sync: Megatron shard -> vLLM's fused parameters through a precomputed copy plan.
+"""Fast weight sync: Megatron shard -> vLLM's fused parameters through a precomputed copy prog.
 
 The general path (`Resharder.load_hf`) turns every Megatron parameter into full HF-named
 tensors and hands them to vLLM's per-tensor ``load_weights``, which slices its TP shard and
@@ -18,13 +18,13 @@ qkv_proj (+bias)   ``linear_qkv`` interleaved per query group   one row gather (
 embed / lm_head    vocab shard, Megatron padding to 128         copy valid rows, zero the rest
 =================  ===========================================  ==========================
 
-The plan (destination views, sources, the QKV row permutation `converters.mapping.qkv_rows`)
+The program (destination views, sources, the QKV row permutation `converters.mapping.qkv_rows`)
 is built once; a sync is just those copies: no names, no Python per HF tensor, no
 temporaries. On CUDA the copies are captured once in a CUDA graph and a sync is one graph
 replay (``mode="graph"``); the capture is redone if a parameter's storage moved. vLLM's sleep
 mode (cumem) keeps virtual addresses across sleep/wake, so the graph stays valid.
 
-Whether the plan applies is decided once, from the engine's description of its parameters
+Whether the program applies is decided once, from the engine's description of its parameters
 (`CopySlots`: fused parts, TP shard, heads, vocabulary rows); anything unexpected raises
 `NotApplicable` (use the HF-named path). Every engine parameter must be written exactly as
 vLLM's own loader would write it: the HF-named path is the oracle (bit for bit, in the GPU
@@ -57,7 +57,7 @@ class NotApplicable(RuntimeError):
 
 
 @dataclass
-class Plan:
+class CopyProgram:
     copies: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (dst, src)
     gathers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (dst, src, rows)
     zeros: list[torch.Tensor] = field(default_factory=list)  # vocab padding rows, zeroed like vLLM's loader
@@ -66,8 +66,8 @@ class Plan:
     n_hf_tensors: int = 0
 
 
-def build_plan(mcore_model, slots: CopySlots) -> Plan:
-    """The copy plan from this rank's Megatron shard into the engine's parameters (see module doc)."""
+def build_program(mcore_model, slots: CopySlots) -> CopyProgram:
+    """The copy program from this rank's Megatron shard into the engine's parameters (see module doc)."""
     from megatron.core import parallel_state as ps
 
     inner = mcore_model.module if hasattr(mcore_model, "module") else mcore_model
@@ -80,7 +80,7 @@ def build_plan(mcore_model, slots: CopySlots) -> Plan:
         raise NotApplicable(f"no fast-path layout for family {spec.family!r}")
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     index = NameIndex(spec)
-    plan = Plan()
+    prog = CopyProgram()
     written: dict[str, int] = {}  # engine param -> rows written (to check full coverage)
     per = spec.num_attention_heads // spec.num_query_groups
     d = spec.head_dim
@@ -108,7 +108,7 @@ def build_plan(mcore_model, slots: CopySlots) -> Plan:
         rule, layer = index.mcore(mname)
         hf_names = rule.hf_names(layer)
         src = param.detach()
-        plan.watched.append(param)
+        prog.watched.append(param)
         if rule.kind in ("repl", "row", "col", "gate_up"):
             vname, part, dst, slot = target(hf_names[0])
             if rule.kind == "gate_up":
@@ -121,7 +121,7 @@ def build_plan(mcore_model, slots: CopySlots) -> Plan:
                 check_rank(vname, slot)
             if dst.shape != src.shape:
                 raise NotApplicable(f"{vname}: engine shard {tuple(dst.shape)} != Megatron shard {tuple(src.shape)}")
-            plan.copies.append((dst.data, src))
+            prog.copies.append((dst.data, src))
             written[vname] = dst.shape[0]
         elif rule.kind == "qkv":
             vname, _, dst, slot = target(hf_names[0])
@@ -135,7 +135,7 @@ def build_plan(mcore_model, slots: CopySlots) -> Plan:
             if dst.shape != src.shape:
                 raise NotApplicable(f"{vname}: engine shard {tuple(dst.shape)} != Megatron shard {tuple(src.shape)}")
             rows = qkv_rows(g_local, per, d, src.device)
-            plan.gathers.append((dst.data, src, rows))
+            prog.gathers.append((dst.data, src, rows))
             written[vname] = dst.shape[0]
         elif rule.kind == "vocab":
             vname, _, dst, slot = target(hf_names[0])
@@ -147,56 +147,56 @@ def build_plan(mcore_model, slots: CopySlots) -> Plan:
             if start != tp_rank * rows_m or n > rows_m or dst.shape[1:] != src.shape[1:]:
                 raise NotApplicable(f"{vname}: engine vocab shard [{start}, {start + n}) does not line up with "
                                     f"Megatron's [{tp_rank * rows_m}, {(tp_rank + 1) * rows_m})")
-            plan.copies.append((dst.data[:n], src[:n]))
+            prog.copies.append((dst.data[:n], src[:n]))
             if dst.shape[0] > n:
-                plan.zeros.append(dst.data[n:])
+                prog.zeros.append(dst.data[n:])
             written[vname] = dst.shape[0]
         else:
             raise NotApplicable(f"no fast-path operation for rule kind {rule.kind!r}")
-        plan.n_hf_tensors += len(hf_names)
+        prog.n_hf_tensors += len(hf_names)
     missing = sorted(set(slots.slots) - set(written))
     if missing:
-        raise NotApplicable(f"engine parameters the plan does not write: {missing[:5]}")
-    plan.watched += [slot.param for slot in slots.slots.values()]
-    plan.nbytes = sum(d_.numel() * d_.element_size() for d_, _ in plan.copies) + \
-        sum(d_.numel() * d_.element_size() for d_, _, _ in plan.gathers)
-    return plan
+        raise NotApplicable(f"engine parameters the program does not write: {missing[:5]}")
+    prog.watched += [slot.param for slot in slots.slots.values()]
+    prog.nbytes = sum(d_.numel() * d_.element_size() for d_, _ in prog.copies) + \
+        sum(d_.numel() * d_.element_size() for d_, _, _ in prog.gathers)
+    return prog
 
 
 SMALL_BYTES = 1 << 20  # below this a copy is launch-bound: batch those into one multi-tensor copy
 
 
 @torch.no_grad()
-def run_plan(plan: Plan, mode: str = "hybrid") -> None:
-    """Issue the plan's copies eagerly.
+def run_program(prog: CopyProgram, mode: str = "hybrid") -> None:
+    """Issue the program's copies eagerly.
 
     ``"hybrid"``: one ``copy_`` per large tensor (full-bandwidth copy kernels) and one
     multi-tensor ``_foreach_copy_`` for all tensors under `SMALL_BYTES` (norms, biases);
     ``"foreach"``: one multi-tensor copy for everything; ``"loop"``: one ``copy_`` each.
     """
     if mode == "loop":
-        for dst, src in plan.copies:
+        for dst, src in prog.copies:
             dst.copy_(src)
     elif mode == "hybrid":
-        small = [(d, s) for d, s in plan.copies if d.numel() * d.element_size() < SMALL_BYTES]
-        for dst, src in plan.copies:
+        small = [(d, s) for d, s in prog.copies if d.numel() * d.element_size() < SMALL_BYTES]
+        for dst, src in prog.copies:
             if dst.numel() * dst.element_size() >= SMALL_BYTES:
                 dst.copy_(src)
         if small:
             torch._foreach_copy_([c[0] for c in small], [c[1] for c in small])
-    elif plan.copies:
-        torch._foreach_copy_([c[0] for c in plan.copies], [c[1] for c in plan.copies])
-    for dst, src, rows in plan.gathers:
+    elif prog.copies:
+        torch._foreach_copy_([c[0] for c in prog.copies], [c[1] for c in prog.copies])
+    for dst, src, rows in prog.gathers:
         if dst.dtype == src.dtype:
             torch.index_select(src, 0, rows, out=dst)
         else:
             dst.copy_(src.index_select(0, rows))
-    for z in plan.zeros:
+    for z in prog.zeros:
         z.zero_()
 
 
 class FastSync:
-    """Weight sync into an engine's `CopySlots` by a precomputed copy plan (see module doc).
+    """Weight sync into an engine's `CopySlots` by a precomputed copy program (see module doc).
 
     ``mode``: ``"graph"`` (the ``"hybrid"`` copies captured once in a CUDA graph; default on
     CUDA), or eager: ``"hybrid"`` (large tensors one ``copy_`` each, small ones in one
@@ -211,18 +211,18 @@ class FastSync:
         if self.mode not in ("graph", "hybrid", "foreach", "loop"):
             raise ValueError(f"mode must be graph, hybrid, foreach or loop, got {self.mode!r}")
         t0 = time.perf_counter()
-        self.plan = build_plan(mcore_model, slots)
-        self.plan_seconds = time.perf_counter() - t0
+        self.program = build_program(mcore_model, slots)
+        self.build_seconds = time.perf_counter() - t0
         self._graph = None
         self._ptrs = None
         self.graph_error: str | None = None
         self.captures = 0  # CUDA graph captures so far (1 unless a parameter's storage moved)
 
     def _ptr_key(self):
-        return tuple(p.data_ptr() for p in self.plan.watched)
+        return tuple(p.data_ptr() for p in self.program.watched)
 
     def _eager(self, mode: str):
-        run_plan(self.plan, mode)
+        run_program(self.program, mode)
 
     def _capture(self):
         self._graph = None
@@ -264,5 +264,5 @@ class FastSync:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        return {"sync/seconds": dt, "sync/bytes": self.plan.nbytes, "sync/tensors": self.plan.n_hf_tensors,
-                "sync/GBps": self.plan.nbytes / dt / 1e9 if dt > 0 else 0.0, "sync/graph_captures": self.captures}
+        return {"sync/seconds": dt, "sync/bytes": self.program.nbytes, "sync/tensors": self.program.n_hf_tensors,
+                "sync/GBps": self.program.nbytes / dt / 1e9 if dt > 0 else 0.0, "sync/graph_captures": self.captures}

@@ -69,7 +69,7 @@ def training_shard(local: Shard, order: list[int], layout, mini: int, n: int) ->
     """This rank's training shard: its prompts of `order`, from its own engine's samples and
     those its peers send (the layout's exchange; nothing moves when the shard is local)."""
     seq_len = local.input_ids.shape[1]
-    recv, send = layout.shard_plan(order, mini)
+    recv, send = layout.prompt_exchange(order, mini)
     got = comm.exchange({dst: local.take_prompts(ps).to_bytes() for dst, ps in send.items()},
                         {src: Shard.wire_bytes(len(ps) * n, seq_len) for src, ps in recv.items()})
     parts = [local] + [Shard.from_bytes(got[src], len(ps) * n, seq_len) for src, ps in recv.items()]
