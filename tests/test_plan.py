@@ -404,12 +404,12 @@ def test_1_5b_with_8192_token_responses_fits_one_gpu_with_a_token_budget(qwen_1_
 
 
 def test_1_5b_with_8192_token_responses_padded_rows_do_not_fit(qwen_1_5b_dir, capsys):
-    """The same run without packing: 8 padded rows of 9216 tokens per micro-batch (the default)."""
+    """The same run without packing: 8 padded rows of 9216 tokens per micro-batch (the default rows)."""
     model = f"actor_rollout_ref.model.path={qwen_1_5b_dir}"
-    rc, est = _plan_json(capsys, *LONG, model, "--gpu-mem-gib", "141")
+    rc, est = _plan_json(capsys, *LONG, model, "--gpu-mem-gib", "141", "actor_rollout_ref.actor.use_dynamic_bsz=false")
     assert rc == 1 and est["peak_phase"] == "actor train" and est["peak"] > 2 * 141 * GiB
     assert any("lower actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu" in m for m in est["problems"])
-    assert plan.main([*LONG, model, "--gpu-mem-gib", "141"]) == 1
+    assert plan.main([*LONG, model, "--gpu-mem-gib", "141", "actor_rollout_ref.actor.use_dynamic_bsz=false"]) == 1
     out = capsys.readouterr().out
     assert "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8 (rows; <= 73728 tokens)" in out
     assert "DOES NOT FIT" in out
@@ -459,7 +459,7 @@ def test_cli_reads_the_trainers_defaults_and_keys(model_dir, capsys):
                     "trainer.n_gpus_per_node=4", "actor_rollout_ref.rollout.tensor_model_parallel_size=4",
                     "actor_rollout_ref.rollout.gpu_memory_utilization=0.6", "actor_rollout_ref.model.dtype=float32",
                     "actor_rollout_ref.actor.use_distributed_optimizer=true",
-                    "actor_rollout_ref.rollout.free_cache_engine=false",
+                    "actor_rollout_ref.rollout.free_cache_engine=false", "actor_rollout_ref.actor.use_dynamic_bsz=false",
                     "data.max_prompt_length=100", "data.max_response_length=28"])
     assert rc == 0
     doc = json.loads(capsys.readouterr().out)

@@ -88,12 +88,14 @@ def compute_values(critic, shard: Shard, micro: int, max_tokens: int | None = No
 
 
 def _mean_metrics(out: list[dict], dp_group) -> dict[str, float]:
-    """Mean over this rank's micro-batches, then over DP (of the per-rank means: with token-budget
-    micro-batches the ranks may have different numbers of them)."""
-    keys = list(out[0].keys()) if out else []
-    local = [float(torch.stack([torch.as_tensor(o[k], dtype=torch.float64) for o in out]).mean()) for k in keys]
-    dp = group_size(dp_group)
-    return dict(zip(keys, [v / dp for v in all_reduce_scalars(local, dp_group)]))
+    """Per-token rates (clip fractions, approximate KL) of the whole mini-batch: each micro-batch's
+    masked mean weighted by its tokens (`_tokens`), summed over micro-batches and DP ranks. So the
+    value does not depend on how rows are grouped into micro-batches (packed or padded) or ranks."""
+    keys = [k for k in (out[0] if out else {}) if k != "_tokens"]
+    tokens = [float(o["_tokens"]) for o in out]
+    sums = [sum(float(o[k]) * t for o, t in zip(out, tokens)) for k in keys] + [sum(tokens)]
+    *sums, total = all_reduce_scalars(sums, dp_group)
+    return {k: v / max(total, 1.0) for k, v in zip(keys, sums)}
 
 
 def _step(model, opt, loss_finite: bool = True) -> tuple[bool, float]:
@@ -185,7 +187,7 @@ def update_actor(actor, opt, shard: Shard, cfg, minis: list[range], dp_group) ->
                 if want_ent:
                     loss = loss - a.entropy_coeff * ent_loss
                 metrics = {"actor/pg_loss": pg.detach(), "actor/entropy": ent_loss.detach(),
-                           "actor/pg_clipfrac": m["clipfrac"], "actor/ppo_kl": m["approx_kl"]}
+                           "actor/pg_clipfrac": m["clipfrac"], "actor/ppo_kl": m["approx_kl"], "_tokens": mask.sum()}
                 if use_kl:
                     kl = agg_loss(kl_penalty(logp, mb["ref_logp"], a.kl_loss_type), mask, agg, denominator=denom,
                                   norm_len=norm_len)
@@ -221,7 +223,7 @@ def update_critic(critic, opt, shard: Shard, cfg, minis: list[range], dp_group) 
             def fn(v, mb, denom=denom):
                 vl, m = value_loss(per_sequence(v[:, :-1, 0].float(), mb), mb["old_values"], mb["returns"], mb["mask"],
                                    clip=c.cliprange_value, agg=agg, denominator=denom, norm_len=norm_len)
-                return vl, {"critic/loss": vl.detach(), "critic/vf_clipfrac": m["vf_clipfrac"]}
+                return vl, {"critic/loss": vl.detach(), "critic/vf_clipfrac": m["vf_clipfrac"], "_tokens": mb["mask"].sum()}
 
             budget = c.ppo_max_token_len_per_gpu if cfg.actor_rollout_ref.actor.use_dynamic_bsz else None
             out = run_microbatches(critic, _micro_batches(shard, rows, c.ppo_micro_batch_size_per_gpu,
@@ -230,7 +232,7 @@ def update_critic(critic, opt, shard: Shard, cfg, minis: list[range], dp_group) 
             ok, grad_norm = _step(critic, opt, _finite(out, "critic/loss"))
             bad += not ok
             loss = all_reduce_scalars([float(torch.stack([o["critic/loss"] for o in out]).sum())], dp_group)[0]
-            m = _mean_metrics([{"critic/vf_clipfrac": o["critic/vf_clipfrac"]} for o in out], dp_group)
+            m = _mean_metrics([{k: o[k] for k in ("critic/vf_clipfrac", "_tokens")} for o in out], dp_group)
             history.append({"critic/loss": loss, **m, "critic/grad_norm": grad_norm})
     result = {k: sum(h[k] for h in history) / len(history) for k in history[0]}
     result["critic/skipped_updates"] = bad
