@@ -233,9 +233,11 @@ def test_fitting_follows_the_data_parallel_size():
 def test_sizes_the_user_wrote_are_never_changed(tmp_path):
     with pytest.raises(ConfigError, match=r"data.train_batch_size=4 is not a multiple of actor.ppo_mini_batch_size=32"):
         check_sizes(load_config(None, QUICK_START + ["actor_rollout_ref.actor.ppo_mini_batch_size=32"], world_size=1), 1)
+    padded = ["actor_rollout_ref.actor.use_dynamic_bsz=false", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=16"]
     with pytest.raises(ConfigError, match=r"is not divisible by DP=1 x actor.ppo_micro_batch_size_per_gpu=16"):
-        check_sizes(load_config(None, QUICK_START + ["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=16"],
-                                world_size=1), 1)
+        check_sizes(load_config(None, QUICK_START + padded, world_size=1), 1)
+    # packed micro-batches are sized by token budgets: the row count is not used, so not checked
+    check_sizes(load_config(None, QUICK_START + padded[1:], world_size=1), 1)
     own = tmp_path / "mine.yaml"  # the user's own YAML counts as written by the user; a shipped preset does not
     own.write_text("actor_rollout_ref:\n  actor:\n    ppo_mini_batch_size: 32\n")
     cfg, explicit = read_config(own, ["data.train_batch_size=4"])

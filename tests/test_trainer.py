@@ -108,7 +108,7 @@ def test_bad_config_errors(capsys):
     assert _main(["data.train_batch_sise=8"]) == 2
     err = capsys.readouterr().err
     assert "unknown config key 'data.train_batch_sise'" in err and "data.train_batch_size" in err
-    assert _main(["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=5"]) == 2
+    assert _main(["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=5", "actor_rollout_ref.actor.use_dynamic_bsz=false"]) == 2
     err = capsys.readouterr().err
     assert "not divisible by DP=1 x actor.ppo_micro_batch_size_per_gpu=5" in err
     assert _main(["algorithm.adv_estimator=grpo"]) == 2

@@ -297,8 +297,10 @@ def check_sizes(cfg: DictConfig, world_size: int, spec=None) -> None:
         problems.append(f"actor.ppo_mini_batch_size={a.actor.ppo_mini_batch_size} is not divisible by DP={dp}: "
                         f"every mini-batch is split by whole prompts (with their rollout.n samples) over DP ranks")
     mini = a.actor.ppo_mini_batch_size * n
-    for name, micro in (("actor.ppo_micro_batch_size_per_gpu", a.actor.ppo_micro_batch_size_per_gpu),
-                        ("critic.ppo_micro_batch_size_per_gpu", cfg.critic.ppo_micro_batch_size_per_gpu)):
+    micros = () if a.actor.use_dynamic_bsz else (  # packed: token budgets size the micro-batches, not rows
+        ("actor.ppo_micro_batch_size_per_gpu", a.actor.ppo_micro_batch_size_per_gpu),
+        ("critic.ppo_micro_batch_size_per_gpu", cfg.critic.ppo_micro_batch_size_per_gpu))
+    for name, micro in micros:
         if mini % (dp * micro):
             problems.append(f"mini-batch of {mini} sequences (ppo_mini_batch_size={a.actor.ppo_mini_batch_size} x "
                             f"rollout.n={n}) is not divisible by DP={dp} x {name}={micro}")
