@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from mcore_rl.config import needs_reference, uses_critic
 from mcore_rl.models.arch import ArchSpec, arch_from_hf_config
 
 __all__ = ["ParamCounts", "JobShape", "ModelMemory", "MemoryEstimate", "count_params", "params_per_gpu",
@@ -402,8 +403,7 @@ def job_shape_from_config(cfg, nodes: int, gpus_per_node: int, gpu_mem_gib: floa
         micro_batch=a.actor.ppo_micro_batch_size_per_gpu, critic_micro_batch=cfg.critic.ppo_micro_batch_size_per_gpu,
         max_prompt_length=cfg.data.max_prompt_length, max_response_length=cfg.data.max_response_length,
         train_batch_size=cfg.data.train_batch_size,
-        critic=cfg.algorithm.adv_estimator == "gae",  # as the trainer decides
-        ref=a.actor.use_kl_loss or cfg.algorithm.use_kl_in_reward,
+        critic=uses_critic(cfg), ref=needs_reference(cfg),
         log_prob_micro_batch=r.log_prob_micro_batch_size_per_gpu,
         ref_log_prob_micro_batch=a.ref.log_prob_micro_batch_size_per_gpu,
         dynamic_bsz=a.actor.use_dynamic_bsz, ppo_max_token_len=a.actor.ppo_max_token_len_per_gpu,

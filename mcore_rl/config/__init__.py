@@ -221,6 +221,16 @@ def read_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     return cfg, explicit
 
 
+def uses_critic(cfg: DictConfig) -> bool:
+    """The algorithm trains a critic (GAE advantages)."""
+    return cfg.algorithm.adv_estimator == "gae"
+
+
+def needs_reference(cfg: DictConfig) -> bool:
+    """The algorithm needs the frozen reference policy (KL loss, or KL in the reward)."""
+    return bool(cfg.actor_rollout_ref.actor.use_kl_loss or cfg.algorithm.use_kl_in_reward)
+
+
 def launch_world_size() -> int:
     """Ranks of this job as the launcher says (torchrun's WORLD_SIZE, else Slurm's task count, else 1)."""
     return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))

@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig
 
 from converters.hf_io import load_hf_into_model
+from mcore_rl.config import needs_reference, uses_critic
 from mcore_rl.models.arch import ArchSpec
 from mcore_rl.models.build import build_model
 from mcore_rl.models.optim import LRSchedule, wrap_for_training
@@ -86,14 +87,6 @@ def build_models(cfg: DictConfig, spec: ArchSpec, path: str) -> Models:
     if needs_reference(cfg):
         models.ref = model("reference")[0]
     return models
-
-
-def uses_critic(cfg: DictConfig) -> bool:
-    return cfg.algorithm.adv_estimator == "gae"
-
-
-def needs_reference(cfg: DictConfig) -> bool:
-    return bool(cfg.actor_rollout_ref.actor.use_kl_loss or cfg.algorithm.use_kl_in_reward)
 
 
 def build_engine(cfg: DictConfig, path: str):

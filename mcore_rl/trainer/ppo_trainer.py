@@ -244,8 +244,7 @@ class PPOTrainer:
                                           seed=cfg.trainer.seed * 1_000_003 + self.step * 100_003, prompts=tuple(slice_))
         return rollouts.generate_and_score(
             self.engine, self.rewards, self.tokenizer, self.layout, rows, slice_, sampling, cfg.reward.strict,
-            cfg.data.max_prompt_length, cfg.data.max_response_length, self.pad_id, timing,
-            after_generate=lambda: timing.update(self.engine.release()))  # the engine sleeps, if it may
+            cfg.data.max_prompt_length, cfg.data.max_response_length, self.pad_id, timing)
 
     def _reward_metrics(self, local: Shard) -> dict:
         return rollouts.reward_metrics(local, self.layout.leads_engine)

@@ -58,15 +58,14 @@ def share_scores(scores: list[float], where: list[int], total: int, leads: bool)
 
 def generate_and_score(engine, rewards, tokenizer, layout, rows: list, slice_: list[int], sampling: SliceSampling,
                        strict: bool, max_prompt_len: int, max_response_len: int, pad_id: int,
-                       timing: dict, after_generate=None) -> Shard:
+                       timing: dict) -> Shard:
     """This engine's samples of the prompts `rows[j] for j in slice_`, scored, as a padded `Shard`.
-    `after_generate` runs between the two (the engine going to sleep); timings go to `timing`."""
+    The engine is released (asleep, if it may) before scoring; timings go to `timing`."""
     mine = [rows[j] for j in slice_]
     t = time.perf_counter()
     outs = engine.generate([row.input_ids for row in mine], sampling) if mine else []
     timing["timing/generate"] = time.perf_counter() - t
-    if after_generate is not None:
-        after_generate()
+    timing.update(engine.release())
     t = time.perf_counter()
     texts = tokenizer.batch_decode([o.token_ids for o in outs], skip_special_tokens=True)
     scores, errors = score_once(rewards, layout, [mine[o.prompt_index].prompt for o in outs], texts,
