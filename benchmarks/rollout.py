@@ -8,7 +8,11 @@ and are timed alternately on the same token-id prompts with the same `SamplingPa
 wrapper adds the prompt conversion, the per-sample `RolloutOutput` with per-token log-probs
 and the finish-reason checks. ``standalone-nolp`` (no log-probs requested) shows what the
 log-probs themselves cost. The optional ``wrapper-sleep`` row is the trainer's default
-(``enable_sleep_mode=True``: cumem allocator).
+(``enable_sleep_mode=True``: cumem allocator). Two more rows use the wrapper's own engine, so
+they run at any TP: ``wrapper-raw`` sends the wrapper's exact `SamplingParams` through
+``vllm.LLM.generate`` (the wrapper's Python around the call, left out), and ``wrapper-seeded``
+is the wrapper with per-sample seeds, as the trainer samples (every sample its own seed, so
+that samples do not depend on which engine generates them).
 
 Workloads (ignore_eos, so every sample has exactly max_tokens tokens):
   ``64x1x256``: 64 prompts of 64 tokens, n=1, 256 new tokens, T=1 (the baseline of earlier measurements)
@@ -60,8 +64,8 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     ap.add_argument("--tmp", default="/tmp/mcore_rl_bench")
     ap.add_argument("--tp", type=int, default=1, help="rollout TP (> 1: run under torchrun with that many processes)")
-    ap.add_argument("--engines", default=None, help="comma list of wrapper, standalone, standalone-nolp, "
-                    "wrapper-sleep (default: all that fit: TP=1 all, TP>1 one engine per process)")
+    ap.add_argument("--engines", default=None, help="comma list of wrapper, wrapper-raw, wrapper-seeded, standalone, "
+                    "standalone-nolp, wrapper-sleep (default: all that fit: TP=1 all, TP>1 one engine per process)")
     ap.add_argument("--name", default=None, help="JSON name (default rollout, rollout_cpu on CPU)")
     ap.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), default=None,
                     help="print A's tokens/s over B's per workload (two --engines runs) and exit")
@@ -124,6 +128,8 @@ def main(argv=None):
         rng = random.Random(0)
         prompts = [[rng.randrange(100, 150000) for _ in range(w["prompt_len"])] for _ in range(w["prompts"])]
         sampling = Sampling(n=w["n"], temperature=1.0, max_tokens=w["max_tokens"], ignore_eos=True, logprobs=True)
+        seeded = Sampling(n=w["n"], temperature=1.0, max_tokens=w["max_tokens"], ignore_eos=True, logprobs=True,
+                          seed=1234)
         if "wrapper" in engines:
             params = engines["wrapper"]._params(sampling, 0)  # the exact SamplingParams the wrapper sends
         else:  # the same fields, written out (a standalone-only run at TP > 1)
@@ -138,15 +144,22 @@ def main(argv=None):
             assert all(len(o.logprobs) == len(o.token_ids) for o in outs)
             return sum(len(o.token_ids) for o in outs)
 
-        def run_standalone(p):
-            outs = engines["standalone"].generate(tok_prompts, p, use_tqdm=False)
+        def run_standalone(p, llm=None):
+            outs = (llm or engines["standalone"]).generate(tok_prompts, p, use_tqdm=False)
             return sum(len(c.token_ids) for o in outs for c in o.outputs)
+
+        def run_seeded(e):
+            outs = e.generate(prompts, seeded)
+            return sum(len(o.token_ids) for o in outs)
 
         cases = {"wrapper": lambda: run_wrapper(engines["wrapper"]),
                  "standalone": lambda: run_standalone(params),
                  "standalone-nolp": lambda: run_standalone(params_nolp),
-                 "wrapper-sleep": lambda: run_wrapper(engines["wrapper-sleep"])}
-        cases = {k: fn for k, fn in cases.items() if k in wanted and (k in engines or k == "standalone-nolp")}
+                 "wrapper-sleep": lambda: run_wrapper(engines["wrapper-sleep"]),
+                 "wrapper-raw": lambda: run_standalone(params, engines["wrapper"].llm),
+                 "wrapper-seeded": lambda: run_seeded(engines["wrapper"])}
+        cases = {k: fn for k, fn in cases.items()
+                 if k in wanted and (k in engines or k == "standalone-nolp" or k in ("wrapper-raw", "wrapper-seeded") and "wrapper" in engines)}
         times = {k: [] for k in cases}
         ntok = {}
         for k, fn in cases.items():  # warm-up (first batch of this shape)

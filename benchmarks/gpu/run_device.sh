@@ -76,13 +76,19 @@ perf2)
         actor_rollout_ref.rollout.tensor_model_parallel_size=2 \
         2>&1 | tee "$OUT/grpo_step_7b_tp2.log" | grep -v -i "warn\|INFO" | tail -10 ;;
     rollout)
-      # one engine per process at TP=2, so the two engines alternate: wrapper, standalone, wrapper,
-      # standalone (run-to-run drift on this machine is larger than the difference measured)
+      # one engine per process at TP=2, so the two engines alternate, wrapper, standalone, standalone,
+      # wrapper (run-to-run drift on this machine is larger than the difference measured). The wrapper's
+      # runs also time its own engine through vLLM's call (wrapper-raw: our Python around the call left
+      # out) and, in the first, with per-sample seeds as the trainer samples (wrapper-seeded)
       for _r in 1 2; do
-        for _e in wrapper standalone; do
-          timeout 150 torchrun --nproc_per_node=2 --master_port=$((29600 + _r)) benchmarks/rollout.py --tp 2 --engines $_e \
-            --workloads ${ROLLOUT_WORKLOADS:-32x8x512} --out "$OUT" --name rollout_tp2_${_e}_r$_r 2>&1 \
-            | tee "$OUT/rollout_tp2_${_e}_r$_r.log" | grep -v -i "warn\|INFO" | tail -3
+        _ord="wrapper standalone"; [ $_r = 2 ] && _ord="standalone wrapper"
+        for _e in $_ord; do
+          _eng=$_e; _lim=110
+          if [ $_e = wrapper ]; then _eng="wrapper,wrapper-raw"; _lim=160; fi
+          if [ $_e = wrapper ] && [ $_r = 1 ]; then _eng="wrapper,wrapper-raw,wrapper-seeded"; _lim=200; fi
+          timeout $_lim torchrun --nproc_per_node=2 --master_port=$((29600 + _r)) benchmarks/rollout.py --tp 2 --engines $_eng \
+            --reps ${ROLLOUT_REPS:-3} --workloads ${ROLLOUT_WORKLOADS:-32x8x512} --out "$OUT" --name rollout_tp2_${_e}_r$_r 2>&1 \
+            | tee "$OUT/rollout_tp2_${_e}_r$_r.log" | grep -v -i "warn\|INFO" | tail -5
         done
         python3 benchmarks/rollout.py --compare "$OUT/rollout_tp2_wrapper_r$_r.json" "$OUT/rollout_tp2_standalone_r$_r.json" \
           2>&1 | tee "$OUT/rollout_tp2_compare_r$_r.txt"
