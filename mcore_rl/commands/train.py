@@ -42,7 +42,19 @@ def _train(argv: list[str], after_fit) -> int:
     cfg = load_config(config, overrides)
     from mcore_rl.trainer.ppo_trainer import NonFiniteError, PPOTrainer
 
-    trainer = PPOTrainer(cfg)
+    bridge = None
+    if cfg.actor_rollout_ref.rollout.placement == "split":
+        bridge = _split(cfg)
+        if bridge.side == "rollout":
+            from mcore_rl.trainer.split import RolloutSide
+
+            side = RolloutSide(cfg, bridge)
+            try:
+                side.run()
+            finally:
+                side.close()
+            return 0
+    trainer = PPOTrainer(cfg, bridge=bridge)
     try:
         trainer.fit()
         if after_fit is not None:
@@ -53,6 +65,15 @@ def _train(argv: list[str], after_fit) -> int:
     finally:
         trainer.close()
     return 0
+
+
+def _split(cfg):
+    """Split placement: the sizes checked, then this rank's side (collective over the job)."""
+    from mcore_rl.config import check_sizes, launch_world_size
+    from mcore_rl.distributed.bridge import start_split
+
+    check_sizes(cfg, launch_world_size())  # before any process group forms
+    return start_split(cfg.actor_rollout_ref.rollout.n_gpus, cfg.trainer.dist_timeout_s)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ DEFAULTS = CONFIG_DIR / "defaults.yaml"
 TOY = CONFIG_DIR / "toy.yaml"
 
 __all__ = ["CONFIG_DIR", "DEFAULTS", "TOY", "ConfigError", "load_config", "read_config", "fit_batch_sizes",
-           "check_sizes", "launch_world_size", "to_plain"]
+           "check_sizes", "launch_world_size", "train_world_size", "to_plain"]
 
 
 class ConfigError(ValueError):
@@ -231,6 +231,12 @@ def needs_reference(cfg: DictConfig) -> bool:
     return bool(cfg.actor_rollout_ref.actor.use_kl_loss or cfg.algorithm.use_kl_in_reward)
 
 
+def train_world_size(cfg: DictConfig, world_size: int) -> int:
+    """Ranks that train: all of them, or with split placement those that do not only generate."""
+    r = cfg.actor_rollout_ref.rollout
+    return world_size - r.n_gpus if r.placement == "split" else world_size
+
+
 def launch_world_size() -> int:
     """Ranks of this job as the launcher says (torchrun's WORLD_SIZE, else Slurm's task count, else 1)."""
     return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
@@ -260,7 +266,8 @@ def fit_batch_sizes(cfg: DictConfig, explicit: set[str], world_size: int) -> Non
     """
     a = cfg.actor_rollout_ref
     model_parallel = a.actor.megatron.tensor_model_parallel_size * a.actor.megatron.pipeline_model_parallel_size
-    if world_size % model_parallel:
+    world_size = train_world_size(cfg, world_size)
+    if world_size < 1 or world_size % model_parallel:
         return  # check_sizes names the problem
     dp, batch = world_size // model_parallel, cfg.data.train_batch_size
     changed = []
@@ -294,10 +301,27 @@ def check_sizes(cfg: DictConfig, world_size: int, spec=None) -> None:
     tp, pp = a.actor.megatron.tensor_model_parallel_size, a.actor.megatron.pipeline_model_parallel_size
     rtp = a.rollout.tensor_model_parallel_size
     problems = []
-    if world_size % (tp * pp):
-        problems.append(f"world size {world_size} is not divisible by TP={tp} x PP={pp}")
-    if world_size % rtp:
-        problems.append(f"world size {world_size} is not divisible by rollout TP={rtp}")
+    job = world_size
+    if a.rollout.placement == "split":
+        world_size, rollout_world = job - a.rollout.n_gpus, a.rollout.n_gpus
+        if not 0 < rollout_world < job:
+            problems.append(f"placement=split: rollout.n_gpus={rollout_world} must leave both sides at least one of "
+                            f"the {job} ranks started")
+        elif rollout_world % rtp:
+            problems.append(f"rollout.n_gpus={rollout_world} is not divisible by rollout TP={rtp}")
+        if cfg.trainer.test_freq > 0:
+            problems.append("trainer.test_freq > 0 with placement=split: validation runs only with colocated placement")
+    else:
+        if a.rollout.n_gpus:
+            problems.append(f"rollout.n_gpus={a.rollout.n_gpus} needs rollout.placement=split")
+        if cfg.async_training.staleness:
+            problems.append(f"async_training.staleness={cfg.async_training.staleness} needs rollout.placement=split "
+                            f"(colocated ranks generate and train in turn)")
+        if world_size % rtp:
+            problems.append(f"world size {world_size} is not divisible by rollout TP={rtp}")
+    if world_size > 0 and world_size % (tp * pp):
+        problems.append(f"{'training ranks' if job != world_size else 'world size'} {world_size} is not divisible "
+                        f"by TP={tp} x PP={pp}")
     dp = max(world_size // (tp * pp), 1)
     n = a.rollout.n
     if a.actor.ppo_mini_batch_size > cfg.data.train_batch_size or cfg.data.train_batch_size % a.actor.ppo_mini_batch_size:
@@ -328,9 +352,9 @@ def check_sizes(cfg: DictConfig, world_size: int, spec=None) -> None:
     t = cfg.trainer
     if (t.nnodes is None) != (t.n_gpus_per_node is None):
         problems.append("trainer.nnodes and trainer.n_gpus_per_node go together (or leave both null)")
-    elif t.nnodes is not None and t.nnodes * t.n_gpus_per_node != world_size:
+    elif t.nnodes is not None and t.nnodes * t.n_gpus_per_node != job:
         problems.append(f"trainer.nnodes={t.nnodes} x trainer.n_gpus_per_node={t.n_gpus_per_node} != "
-                        f"{world_size} ranks started (torchrun --nnodes/--nproc_per_node, or Slurm tasks)")
+                        f"{job} ranks started (torchrun --nnodes/--nproc_per_node, or Slurm tasks)")
     if spec is not None:
         try:
             spec.check_parallel(tp, pp)

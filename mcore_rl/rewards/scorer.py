@@ -39,7 +39,7 @@ def _serve(spec, conn, parent_pid: int, pdeathsig: bool) -> None:
     while True:
         try:
             prompts, responses, ground_truths = conn.recv()
-        except EOFError:  # the trainer closed the pipe
+        except (EOFError, OSError):  # the trainer closed the pipe (or went away: "connection reset")
             return
         for i, (p, r, g) in enumerate(zip(prompts, responses, ground_truths)):
             score, error, _ = score_one(fn, p, r, g)

@@ -89,8 +89,9 @@ def build_models(cfg: DictConfig, spec: ArchSpec, path: str) -> Models:
     return models
 
 
-def build_engine(cfg: DictConfig, path: str):
-    """The rollout engine for this rank (vLLM or the HF reference engine), at the rollout TP size."""
+def build_engine(cfg: DictConfig, path: str, sleep: bool | None = None):
+    """The rollout engine for this rank (vLLM or the HF reference engine), at the rollout TP size.
+    `sleep`: whether it frees its memory between rollouts (default: rollout.free_cache_engine)."""
     r = cfg.actor_rollout_ref.rollout
     return make_engine(
         r.name, model_path=path, tensor_parallel_size=r.tensor_model_parallel_size,
@@ -98,4 +99,4 @@ def build_engine(cfg: DictConfig, path: str):
         gpu_memory_utilization=r.gpu_memory_utilization,
         max_model_len=cfg.data.max_prompt_length + cfg.data.max_response_length,
         enforce_eager=r.enforce_eager, kv_cache_gib_cpu=r.kv_cache_gib_cpu, kv_cache_gib=r.kv_cache_gib,
-        enable_sleep_mode=bool(r.free_cache_engine), logprobs_mode=r.logprobs_mode.removesuffix("_logprobs"))
+        enable_sleep_mode=bool(r.free_cache_engine) if sleep is None else sleep, logprobs_mode=r.logprobs_mode.removesuffix("_logprobs"))

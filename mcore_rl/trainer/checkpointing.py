@@ -348,8 +348,9 @@ def all_finite(*models) -> bool:
 
 
 def save_checkpoint(root: str, step: int, *, actor, actor_opt, critic=None, critic_opt=None,
-                    hf_side_dir: str, trainer_state: dict, keep: int | None = None) -> str:
-    """Collective. Returns the published checkpoint path."""
+                    hf_side_dir: str, trainer_state: dict, keep: int | None = None, rank_state: dict | None = None) -> str:
+    """Collective. Returns the published checkpoint path. `rank_state`: this rank's own extra
+    state (e.g. the samples of a batch in flight), saved beside its RNG state."""
     final = os.path.join(root, step_dir_name(step))
     tmp = os.path.join(root, f".{step_dir_name(step)}.tmp")
     if _rank() == 0:
@@ -363,7 +364,7 @@ def save_checkpoint(root: str, step: int, *, actor, actor_opt, critic=None, crit
     save_model_and_optimizer(actor, actor_opt, os.path.join(tmp, "actor"))
     if critic is not None:
         save_model_and_optimizer(critic, critic_opt, os.path.join(tmp, "critic"))
-    torch.save(rng_state(), os.path.join(tmp, "rng", f"rank_{_rank():05d}.pt"))
+    torch.save({**rng_state(), "rank_state": rank_state}, os.path.join(tmp, "rng", f"rank_{_rank():05d}.pt"))
     _barrier()
     if _rank() == 0:
         inner = _inner(actor)  # `actor/` doubles as a converter checkpoint
@@ -390,8 +391,8 @@ def save_checkpoint(root: str, step: int, *, actor, actor_opt, critic=None, crit
 
 
 def load_checkpoint(ckpt: str, *, actor, actor_opt, critic=None, critic_opt=None, layout: dict) -> dict:
-    """Collective. Loads weights and optimizer states (any saved layout), and RNG states when the
-    layout is the one saved; returns the trainer state."""
+    """Collective. Loads weights and optimizer states (any saved layout), and RNG states and this
+    rank's `rank_state` when the layout is the one saved; returns the trainer state."""
     from torch.distributed.checkpoint.api import CheckpointException
 
     state = read_state(ckpt)
@@ -407,9 +408,11 @@ def load_checkpoint(ckpt: str, *, actor, actor_opt, critic=None, critic_opt=None
         raise CheckpointError(f"checkpoint {ckpt} cannot be loaded ({last_line(e)}); resume from an earlier one "
                               f"with trainer.resume=PATH") from e
     rng = os.path.join(ckpt, "rng", f"rank_{_rank():05d}.pt")
+    state["rank_state"] = None
     if state.get("layout") == layout and os.path.exists(rng):
-        set_rng_state(torch.load(rng, weights_only=False))
-        state["rng_restored"] = True
+        saved = torch.load(rng, weights_only=False)
+        set_rng_state(saved)
+        state["rng_restored"], state["rank_state"] = True, saved.get("rank_state")
     else:
         state["rng_restored"] = False
     return state

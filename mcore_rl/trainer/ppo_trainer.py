@@ -34,7 +34,7 @@ from mcore_rl.distributed.layout import describe_layout, rank_layout
 from mcore_rl.distributed.watchdog import stack_dump_after
 from mcore_rl.models.arch import arch_from_hf_config
 from mcore_rl.resharding import Resharder
-from mcore_rl.trainer import build, checkpointing, rollouts, shaping
+from mcore_rl.trainer import build, checkpointing, rollouts, shaping, split
 from mcore_rl.trainer.batch import Shard, last_token_rewards
 from mcore_rl.trainer.inputs import load_inputs
 from mcore_rl.trainer.ppo_update import compute_logprobs, compute_values, update_actor, update_critic
@@ -47,7 +47,7 @@ warnings.filterwarnings("ignore", category=FutureWarning, message=".*all_gather_
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: weights sync by reference
 
 # the phases of a step, in `timing/<phase>`; timing/other is the step's time outside them
-PHASES = ("sync", "wake", "generate", "sleep", "reward", "shard", "logprob", "advantage", "train")
+PHASES = ("sync", "wake", "generate", "sleep", "reward", "wait_rollout", "shard", "logprob", "advantage", "train")
 
 
 def _rank0() -> bool:
@@ -71,13 +71,15 @@ class NonFiniteError(RuntimeError):
 
 
 class PPOTrainer:
-    def __init__(self, cfg: DictConfig):
-        self.cfg = cfg
+    """`bridge`: with split placement, this rank's link to the rollout ranks (it only trains)."""
+
+    def __init__(self, cfg: DictConfig, bridge=None):
+        self.cfg, self.bridge = cfg, bridge
         a = cfg.actor_rollout_ref
         tp, pp = a.actor.megatron.tensor_model_parallel_size, a.actor.megatron.pipeline_model_parallel_size
         if cfg.trainer.device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("trainer.device=cuda but CUDA is not available")
-        world = launch_world_size()
+        world = bridge.world if bridge is not None else launch_world_size()
         check_sizes(cfg, world)  # before any process group forms
         self.output_dir = cfg.trainer.output_dir or build.default_output_dir(cfg)
         self.checkpoint_root = os.path.join(self.output_dir, "checkpoints")
@@ -92,6 +94,9 @@ class PPOTrainer:
         self.tokenizer, self.pad_id, self.dataset, self.loader, self.rewards = load_inputs(
             cfg, self.model_path, self.output_dir)
         self.val_dataset = load_val_dataset(cfg, self.tokenizer)
+        if bridge is not None:  # the rollout ranks score
+            self.rewards.close()
+            self.rewards = None
         torch.manual_seed(cfg.trainer.seed)
         init_distributed(tp, pp, seed=cfg.trainer.seed, timeout_s=cfg.trainer.dist_timeout_s)
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
@@ -121,8 +126,11 @@ class PPOTrainer:
 
     def _make_layout(self, tp: int, pp: int) -> None:
         """The one answer to "who does what" (roles, slices, shards), checked against megatron's groups."""
-        self.layout = rank_layout(self.world, tp, pp, rollout_tp=self.cfg.actor_rollout_ref.rollout.tensor_model_parallel_size,
-                                  rank=self.rank)
+        if self.bridge is not None:  # the training side alone; a (virtual) engine per TP group
+            self.layout = split.train_layout(self.cfg, self.world, self.rank)
+        else:
+            self.layout = rank_layout(self.world, tp, pp, rank=self.rank,
+                                      rollout_tp=self.cfg.actor_rollout_ref.rollout.tensor_model_parallel_size)
         group = ps.get_data_parallel_group()
         if tuple(dist.get_process_group_ranks(group)) != self.layout.dp_group(self.rank):
             raise RuntimeError(f"megatron's DP group {dist.get_process_group_ranks(group)} differs from the layout's "
@@ -142,13 +150,20 @@ class PPOTrainer:
              f"DP={ps.get_data_parallel_world_size()}, critic={'yes' if self.use_critic else 'no'}, "
              f"reference={'yes' if self.need_ref else 'no'})")
 
-        self.resharder = Resharder(self.actor, bucket_mb=a.rollout.sync_bucket_mb, fast_path=a.rollout.sync_fast_path)
-        t0 = time.perf_counter()
-        self.engine = build.build_engine(cfg, self.model_path)
-        # free_cache_engine: the engine sleeps after generating (`release`: weights and KV cache
-        # dropped) and wakes in the next `update_weights`, which rewrites every weight
-        _say(f"mcore_rl: rollout engine {type(self.engine).__name__} ready in {time.perf_counter() - t0:.1f}s"
-             f"{' (sleeps during training)' if self.engine.sleep_enabled else ''}")
+        self.pending = None  # split placement, staleness 1: (samples, rollout report) of the next step
+        if self.bridge is not None:
+            self.engine = self.resharder = None
+            self.sender = split.WeightSender(self.actor, self.bridge, a.rollout.sync_bucket_mb)
+            _say(f"mcore_rl: split placement: {self.world} rank(s) train, {self.bridge.world - self.world} generate "
+                 f"(async_training.staleness={cfg.async_training.staleness})")
+        else:
+            self.resharder = Resharder(self.actor, bucket_mb=a.rollout.sync_bucket_mb, fast_path=a.rollout.sync_fast_path)
+            t0 = time.perf_counter()
+            self.engine = build.build_engine(cfg, self.model_path)
+            # free_cache_engine: the engine sleeps after generating (`release`: weights and KV cache
+            # dropped) and wakes in the next `update_weights`, which rewrites every weight
+            _say(f"mcore_rl: rollout engine {type(self.engine).__name__} ready in {time.perf_counter() - t0:.1f}s"
+                 f"{' (sleeps during training)' if self.engine.sleep_enabled else ''}")
         bad_rows = getattr(self.dataset, "bad_rows", [])
         for bad in bad_rows[:20]:
             _say(f"mcore_rl: skipped bad data row: {bad}")
@@ -176,6 +191,9 @@ class PPOTrainer:
                                               critic_opt=self.critic_opt, layout=self.layout.checkpoint_key())
         self.loader.load_state_dict(state["loader"])
         self.step = self.last_saved_step = int(state["step"])
+        if self.bridge is not None and (state["rank_state"] or {}).get("pending") is not None:
+            buf, rows, seq_len, report = state["rank_state"]["pending"]
+            self.pending = (Shard.from_bytes(buf, rows, seq_len), report)
         self.bad_steps = int(state.get("bad_steps", 0))
         saved = state.get("layout", {})
         _say(f"mcore_rl: resumed from {ckpt} (step {self.step}, saved at TP={saved.get('tp')} PP={saved.get('pp')} "
@@ -192,7 +210,8 @@ class PPOTrainer:
             self.checkpoint_root, self.step, actor=self.actor, actor_opt=self.actor_opt, critic=self.critic,
             critic_opt=self.critic_opt, hf_side_dir=self.model_path, keep=self.cfg.trainer.max_ckpt_to_keep,
             trainer_state={"loader": self.loader.state_dict(), "layout": self.layout.checkpoint_key(), "bad_steps": self.bad_steps,
-                           "run_id": self.run_id, "config": to_plain(self.cfg)})
+                           "run_id": self.run_id, "config": to_plain(self.cfg)},
+            rank_state={"pending": self._pending_state()})
         self.last_saved_step = self.step
         _say(f"mcore_rl: checkpoint {path} saved in {time.perf_counter() - t0:.1f}s")
         return path
@@ -210,8 +229,11 @@ class PPOTrainer:
         """One RL step, phase by phase; each phase's seconds go to `timing/<phase>`."""
         timing, t0 = {}, time.perf_counter()
         rows = self.loader.next_batch()
-        self._sync_weights(timing)                         # actor -> rollout engine
-        local = self._rollout(rows, timing)                # this engine's slice, generated and scored
+        if self.bridge is None:
+            self._sync_weights(timing)                     # actor -> rollout engine
+            local = self._rollout(rows, timing)            # this engine's slice, generated and scored
+        else:
+            local = self._split_rollout(timing)            # weights out, samples in (split placement)
         metrics = self._reward_metrics(local)
         order, shaped = shaping.prompt_order(local, len(rows), self.cfg, self.layout)
         metrics.update(shaped)
@@ -225,6 +247,8 @@ class PPOTrainer:
             self._advantages(shard)
         with _timed(timing, "train"):
             metrics.update(self._update(shard))            # PPO epochs over mini-batches
+        if self.bridge is not None and self.cfg.async_training.staleness == 1:
+            self.pending = self._receive_batch(timing)     # generated while this step trained
         timing["timing/step"] = time.perf_counter() - t0
         timing["timing/other"] = timing["timing/step"] - sum(timing.get(f"timing/{p}", 0.0) for p in PHASES)
         metrics["perf/tokens_per_s"] = metrics.pop("_tokens") / timing["timing/step"]
@@ -245,6 +269,51 @@ class PPOTrainer:
         return rollouts.generate_and_score(
             self.engine, self.rewards, self.tokenizer, self.layout, rows, slice_, sampling, cfg.reward.strict,
             cfg.data.max_prompt_length, cfg.data.max_response_length, self.pad_id, timing)
+
+    # ---------------------------------------------------------------- split placement
+    def _send_weights(self, version: int, timing: dict, **header) -> None:
+        """The actor's weights after `version` steps to the rollout ranks (collective)."""
+        stats = self.sender.send({"kind": "weights", "version": version, **header})
+        timing["timing/sync"], timing["sync/bytes"] = stats["sync/seconds"], stats["sync/bytes"]
+
+    def _receive_batch(self, timing: dict) -> tuple:
+        """This rank's slice of the next batch from the rollout engines, and their report."""
+        r, t = self.cfg.actor_rollout_ref, time.perf_counter()
+        local = split.recv_samples(self.bridge, self.layout, (self.bridge.world - self.world) // r.rollout.tensor_model_parallel_size,
+                                   r.rollout.tensor_model_parallel_size, self.cfg.data.train_batch_size,
+                                   r.actor.ppo_mini_batch_size, r.rollout.n,
+                                   self.cfg.data.max_prompt_length + self.cfg.data.max_response_length)
+        report = split.recv_report(self.bridge) if self.rank == 0 else {}
+        timing["timing/wait_rollout"] = timing.get("timing/wait_rollout", 0.0) + time.perf_counter() - t
+        return local, report
+
+    def _start_split(self) -> None:
+        """First message of a run to the rollout ranks: the weights, the data position, and how many
+        batches this side already holds (a batch in flight saved with the checkpoint)."""
+        self._send_weights(self.step, {}, loader=self.loader.state_dict(), skip=0 if self.pending is None else 1)
+        self._first_step = self.step + 1
+        if self.cfg.async_training.staleness == 1 and self.pending is None:
+            self.pending = self._receive_batch({})
+
+    def _split_rollout(self, timing: dict) -> Shard:
+        """Staleness 0: the weights after the last step out, this step's samples in. Staleness 1:
+        the samples that arrived during the last step; the weights go out for the batch after next."""
+        if self.step > self._first_step:
+            self._send_weights(self.step - 1, timing)
+        if self.cfg.async_training.staleness == 0:
+            local, report = self._receive_batch(timing)
+        else:
+            (local, report), self.pending = self.pending, None
+        if report:  # the rollout side's own times (they overlap this side's with staleness 1)
+            timing["rollout/staleness"] = self.step - 1 - report["rollout/weight_version"]  # steps behind
+            timing.update({split.REPORT_NAMES[k]: v for k, v in report.items()})
+        return local
+
+    def _pending_state(self):
+        if self.pending is None:
+            return None
+        local, report = self.pending
+        return (local.to_bytes(), len(local), local.input_ids.shape[1], report)
 
     def _reward_metrics(self, local: Shard) -> dict:
         return rollouts.reward_metrics(local, self.layout.leads_engine)
@@ -337,6 +406,8 @@ class PPOTrainer:
         history = []
         if self.val_dataset is not None and t.val_before_train and self.step == 0:
             self._validate(tracker, history)
+        if self.bridge is not None:
+            self._start_split()
         bar = tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step", disable=not self.layout.reports, leave=False)
         try:
             while self.step < t.max_steps:
@@ -370,12 +441,14 @@ class PPOTrainer:
                 if comm.agree(self._stop_signal is not None):  # ranks see the signal at different times
                     if self.last_saved_step != self.step:
                         self.save_checkpoint()
+                    self._stop_split()
                     self.stopped_by_signal = True
                     _say(f"mcore_rl: {self._stop_signal or 'signal'}: stopped after step {self.step} with a checkpoint; "
                          f"rerun with trainer.resume=auto to continue")
                     return history
             if self.last_saved_step != self.step:
                 self.save_checkpoint()
+            self._stop_split()
             if t.export_hf_at_end:
                 self.export_hf()
         finally:
@@ -387,6 +460,11 @@ class PPOTrainer:
         _say(f"Training completed in {time.perf_counter() - t0:.1f}s ({self.step} steps); metrics: "
              f"{os.path.join(self.output_dir, 'metrics.jsonl')}")
         return history
+
+    def _stop_split(self) -> None:
+        """Tell the rollout ranks to finish (nothing of theirs is in flight at a step boundary)."""
+        if self.bridge is not None:
+            self.sender.stop()
 
     def _validation_due(self) -> bool:
         t = self.cfg.trainer

@@ -1,0 +1,131 @@
+"""Split placement: two process worlds in one job, and the bridge between them.
+
+With ``actor_rollout_ref.rollout.placement=split`` the job's last ``rollout.n_gpus`` ranks
+only generate and the others only train. Each side gets a default process group of its own
+(megatron-core builds its TP/PP/DP groups over the world it sees, and vLLM's external launcher
+joins the world it finds), so the training side's collectives never wait for a rollout rank and
+the reverse. Both are formed from the job's one rendezvous store under different prefixes.
+
+The bridge is two more groups, built directly on that store (not registered with
+torch.distributed, whose default group is a side's): `all` holds every rank of the job, for
+the samples sent point-to-point from the rollout engines to the training ranks; `weights`
+holds training rank 0 and the rollout ranks, for the weight broadcast. NCCL on GPU, gloo on
+CPU, like the sides; every tensor handed to a bridge op lives on `device()`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import pickle
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Bridge:
+    side: str                 # "train" | "rollout"
+    rank: int                 # in the job
+    world: int                # ranks in the job
+    train_world: int          # the first train_world ranks train, the others generate
+    all: object               # every rank of the job (point-to-point)
+    weights: object | None    # training rank 0 + rollout ranks (None on other training ranks)
+    timeout_s: float
+
+    @property
+    def side_rank(self) -> int:
+        return self.rank if self.side == "train" else self.rank - self.train_world
+
+    def weights_rank(self, job_rank: int) -> int:
+        """A job rank's place in the `weights` group (training rank 0 is its root, 0)."""
+        return 0 if job_rank == 0 else job_rank - self.train_world + 1
+
+    # ---------------------------------------------------------------- point-to-point
+    def send(self, t: torch.Tensor, dst: int, tag: int = 0) -> None:
+        self.all.send([_on_device(t)], dst, tag).wait()
+
+    def recv(self, nbytes: int, src: int, tag: int = 0) -> torch.Tensor:
+        """`nbytes` bytes from job rank `src` (host, uint8)."""
+        buf = torch.empty(nbytes, dtype=torch.uint8, device=_device())
+        self.all.recv([buf], src, tag).wait()
+        return buf.cpu()
+
+    # ---------------------------------------------------------------- weights group
+    def broadcast(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` from training rank 0 to the rollout ranks (in place on the receivers' buffer)."""
+        x = _on_device(t)
+        opts = dist.BroadcastOptions()
+        opts.rootRank = 0
+        self.weights.broadcast([x], opts).wait()
+        return x
+
+    def broadcast_object(self, obj=None):
+        """A picklable object from training rank 0 to the rollout ranks."""
+        if self.rank == 0:
+            data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+            self.broadcast(torch.tensor([data.numel()], dtype=torch.int64))
+            self.broadcast(data)
+            return obj
+        n = int(self.broadcast(torch.zeros(1, dtype=torch.int64)).item())
+        data = self.broadcast(torch.empty(n, dtype=torch.uint8))
+        return pickle.loads(data.cpu().numpy().tobytes())
+
+
+def _device() -> torch.device:
+    from mcore_rl.distributed import device
+
+    return device()
+
+
+def _on_device(t: torch.Tensor) -> torch.Tensor:
+    return t.to(_device()).contiguous()
+
+
+def _direct_group(store, rank: int, size: int, timeout: datetime.timedelta):
+    """A process group over `store` that torch.distributed's default group does not know of."""
+    if torch.cuda.is_available():
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = timeout
+        return dist.ProcessGroupNCCL(store, rank, size, opts)
+    return dist.ProcessGroupGloo(store, rank, size, timeout)
+
+
+def _job_store(rank: int, world: int, timeout: datetime.timedelta):
+    """The job's rendezvous store: torchrun's agent serves it; otherwise rank 0 does."""
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    return dist.TCPStore(host, port, world, is_master=(rank == 0 and not agent), timeout=timeout,
+                         wait_for_workers=False)
+
+
+def start_split(rollout_ranks: int, timeout_s: float) -> Bridge:
+    """This rank's side as its default process group, and the bridge. Collective over the job.
+
+    Afterwards RANK / WORLD_SIZE in the environment are the side's (vLLM's external launcher and
+    megatron-core read them), LOCAL_RANK (the device) is kept."""
+    from mcore_rl.distributed.parallel import _launch_env
+
+    _launch_env()
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    train_world = world - rollout_ranks
+    if not 0 < train_world < world:
+        raise ValueError(f"split placement: rollout.n_gpus={rollout_ranks} leaves {train_world} of {world} ranks "
+                         f"to train; both sides need at least one")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = _job_store(rank, world, timeout)
+    side = "train" if rank < train_world else "rollout"
+    side_rank, side_world = (rank, train_world) if side == "train" else (rank - train_world, rollout_ranks)
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                            store=dist.PrefixStore(f"mcore_rl/{side}", store), rank=side_rank,
+                            world_size=side_world, timeout=timeout)
+    os.environ["RANK"], os.environ["WORLD_SIZE"] = str(side_rank), str(side_world)
+    all_ranks = _direct_group(dist.PrefixStore("mcore_rl/bridge", store), rank, world, timeout)
+    weights = None
+    if rank == 0 or side == "rollout":
+        wrank = 0 if rank == 0 else rank - train_world + 1
+        weights = _direct_group(dist.PrefixStore("mcore_rl/weights", store), wrank, rollout_ranks + 1, timeout)
+    return Bridge(side, rank, world, train_world, all_ranks, weights, timeout_s)

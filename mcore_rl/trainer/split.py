@@ -1,0 +1,246 @@
+"""Split placement: the rollout ranks generate while the training ranks train.
+
+Each side runs its own loop over the bridge (`mcore_rl.distributed.bridge`). Per step k:
+
+* weights: the training ranks walk the actor's HF tensors together (`iter_hf_tensors`: TP
+  gathers, PP broadcasts); training rank 0 broadcasts them to the rollout ranks in buckets of
+  at most ``rollout.sync_bucket_mb`` (plus the largest tensor), and each engine loads them
+  through its own update protocol. No rank holds more of the model than a bucket beyond its
+  own shard.
+* samples: the rollout engines split the step's prompts into contiguous slices; the first rank
+  of each engine scores its samples and sends each training rank the part of its slice that
+  rank's colocated counterpart would have generated (`train_layout.rollout_slice`), so from
+  there on the training side runs the colocated code unchanged. Sampling seeds are per prompt,
+  so with ``async_training.staleness=0`` the samples are the colocated run's.
+
+Staleness (`async_training.staleness`): 0 -- batch k is generated with the weights after step
+k-1, the engines idle while the trainer trains; 1 -- batch k+1 is generated while step k trains,
+with the weights after step k-1 (one step behind). The order of messages on the bridge:
+
+    staleness 0:  W0 B1 W1 B2 W2 ... B_K STOP
+    staleness 1:  W0 B1 B2 W1 B3 W2 ... B_K+1 STOP   (B_k+1 arrives at the end of step k)
+
+A resumed run starts with the weights of its checkpoint's step; with staleness 1 the batch
+that was in flight was saved with the checkpoint (`pending`), so the run continues exactly.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from omegaconf import DictConfig
+
+from converters.gather import global_params, iter_hf_tensors
+from mcore_rl.distributed.bridge import Bridge
+from mcore_rl.distributed.layout import rank_layout
+from mcore_rl.trainer.batch import Shard
+
+_ALIGN = 64          # bytes: every tensor of a bucket starts aligned for any dtype
+_TAG_SAMPLES, _TAG_REPORT = 1, 2
+# what the rollout side reports each step (first rollout rank -> training rank 0), in this order
+REPORT = ("timing/generate", "timing/reward", "timing/sync", "rollout/weight_version", "rollout/wait_s")
+REPORT_NAMES = {"timing/generate": "rollout/generate_s", "timing/reward": "rollout/reward_s",
+                "timing/sync": "rollout/sync_s", "rollout/weight_version": "rollout/weight_version",
+                "rollout/wait_s": "rollout/wait_s"}  # as the training side logs them
+
+
+def engine_slice(batch: int, engines: int, e: int) -> list[int]:
+    """The prompts rollout engine `e` of `engines` generates: a contiguous slice, as even as possible."""
+    return list(range(e * batch // engines, (e + 1) * batch // engines))
+
+
+def train_layout(cfg: DictConfig, train_world: int, rank: int = 0):
+    """The training side's layout: the colocated layout of its ranks, one (virtual) rollout engine
+    per TP group, whose slices say which samples each training rank receives."""
+    m = cfg.actor_rollout_ref.actor.megatron
+    tp = m.tensor_model_parallel_size
+    return rank_layout(train_world, tp, m.pipeline_model_parallel_size, rollout_tp=tp, rank=rank)
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name.removeprefix("torch."))
+
+
+# ------------------------------------------------------------------------- weights
+class WeightSender:
+    """Training side: the actor's weights, streamed to the rollout ranks (collective over the
+    training ranks; only training rank 0 talks to the bridge)."""
+
+    def __init__(self, actor, bridge: Bridge, bucket_mb: int):
+        self.model, self.bridge, self.bucket_bytes = actor, bridge, bucket_mb * 2**20
+        inner = actor.module if hasattr(actor, "module") else actor
+        self.params = global_params(inner)
+
+    @torch.no_grad()
+    def send(self, header: dict) -> dict:
+        """`header` (kind "weights", version, ...) then the weights, bucket by bucket."""
+        root = self.bridge.rank == 0
+        t0 = time.perf_counter()
+        if root:
+            self.bridge.broadcast_object(header)
+        meta, parts, size, total = [], [], 0, 0
+        for name, t in iter_hf_tensors(self.model, params=self.params):
+            if not root:
+                continue
+            nbytes = t.numel() * t.element_size()
+            if parts and size + nbytes > self.bucket_bytes:
+                self._flush(meta, parts)
+                meta, parts, size = [], [], 0
+            flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
+            pad = -nbytes % _ALIGN
+            meta.append((name, str(t.dtype), tuple(t.shape), nbytes + pad))
+            parts.append(torch.cat([flat, flat.new_zeros(pad)]) if pad else flat)
+            size += nbytes + pad
+            total += nbytes
+        if root:
+            if parts:
+                self._flush(meta, parts)
+            self.bridge.broadcast_object(None)  # end of this transfer
+        return {"sync/seconds": time.perf_counter() - t0, "sync/bytes": float(total)}
+
+    def _flush(self, meta: list, parts: list) -> None:
+        self.bridge.broadcast_object(meta)
+        self.bridge.broadcast(torch.cat(parts))
+
+    def stop(self) -> None:
+        if self.bridge.rank == 0:
+            self.bridge.broadcast_object({"kind": "stop"})
+
+
+def receive_weights(bridge: Bridge):
+    """Rollout side: (name, tensor) pairs of one transfer, bucket by bucket, until its end marker."""
+    while (meta := bridge.broadcast_object()) is not None:
+        buf = bridge.broadcast(torch.empty(sum(m[3] for m in meta), dtype=torch.uint8))
+        at = 0
+        for name, dtype, shape, nbytes in meta:
+            dt = _dtype(dtype)
+            n = torch.Size(shape).numel() * torch.empty((), dtype=dt).element_size()
+            yield name, buf[at:at + n].view(dt).view(shape)
+            at += nbytes
+
+
+# ------------------------------------------------------------------------- samples
+def send_samples(bridge: Bridge, local: Shard, slice_: list[int], tlayout, batch: int, mini: int, step: int) -> None:
+    """Rollout side, an engine's first rank: to each training rank, its part of this engine's slice."""
+    mine, works = set(slice_), []
+    for t in range(tlayout.world_size):
+        want = [p for p in tlayout.rollout_slice(batch, mini, t) if p in mine]
+        if want:
+            buf = local.take_prompts(want).to_bytes()
+            works.append((bridge.all.send([buf.to(_bridge_device())], t, _TAG_SAMPLES), buf))
+    for w, _ in works:
+        w.wait()
+
+
+def recv_samples(bridge: Bridge, tlayout, engines: int, rollout_tp: int, batch: int, mini: int, n: int,
+                 seq_len: int) -> Shard:
+    """Training side: this rank's (virtual) rollout slice, from the engines that generated it."""
+    want = set(tlayout.rollout_slice(batch, mini))
+    parts = []
+    for e in range(engines):
+        ps = [p for p in engine_slice(batch, engines, e) if p in want]
+        if ps:
+            src = bridge.train_world + e * rollout_tp
+            buf = torch.empty(Shard.wire_bytes(len(ps) * n, seq_len), dtype=torch.uint8, device=_bridge_device())
+            bridge.all.recv([buf], src, _TAG_SAMPLES).wait()
+            parts.append(Shard.from_bytes(buf.cpu(), len(ps) * n, seq_len))
+    if not parts:
+        raise RuntimeError(f"training rank {bridge.rank} received no samples")
+    return Shard.cat(parts)
+
+
+def _bridge_device() -> torch.device:
+    from mcore_rl.distributed import device
+
+    return device()
+
+
+def send_report(bridge: Bridge, values: dict) -> None:
+    t = torch.tensor([float(values.get(k, 0.0)) for k in REPORT], dtype=torch.float64, device=_bridge_device())
+    bridge.all.send([t], 0, _TAG_REPORT).wait()
+
+
+def recv_report(bridge: Bridge) -> dict:
+    t = torch.empty(len(REPORT), dtype=torch.float64, device=_bridge_device())
+    bridge.all.recv([t], bridge.train_world, _TAG_REPORT).wait()
+    return dict(zip(REPORT, t.cpu().tolist()))
+
+
+# ------------------------------------------------------------------------- the rollout side
+class RolloutSide:
+    """The loop of a rollout rank: receive weights, generate and score the step's prompts, send the
+    samples to the training ranks; until the training side says stop."""
+
+    def __init__(self, cfg: DictConfig, bridge: Bridge):
+        from mcore_rl.trainer import build
+        from mcore_rl.trainer.inputs import load_inputs
+
+        self.cfg, self.bridge = cfg, bridge
+        output_dir = cfg.trainer.output_dir or build.default_output_dir(cfg)
+        self.model_path = build.model_path(cfg, output_dir)
+        self.tokenizer, self.pad_id, _, self.loader, self.rewards = load_inputs(cfg, self.model_path, output_dir)
+        r = cfg.actor_rollout_ref.rollout
+        self.rtp = r.tensor_model_parallel_size
+        rollout_world = bridge.world - bridge.train_world
+        self.layout = rank_layout(rollout_world, self.rtp, 1, rollout_tp=self.rtp, rank=bridge.side_rank)
+        self.engines = rollout_world // self.rtp
+        self.tlayout = train_layout(cfg, bridge.train_world)
+        self.engine = build.build_engine(cfg, self.model_path, sleep=False)  # its GPUs are its own
+
+    def _load(self) -> dict | None:
+        """The next message from the training side: weights (loaded into the engine) or stop (None)."""
+        t = time.perf_counter()
+        header = self.bridge.broadcast_object()
+        wait = time.perf_counter() - t
+        if header["kind"] == "stop":
+            return None
+        stats = self.engine.update_weights(lambda target: target.load_hf(receive_weights(self.bridge)))
+        return {**header, "timing/sync": stats.get("timing/sync", 0.0), "rollout/wait_s": wait}
+
+    def _generate(self, step: int, version: int, waited: float, sync_s: float) -> None:
+        from mcore_rl.trainer import rollouts
+
+        cfg, r = self.cfg, self.cfg.actor_rollout_ref.rollout
+        rows = self.loader.next_batch()
+        e = self.layout.me.rollout_dp
+        slice_ = engine_slice(len(rows), self.engines, e)
+        sampling = rollouts.SliceSampling(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                                          max_tokens=cfg.data.max_response_length,
+                                          seed=cfg.trainer.seed * 1_000_003 + step * 100_003, prompts=tuple(slice_))
+        timing: dict = {}
+        local = rollouts.generate_and_score(self.engine, self.rewards, self.tokenizer, self.layout, rows, slice_,
+                                            sampling, cfg.reward.strict, cfg.data.max_prompt_length,
+                                            cfg.data.max_response_length, self.pad_id, timing)
+        if self.layout.leads_engine:
+            send_samples(self.bridge, local, slice_, self.tlayout, len(rows),
+                         cfg.actor_rollout_ref.actor.ppo_mini_batch_size, step)
+        if self.bridge.side_rank == 0:
+            send_report(self.bridge, {**timing, "timing/sync": sync_s, "rollout/weight_version": version,
+                                      "rollout/wait_s": waited})
+
+    def run(self) -> None:
+        first = self._load()
+        if first is None:
+            return
+        self.loader.load_state_dict(first["loader"])
+        for _ in range(first["skip"]):  # batches the training side already holds
+            self.loader.next_batch()
+        version, step = first["version"], first["version"] + 1 + first["skip"]
+        sync_s, waited = first["timing/sync"], first["rollout/wait_s"]
+        if self.cfg.async_training.staleness == 1 and first["skip"] == 0:
+            self._generate(step, version, waited, sync_s)
+            step, sync_s, waited = step + 1, 0.0, 0.0
+        while True:
+            self._generate(step, version, waited, sync_s)
+            step += 1
+            msg = self._load()
+            if msg is None:
+                return
+            version, sync_s, waited = msg["version"], msg["timing/sync"], msg["rollout/wait_s"]
+
+    def close(self) -> None:
+        if self.rewards is not None:
+            self.rewards.close()
+        if self.engine is not None:
+            self.engine.close()
