@@ -309,3 +309,25 @@ def test_wheel_ships_the_configs_and_the_loader_finds_them(tmp_path):
     plan = subprocess.run([sys.executable, "-m", "mcore_rl.cli", "plan"], cwd=tmp_path,
                           env={**env, "PYTHONPATH": str(tmp_path / "site")}, capture_output=True, text=True, timeout=120)
     assert plan.returncode == 0 and "FITS" in plan.stdout, plan.stderr[-3000:]
+
+
+def test_split_placement_sizes_are_checked_before_any_process_group():
+    split = ["actor_rollout_ref.rollout.placement=split", "actor_rollout_ref.rollout.n_gpus=1"]
+    cfg = load_config(None, split, world_size=3)
+    check_sizes(cfg, 3)  # 2 train, 1 generates
+    assert cfg.actor_rollout_ref.actor.ppo_mini_batch_size % 2 == 0  # fitted to DP=2 (the training ranks)
+    cases = {
+        "must leave both sides": (split, 1),
+        "rollout.n_gpus=1 needs rollout.placement=split": (["actor_rollout_ref.rollout.n_gpus=1"], 2),
+        "async_training.staleness=1 needs rollout.placement=split": (["async_training.staleness=1"], 1),
+        "is not divisible by rollout TP=2": (split + ["actor_rollout_ref.rollout.tensor_model_parallel_size=2"], 3),
+        "training ranks 3 is not divisible by TP=2": (split + ["actor_rollout_ref.actor.megatron.tensor_model_parallel_size=2"], 4),
+        "validation runs only with colocated placement": (split + ["trainer.test_freq=2", "data.val_files=toy"], 3),
+    }
+    for message, (overrides, world) in cases.items():
+        with pytest.raises(ConfigError, match=message):
+            check_sizes(load_config(None, overrides, world_size=world), world)
+    with pytest.raises(ConfigError, match="async_training.staleness=2"):
+        load_config(None, split + ["async_training.staleness=2"], world_size=3)
+    with pytest.raises(ConfigError, match="placement='both'"):
+        load_config(None, ["actor_rollout_ref.rollout.placement=both"], world_size=1)

@@ -27,7 +27,7 @@ parameters: `copy_slots` describes them from the vLLM layers' own attributes, so
 loader (the resharder's fast path) needs nothing of vLLM's.
 
 Distributed: with ``tensor_parallel_size > 1``, or when ``torch.distributed`` is already
-initialised with several ranks (the SPMD trainer), the engine uses
+initialised with several ranks (the SPMD trainer) or on a device other than 0, the engine uses
 ``distributed_executor_backend="external_launcher"``: vLLM joins the existing world (its
 model-parallel groups are built inside it; rank groups outside one TP group generate
 independently), takes its device from ``LOCAL_RANK`` and never spawns processes. All ranks of
@@ -200,7 +200,10 @@ class VLLMEngine(RolloutEngine):
         self._caller_owns_world = torch.distributed.is_available() and torch.distributed.is_initialized()
         dist_world = torch.distributed.get_world_size() if self._caller_owns_world else 1
         own_group = False  # under the external launcher vLLM joins the launcher's world (env://)
-        if tensor_parallel_size > 1 or dist_world > 1:
+        # a world of one rank on device LOCAL_RANK > 0 (a rollout rank of split placement) needs the
+        # external launcher too: vLLM's one-process executor would take device 0
+        off_zero = self._caller_owns_world and int(os.environ.get("LOCAL_RANK", "0")) > 0
+        if tensor_parallel_size > 1 or dist_world > 1 or off_zero:
             kwargs["distributed_executor_backend"] = "external_launcher"
         elif not self._caller_owns_world:
             # vLLM then forms its own one-rank process group at tcp://<this host's IP>; on machines
