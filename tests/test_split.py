@@ -6,8 +6,11 @@ and 1 that only runs the vLLM engine (`rollout.placement=split rollout.n_gpus=1`
 - staleness 1: batch k is generated with the weights after step k-2 (one step behind the
   weights it is trained from): step 1 is the golden step 1 (both use the initial weights), from
   step 2 on the rollout log-probs differ from the trainer's by an update's worth;
-- a staleness-1 run resumed from its step-2 checkpoint continues exactly (the batch that was in
-  flight is saved with the checkpoint).
+- SIGTERM to every process of a staleness-1 run (as Slurm sends it): the training ranks finish the
+  step, save a checkpoint with the batch that was in flight, the rollout rank waits for their word;
+  the resumed run continues exactly;
+- the bad-step policy: non-finite losses stop the training ranks (exit 3), which tell the rollout
+  rank to stop first: the job ends, nothing left waiting.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -36,27 +41,32 @@ SPLIT = [str(REPO / "configs" / "toy_grpo.yaml"), "actor_rollout_ref.rollout.pla
          "trainer.export_hf_at_end=false", "trainer.dist_timeout_s=120"]
 
 
-def _start(tmp: Path, name: str, *args: str) -> subprocess.Popen:
+def _start(tmp: Path, name: str, *args: str, script: Path | None = None) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
                TMPDIR=str(tmp))
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     log = open(tmp / f"{name}.log", "w")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=3", f"--master_port={_free_port()}",
-           "-m", "mcore_rl.cli", "train", *SPLIT, f"trainer.output_dir={tmp / 'run'}", *args]
+           *([str(script)] if script else ["-m", "mcore_rl.cli", "train"]), *SPLIT, f"trainer.output_dir={tmp / 'run'}",
+           *args]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     proc.log_path = tmp / f"{name}.log"
     return proc
 
 
-def _rows(proc: subprocess.Popen, out: Path) -> list[dict]:
+def _wait(proc: subprocess.Popen) -> int:
     try:
-        rc = proc.wait(timeout=400)
+        return proc.wait(timeout=400)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, 9)
-    log = proc.log_path.read_text()
-    assert rc == 0, f"split run exited {rc}:\n{log[-6000:]}"
+
+
+def _rows(proc: subprocess.Popen, out: Path, rc: int | None = 0) -> list[dict]:
+    got = _wait(proc)
+    if rc is not None:
+        assert got == rc, f"split run exited {got}:\n{proc.log_path.read_text()[-6000:]}"
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
 
 
@@ -67,9 +77,8 @@ def runs(tmp_path_factory):
         pytest.skip("CPU runs (the golden curve is the CPU's)")
     t0, t1 = tmp_path_factory.mktemp("split0"), tmp_path_factory.mktemp("split1")
     p0 = _start(t0, "s0", "trainer.max_steps=5")
-    p1 = _start(t1, "s1", "trainer.max_steps=4", "async_training.staleness=1", "trainer.save_freq=2",
-                "trainer.max_ckpt_to_keep=null")
-    return {"s0": _rows(p0, t0 / "run"), "s1": _rows(p1, t1 / "run"), "s1_dir": t1 / "run"}
+    p1 = _start(t1, "s1", "trainer.max_steps=4", "async_training.staleness=1")
+    return {"s0": _rows(p0, t0 / "run"), "s1": _rows(p1, t1 / "run")}
 
 
 def _golden() -> list[dict]:
@@ -102,12 +111,52 @@ def test_split_staleness1_trains_on_batches_one_step_behind(runs):
     assert _mismatches(rows[1:2], _golden()[1:2], ("reward/mean", "actor/loss"))
 
 
-def test_split_staleness1_resume_continues_exactly(runs, tmp_path):
-    ckpt = runs["s1_dir"] / "checkpoints" / "step_00000002"  # saved while batch 3 was in flight
-    p = _start(tmp_path, "resumed", "trainer.max_steps=4", "async_training.staleness=1", f"trainer.resume={ckpt}")
-    rows = _rows(p, tmp_path / "run")
-    assert "resumed from" in p.log_path.read_text()
-    assert [r["step"] for r in rows] == [3, 4]
-    for got, want in zip(rows[2:], runs["s1"][2:]):
+def test_split_sigterm_saves_the_batch_in_flight_and_resumes_exactly(runs, tmp_path):
+    out = tmp_path / "run"
+    proc = _start(tmp_path, "terminated", "trainer.max_steps=4", "async_training.staleness=1")
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        assert proc.poll() is None, proc.log_path.read_text()[-4000:]
+        assert time.monotonic() < deadline, "no step 1"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)  # every process of the job, as Slurm signals a job step
+    _wait(proc)
+    log = proc.log_path.read_text()
+    assert "SIGTERM: stopped after step" in log, log[-4000:]
+    assert "generating until the training ranks stop" in log  # the rollout rank waited for their word
+    stopped = int((out / "checkpoints" / "latest").read_text().split("_")[1])
+    assert 1 <= stopped < 4, log[-3000:]
+    p = _start(tmp_path, "resumed", "trainer.max_steps=4", "async_training.staleness=1")
+    rows = _rows(p, out)
+    assert f"step {stopped}, saved at" in p.log_path.read_text()
+    assert [r["step"] for r in rows] == list(range(1, 5))
+    for got, want in zip(rows, runs["s1"]):  # the steps before and after the stop: the uninterrupted run's
         for k in KEYS + ("rollout/weight_version",):
             assert got[k] == want[k], (got["step"], k, got[k], want[k])
+
+
+NAN_LOSS = r'''
+import sys
+import mcore_rl.trainer.ppo_update as ppo_update
+original = ppo_update.policy_loss
+def nan_loss(*args, **kwargs):
+    loss, metrics = original(*args, **kwargs)
+    return loss * float("nan"), metrics
+ppo_update.policy_loss = nan_loss
+if __name__ == "__main__":
+    from mcore_rl.commands.train import main
+    sys.exit(main(sys.argv[1:]))
+'''
+
+
+def test_split_bad_steps_stop_both_sides(tmp_path):
+    script = tmp_path / "nan_loss.py"
+    script.write_text(NAN_LOSS)
+    p = _start(tmp_path, "nan", "trainer.max_steps=6", "trainer.max_bad_steps=2", "async_training.staleness=1",
+               script=script)
+    rows = _rows(p, tmp_path / "run", rc=None)
+    log = p.log_path.read_text()
+    assert p.returncode != 0 and "stopping: 2 steps in a row with a non-finite loss" in log, log[-4000:]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["actor/skipped_updates"] > 0 for r in rows)
+    assert "exitcode  : 3" in log  # the training ranks' exit code (torchrun's own is 1); nothing hung

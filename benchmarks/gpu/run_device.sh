@@ -8,6 +8,7 @@
 #   PARTS=.gpuparts source benchmarks/gpu/run_device.sh multi      # 2-GPU layout matrix (nvidia-h200-x2; same carry)
 #   PARTS=.gpuparts PERF2="dp" source benchmarks/gpu/run_device.sh perf2  # 2-GPU benchmarks: dp, tp, rollout (same carry)
 #   PARTS=.gpuparts source benchmarks/gpu/run_device.sh packing    # packed micro-batches: kernels, toy, 4096/8192 (2 GPUs)
+#   PARTS=.gpuparts source benchmarks/gpu/run_device.sh split      # split placement, 1 training + 1 rollout GPU, staleness 0 and 1
 # Logs and JSON land in $OUT (brought back by the tool). Each step has its own time limit so
 # that one hang cannot eat the call's 600 s.
 _phase=${1:-}
@@ -123,6 +124,21 @@ packing)
   done
   echo "packing: $(( $(date +%s) - _pk_t0 )) s"
   ;;
+split)
+  # the toy GRPO task as the layout matrix runs it (bf16, CUDA graphs), on GPU 0 (training) and GPU 1
+  # (rollout), 10 steps at staleness 0 and at staleness 1; metrics.jsonl of each to $OUT
+  source benchmarks/gpu/setup.sh device2 || return 1
+  _sp="configs/toy_grpo.yaml actor_rollout_ref.model.dtype=bfloat16 actor_rollout_ref.rollout.gpu_memory_utilization=0.2
+    actor_rollout_ref.rollout.placement=split actor_rollout_ref.rollout.n_gpus=1 trainer.max_steps=10
+    trainer.logger=[console] trainer.export_hf_at_end=false trainer.dist_timeout_s=90"
+  for _s in ${SPLIT_STALENESS:-0 1}; do
+    timeout 170 torchrun --nproc_per_node=2 --master_port=$((29700 + _s)) -m mcore_rl.cli train $_sp \
+      async_training.staleness=$_s trainer.output_dir=/tmp/split_s$_s > "$OUT/split_s$_s.log" 2>&1
+    echo "split, staleness $_s: rc $?"
+    cp /tmp/split_s$_s/metrics.jsonl "$OUT/metrics_split_s$_s.jsonl" 2>/dev/null
+    grep -E "^ *step |Error|error" "$OUT/split_s$_s.log" | cut -c1-240 | tail -12
+  done
+  ;;
 *)
-  echo "usage: source benchmarks/gpu/run_device.sh megatron|vllm|sync|rollout|toy|grpo|multi|perf2|packing" >&2; return 2 ;;
+  echo "usage: source benchmarks/gpu/run_device.sh megatron|vllm|sync|rollout|toy|grpo|multi|perf2|packing|split" >&2; return 2 ;;
 esac

@@ -396,7 +396,7 @@ class PPOTrainer:
                           resume_step=self.step, run_id=self.run_id) if self.layout.reports else None
         if self.layout.reports:
             OmegaConf.save(cfg, os.path.join(self.output_dir, "config.yaml"))
-        self.stopped_by_signal = False
+        self.stopped_by_signal = self._split_stopped = False
         self._stop_signal, self._first_sigint = None, None
         previous = {}
         if threading.current_thread() is threading.main_thread():
@@ -451,6 +451,9 @@ class PPOTrainer:
             self._stop_split()
             if t.export_hf_at_end:
                 self.export_hf()
+        except NonFiniteError:
+            self._stop_split()  # the rollout ranks exit too (the training ranks exit 3)
+            raise
         finally:
             bar.close()
             if tracker is not None:
@@ -462,8 +465,9 @@ class PPOTrainer:
         return history
 
     def _stop_split(self) -> None:
-        """Tell the rollout ranks to finish (nothing of theirs is in flight at a step boundary)."""
-        if self.bridge is not None:
+        """Tell the rollout ranks to finish, once (nothing of theirs is in flight at a step boundary)."""
+        if self.bridge is not None and not self._split_stopped:
+            self._split_stopped = True
             self.sender.stop()
 
     def _validation_due(self) -> bool:

@@ -26,6 +26,8 @@ that was in flight was saved with the checkpoint (`pending`), so the run continu
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 
 import torch
@@ -220,6 +222,18 @@ class RolloutSide:
                                       "rollout/wait_s": waited})
 
     def run(self) -> None:
+        """Until the training side says stop. SIGTERM and Ctrl-C are the training side's to act on
+        (it finishes the step, saves a checkpoint, then says stop): here they are only noted."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self._on_signal)
+        self._loop()
+
+    def _on_signal(self, signum, frame) -> None:
+        print(f"mcore_rl: rollout rank {self.bridge.rank}: {signal.Signals(signum).name} received; "
+              f"generating until the training ranks stop", flush=True)
+
+    def _loop(self) -> None:
         first = self._load()
         if first is None:
             return
