@@ -61,6 +61,7 @@ perf2)
   #   dp: 1.5B GRPO step on GPU 0 alone, then at DP=2 with twice the prompts (same work per GPU)
   #   tp: 7B GRPO step at TP=2, rollout TP=2 (train MFU; sync against the copy floor of per-rank bytes)
   #   rollout: generation tokens/s at rollout TP=2, our engine vs standalone vLLM (alternating runs, --compare)
+  #   split: split placement (staleness 0, 1) against colocated on the two GPUs (benchmarks/split_step.py)
   source benchmarks/gpu/setup.sh device2 || return 1
   for _p2 in ${PERF2:-dp}; do
     _p2_t0=$(date +%s)
@@ -94,7 +95,12 @@ perf2)
         python3 benchmarks/rollout.py --compare "$OUT/rollout_tp2_wrapper_r$_r.json" "$OUT/rollout_tp2_standalone_r$_r.json" \
           2>&1 | tee "$OUT/rollout_tp2_compare_r$_r.txt"
       done ;;
-    *) echo "perf2: unknown part $_p2 (dp, tp, rollout)" >&2 ;;
+    split)
+      # split placement (1 training GPU + 1 rollout GPU, staleness 0 and 1) against colocated DP=2, 1.5B,
+      # 1024 new tokens: step tokens/s and each side's wait
+      timeout 560 python3 benchmarks/split_step.py --out "$OUT" ${SPLIT_ARGS:-} 2>&1 | tee "$OUT/split_step.log" \
+        | grep -v -i "warn\|INFO" | tail -10 ;;
+    *) echo "perf2: unknown part $_p2 (dp, tp, rollout, split)" >&2 ;;
     esac
     echo "perf2 $_p2: $(( $(date +%s) - _p2_t0 )) s"
   done
