@@ -1,5 +1,5 @@
-"""Split placement on CPU: `mcore-rl train` under torchrun with 3 gloo ranks, 2 that train (DP=2)
-and 1 that only runs the vLLM engine (`rollout.placement=split rollout.n_gpus=1`).
+"""Split placement on CPU: `mcore-rl train` under torchrun on gloo ranks, some that only train and
+some that only run the vLLM engine (`rollout.placement=split rollout.n_gpus=N`).
 
 - staleness 0 reproduces the colocated run: the 1-rank golden curve of the toy GRPO task
   (tests/golden/toy_grpo.jsonl, committed from a colocated run) within the golden tolerance;
@@ -41,13 +41,13 @@ SPLIT = [str(REPO / "configs" / "toy_grpo.yaml"), "actor_rollout_ref.rollout.pla
          "trainer.export_hf_at_end=false", "trainer.dist_timeout_s=120"]
 
 
-def _start(tmp: Path, name: str, *args: str, script: Path | None = None) -> subprocess.Popen:
+def _start(tmp: Path, name: str, *args: str, script: Path | None = None, nproc: int = 3) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
                TMPDIR=str(tmp))
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     log = open(tmp / f"{name}.log", "w")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=3", f"--master_port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}",
            *([str(script)] if script else ["-m", "mcore_rl.cli", "train"]), *SPLIT, f"trainer.output_dir={tmp / 'run'}",
            *args]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -72,11 +72,13 @@ def _rows(proc: subprocess.Popen, out: Path, rc: int | None = 0) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The staleness-0 run (5 steps) and the staleness-1 run (4 steps) start at once."""
+    """Started at once: staleness 0 on 4 ranks (2 train at PP=2, 2 run one vLLM engine of TP 2), 5 steps;
+    staleness 1 on 3 ranks (2 train at DP=2, 1 generates), 4 steps."""
     if torch.cuda.is_available():
         pytest.skip("CPU runs (the golden curve is the CPU's)")
     t0, t1 = tmp_path_factory.mktemp("split0"), tmp_path_factory.mktemp("split1")
-    p0 = _start(t0, "s0", "trainer.max_steps=5")
+    p0 = _start(t0, "s0", "trainer.max_steps=5", "actor_rollout_ref.actor.megatron.pipeline_model_parallel_size=2",
+                "actor_rollout_ref.rollout.n_gpus=2", "actor_rollout_ref.rollout.tensor_model_parallel_size=2", nproc=4)
     p1 = _start(t1, "s1", "trainer.max_steps=4", "async_training.staleness=1")
     return {"s0": _rows(p0, t0 / "run"), "s1": _rows(p1, t1 / "run")}
 
