@@ -43,12 +43,14 @@ class Bridge:
         return 0 if job_rank == 0 else job_rank - self.train_world + 1
 
     # ---------------------------------------------------------------- point-to-point
-    def send(self, t: torch.Tensor, dst: int, tag: int = 0) -> None:
-        self.all.send([_on_device(t)], dst, tag).wait()
+    def isend(self, t: torch.Tensor, dst: int, tag: int = 0):
+        """Send `t` to job rank `dst`; returns (work, the tensor sent), to keep until `work.wait()`."""
+        x = _on_device(t)
+        return self.all.send([x], dst, tag), x
 
-    def recv(self, nbytes: int, src: int, tag: int = 0) -> torch.Tensor:
-        """`nbytes` bytes from job rank `src` (host, uint8)."""
-        buf = torch.empty(nbytes, dtype=torch.uint8, device=_device())
+    def recv(self, like: torch.Tensor, src: int, tag: int = 0) -> torch.Tensor:
+        """A tensor of `like`'s shape and dtype from job rank `src` (host)."""
+        buf = torch.empty_like(like, device=_device())
         self.all.recv([buf], src, tag).wait()
         return buf.cpu()
 

@@ -123,16 +123,15 @@ def receive_weights(bridge: Bridge):
 
 
 # ------------------------------------------------------------------------- samples
-def send_samples(bridge: Bridge, local: Shard, slice_: list[int], tlayout, batch: int, mini: int, step: int) -> None:
+def send_samples(bridge: Bridge, local: Shard, slice_: list[int], tlayout, batch: int, mini: int) -> None:
     """Rollout side, an engine's first rank: to each training rank, its part of this engine's slice."""
-    mine, works = set(slice_), []
+    mine, sends = set(slice_), []
     for t in range(tlayout.world_size):
         want = [p for p in tlayout.rollout_slice(batch, mini, t) if p in mine]
         if want:
-            buf = local.take_prompts(want).to_bytes()
-            works.append((bridge.all.send([buf.to(_bridge_device())], t, _TAG_SAMPLES), buf))
-    for w, _ in works:
-        w.wait()
+            sends.append(bridge.isend(local.take_prompts(want).to_bytes(), t, _TAG_SAMPLES))
+    for work, _ in sends:
+        work.wait()
 
 
 def recv_samples(bridge: Bridge, tlayout, engines: int, rollout_tp: int, batch: int, mini: int, n: int,
@@ -143,30 +142,23 @@ def recv_samples(bridge: Bridge, tlayout, engines: int, rollout_tp: int, batch: 
     for e in range(engines):
         ps = [p for p in engine_slice(batch, engines, e) if p in want]
         if ps:
-            src = bridge.train_world + e * rollout_tp
-            buf = torch.empty(Shard.wire_bytes(len(ps) * n, seq_len), dtype=torch.uint8, device=_bridge_device())
-            bridge.all.recv([buf], src, _TAG_SAMPLES).wait()
-            parts.append(Shard.from_bytes(buf.cpu(), len(ps) * n, seq_len))
+            like = torch.empty(Shard.wire_bytes(len(ps) * n, seq_len), dtype=torch.uint8)
+            buf = bridge.recv(like, bridge.train_world + e * rollout_tp, _TAG_SAMPLES)
+            parts.append(Shard.from_bytes(buf, len(ps) * n, seq_len))
     if not parts:
         raise RuntimeError(f"training rank {bridge.rank} received no samples")
     return Shard.cat(parts)
 
 
-def _bridge_device() -> torch.device:
-    from mcore_rl.distributed import device
-
-    return device()
-
-
 def send_report(bridge: Bridge, values: dict) -> None:
-    t = torch.tensor([float(values.get(k, 0.0)) for k in REPORT], dtype=torch.float64, device=_bridge_device())
-    bridge.all.send([t], 0, _TAG_REPORT).wait()
+    work, _ = bridge.isend(torch.tensor([float(values.get(k, 0.0)) for k in REPORT], dtype=torch.float64), 0,
+                           _TAG_REPORT)
+    work.wait()
 
 
 def recv_report(bridge: Bridge) -> dict:
-    t = torch.empty(len(REPORT), dtype=torch.float64, device=_bridge_device())
-    bridge.all.recv([t], bridge.train_world, _TAG_REPORT).wait()
-    return dict(zip(REPORT, t.cpu().tolist()))
+    t = bridge.recv(torch.empty(len(REPORT), dtype=torch.float64), bridge.train_world, _TAG_REPORT)
+    return dict(zip(REPORT, t.tolist()))
 
 
 # ------------------------------------------------------------------------- the rollout side
@@ -216,7 +208,7 @@ class RolloutSide:
                                             cfg.data.max_response_length, self.pad_id, timing)
         if self.layout.leads_engine:
             send_samples(self.bridge, local, slice_, self.tlayout, len(rows),
-                         cfg.actor_rollout_ref.actor.ppo_mini_batch_size, step)
+                         cfg.actor_rollout_ref.actor.ppo_mini_batch_size)
         if self.bridge.side_rank == 0:
             send_report(self.bridge, {**timing, "timing/sync": sync_s, "rollout/weight_version": version,
                                       "rollout/wait_s": waited})
