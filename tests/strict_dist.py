@@ -448,6 +448,47 @@ def _rebind_aliases() -> None:
                 setattr(mod, attr, getattr(dist, name))
 
 
+class _CheckedBridgeGroup:
+    """A split-placement bridge group (built on the store, outside torch.distributed's groups): its
+    point-to-point and broadcast ops get the same host-tensor check as the collectives."""
+
+    def __init__(self, backend, name: str):
+        self._backend, self._name = backend, name
+
+    def _check(self, op: str, tensors) -> None:
+        _STATE["checked"] += len(tensors)
+        hosts = [t for t in tensors if t in _HOST]
+        if hosts:
+            found = "; ".join(f"{_describe(t)}, a host tensor since {_HOST[t]}" for t in hosts)
+            msg = (f"host tensor in bridge {op} on {self._name}, called at {_caller()}: {found}. "
+                   f"NCCL accepts only device tensors: make it on device() or move it with .to(device())")
+            _write({"violation": msg, "at": _caller()})
+            raise HostTensorInCollective(msg)
+
+    def send(self, tensors, dst, tag):
+        self._check("send", tensors)
+        return self._backend.send(tensors, dst, tag)
+
+    def recv(self, tensors, src, tag):
+        self._check("recv", tensors)
+        return self._backend.recv(tensors, src, tag)
+
+    def broadcast(self, tensors, opts):
+        self._check("broadcast", tensors)
+        return self._backend.broadcast(tensors, opts)
+
+
+def _checked_bridge_groups() -> None:
+    from mcore_rl.distributed import bridge
+
+    make = bridge._direct_group
+
+    def checked(store, rank, size, timeout):
+        return _CheckedBridgeGroup(make(store, rank, size, timeout), f"a bridge group of {size} ranks")
+
+    bridge._direct_group = checked
+
+
 def install(log_dir: str | os.PathLike, timeout_s: float = 60.0) -> None:
     """Turn the checks on in this process (a rank of a CPU run). Idempotent."""
     if _STATE["log"] is not None:
@@ -478,6 +519,7 @@ def install(log_dir: str | os.PathLike, timeout_s: float = 60.0) -> None:
     cpu_support.activate()  # its mode first: ours goes above it and sees .cuda() before it is dropped
     _Marks().__enter__()
     _rebind_aliases()
+    _checked_bridge_groups()
     from mcore_rl.rollout.hf_engine import HFEngine
     from mcore_rl.rollout.vllm_engine import VLLMEngine
 

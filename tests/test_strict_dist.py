@@ -308,3 +308,21 @@ def test_weight_sync_without_agreement_is_caught_quickly(tiny_model_factory, tmp
     assert len(tp) == 1, str(e.value)
     assert "rank 0 issued nothing" in tp[0] and "rank 1 issued all_gather_into_tensor" in tp[0], tp[0]
     assert "converters/gather.py:" in tp[0], tp[0]
+
+
+@pytest.mark.train
+def test_split_placement_moves_device_tensors_in_one_order(tmp_path):
+    """Split placement, 2 training ranks + 1 rollout rank, staleness 1: no host tensor in any
+    collective of either side's world nor in the bridge's sends, receives and broadcasts, and the
+    training ranks issue the same collectives."""
+    logs = tmp_path / "logs"
+    argv = [str(strict_dist.REPO / "configs" / "grpo.yaml"), *TOY, "actor_rollout_ref.rollout.name=vllm",
+            "actor_rollout_ref.rollout.placement=split", "actor_rollout_ref.rollout.n_gpus=1",
+            "async_training.staleness=1", "trainer.max_steps=2", "trainer.dist_timeout_s=60",
+            f"trainer.output_dir={tmp_path / 'run'}"]
+    p = strict_dist.launch("mcore_rl.commands.train:main", [argv], log_dir=logs, nproc=3, timeout_s=60, wall_s=420)
+    assert p.returncode == 0, strict_dist.excerpt(p.stdout)
+    entries = strict_dist.read_logs(logs, 3)
+    train = {r: [(e.get("op"), e.get("group")) for e in entries[r] if "op" in e] for r in (0, 1)}
+    assert train[0] and train[0] == train[1]  # the training ranks: the same collectives, in the same order
+    assert not any("violation" in e for r in entries for e in entries[r])
