@@ -465,7 +465,8 @@ SPLIT = ["actor_rollout_ref.rollout.placement=split"]
 
 
 def test_cli_split_layout_a_line_per_side(capsys):
-    assert plan.main(["configs/toy_grpo.yaml", "--gpus-per-node", "3", *SPLIT, "actor_rollout_ref.rollout.n_gpus=1"]) == 0
+    assert plan.main(["configs/toy_grpo.yaml", "--gpus-per-node", "3", *SPLIT,
+                      "actor_rollout_ref.rollout.n_gpus=1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[:4] == [
         "layout: split placement, 3 ranks; 1 node(s) x 3 rank(s)",
@@ -494,7 +495,8 @@ def test_cli_split_layout_a_line_per_side(capsys):
 
 def test_cli_split_json_reports_both_sides(capsys):
     assert plan.main(["configs/toy_grpo.yaml", "--json", "--gpus-per-node", "4", *SPLIT,
-                      "actor_rollout_ref.rollout.n_gpus=2", "actor_rollout_ref.rollout.gpu_memory_utilization=0.3"]) == 0
+                      "actor_rollout_ref.rollout.n_gpus=2",
+                      "actor_rollout_ref.rollout.gpu_memory_utilization=0.3"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["layout"] == {"placement": "split", "train_ranks": [0, 1], "rollout_ranks": [2, 3],
                              "tp_groups": [[0], [1]], "pp_groups": [[0], [1]], "dp_groups": [[0, 1]],

@@ -86,7 +86,8 @@ def _split_peak_lines(p: JobShape, est: MemoryEstimate) -> list[str]:
         f"  phases, rollout GPUs ({ranks(p.train_world, p.world_size - 1)}; vLLM's budget + fixed overhead): "
         + _phases(est.rollout_gpu_phases),
         f"peak: training GPUs {est.peak / GiB:.2f} GiB ({est.peak_phase}), rollout GPUs "
-        f"{est.rollout_gpu_peak / GiB:.2f} GiB, of {p.gpu_mem_gib:g} GiB each: " + ("FITS" if est.fits else "DOES NOT FIT"),
+        f"{est.rollout_gpu_peak / GiB:.2f} GiB, of {p.gpu_mem_gib:g} GiB each: "
+        + ("FITS" if est.fits else "DOES NOT FIT"),
     ]
 
 
