@@ -1,4 +1,5 @@
-"""Per-GPU memory of a colocated PPO/GRPO job, estimated before it is queued (`mcore-rl plan`).
+"""Per-GPU memory of a PPO/GRPO job, estimated before it is queued (`mcore-rl plan`): every GPU
+when colocated; with split placement the training GPUs and the rollout GPUs, each side its own.
 
 The model's shape is `ArchSpec`, the trainer's reading of its config.json (no weights, no GPU);
 parameters are counted as megatron-core allocates them, padded vocab included
@@ -14,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from mcore_rl.config import needs_reference, uses_critic
+from mcore_rl.config import needs_reference, train_world_size, uses_critic
 from mcore_rl.models.arch import ArchSpec, arch_from_hf_config
 
 __all__ = ["ParamCounts", "JobShape", "ModelMemory", "MemoryEstimate", "count_params", "params_per_gpu",
@@ -174,10 +175,25 @@ class JobShape:
     log_prob_max_token_len: int  # rollout.log_prob_max_token_len_per_gpu (old log-probs)
     ref_log_prob_max_token_len: int  # ref.log_prob_max_token_len_per_gpu
     critic_max_token_len: int  # critic.ppo_max_token_len_per_gpu (values and critic update)
+    rollout_gpus: int = 0  # split placement: the job's last GPUs, that only generate (0: colocated)
 
     @property
     def world_size(self) -> int:
         return self.nodes * self.gpus_per_node
+
+    @property
+    def split(self) -> bool:
+        return self.rollout_gpus > 0
+
+    @property
+    def train_world(self) -> int:
+        """GPUs that train: the first world - rollout_gpus (colocated: all)."""
+        return self.world_size - self.rollout_gpus
+
+    @property
+    def rollout_world(self) -> int:
+        """GPUs that run vLLM engines: the last rollout_gpus (colocated: all)."""
+        return self.rollout_gpus or self.world_size
 
     @property
     def seq_len(self) -> int:
@@ -235,10 +251,12 @@ class MemoryEstimate:
     seqs_per_engine: int
     overhead: float
     micro_batch_bytes: dict[str, float] = field(default_factory=dict)  # pass -> its micro-batch peak, beyond states
-    phases: dict[str, float] = field(default_factory=dict)
+    phases: dict[str, float] = field(default_factory=dict)  # of a training GPU (colocated: of every GPU)
     peak: float = 0.0
     peak_phase: str = ""
-    fits: bool = False
+    fits: bool = False  # every GPU fits, both sides when split
+    rollout_gpu_phases: dict[str, float] = field(default_factory=dict)  # split: of a rollout GPU ({} colocated)
+    rollout_gpu_peak: float = 0.0  # split: a rollout GPU's peak (0 colocated: the rollout is in `phases`)
     problems: list[str] = field(default_factory=list)
 
 
@@ -267,7 +285,7 @@ def logprob_pass_bytes(spec: ArchSpec, tokens: int, rows: int, tp: int, b: int) 
 
 
 def estimate_memory(spec: ArchSpec, p: JobShape) -> MemoryEstimate:
-    """Per-GPU memory, in bytes, of one colocated PPO/GRPO rank. Formulas (b = dtype bytes,
+    """Per-GPU memory, in bytes, of one PPO/GRPO rank. Formulas (b = dtype bytes,
     P = parameters on this GPU from `params_per_gpu`, L = layers, h = hidden size):
 
     weights     P * b                          (bf16/fp16: 2, fp32: 4)
@@ -292,19 +310,24 @@ def estimate_memory(spec: ArchSpec, p: JobShape) -> MemoryEstimate:
                 rollout_tp), VLLM_NON_KV_GIB for profiled activations and CUDA graphs, and the
                 rest is KV cache. KV per token per GPU = 2 (K,V) * L * ceil(kv_heads / rollout_tp)
                 * head_dim * b. While Megatron trains, vLLM sleeps (rollout.free_cache_engine:
-                KV freed, weights off the GPU) or keeps its whole budget.
+                KV freed, weights off the GPU) or keeps its whole budget. Each of the
+                rollout_world / rollout_tp engines generates its share of the step's sequences.
     overhead    FIXED_OVERHEAD_GIB in every phase (CUDA context, NCCL, fragmentation).
 
     Phases (peak = the largest): rollout = every Megatron model's states + vLLM budget; old
     log-probs / ref log-probs = every model's states + that pass's micro-batch (+ vLLM when it
     does not sleep); actor train = actor states + activations + the other models' states
     (+ vLLM when it does not sleep); critic train likewise.
+
+    Split placement: the models' grid (DP) is over the training GPUs alone, which hold the
+    Megatron phases without vLLM (no rollout phase); a rollout GPU holds only overhead + vLLM's
+    budget (`rollout_gpu_phases`, its engine never sleeps). `fits` needs both sides to fit.
     """
     b = p.dtype_bytes
     pc = count_params(spec)
     s = p.seq_len
     opt_per_param = 8 + (4 if b < 4 else 0)
-    dp = p.world_size // (p.tp * p.pp)
+    dp = p.train_world // (p.tp * p.pp)
     mbs = p.micro_batches()
 
     def model_mem(trainable: bool, value_head: bool) -> ModelMemory:
@@ -332,12 +355,12 @@ def estimate_memory(spec: ArchSpec, p: JobShape) -> MemoryEstimate:
     vllm_kv = vllm_budget - vllm_weights - vllm_other
     kv_per_token = 2 * spec.num_layers * math.ceil(spec.num_query_groups / p.rollout_tp) * spec.head_dim * b
     kv_tokens = max(0, int(vllm_kv // kv_per_token))
-    rollout_dp = p.world_size // p.rollout_tp
+    rollout_dp = p.rollout_world // p.rollout_tp
     seqs_per_engine = math.ceil(p.train_batch_size * p.rollout_n / rollout_dp)
 
     models = {"actor": actor, "critic": critic, "ref": ref}
     resident = {k: m.resident for k, m in models.items() if m is not None}
-    vllm_in_training = 0.0 if p.free_cache_engine else vllm_budget
+    vllm_in_training = 0.0 if p.free_cache_engine or p.split else vllm_budget
     states = sum(resident.values())
     # forward-only log-prob passes: logits live on the last stage only
     passes = {"old log-probs": True, "ref log-probs": p.ref}
@@ -346,7 +369,7 @@ def estimate_memory(spec: ArchSpec, p: JobShape) -> MemoryEstimate:
     mb_bytes["actor train"] = actor.activations
     if critic is not None:
         mb_bytes["critic train"] = critic.activations
-    phases = {"rollout": overhead + states + vllm_budget}
+    phases = {} if p.split else {"rollout": overhead + states + vllm_budget}
     for name in ("old log-probs", "ref log-probs"):
         if name in mb_bytes:
             phases[name] = overhead + states + vllm_in_training + mb_bytes[name]
@@ -355,6 +378,8 @@ def estimate_memory(spec: ArchSpec, p: JobShape) -> MemoryEstimate:
             phases[f"{name} train"] = overhead + states + vllm_in_training + mb_bytes[f"{name} train"]
     peak_phase = max(phases, key=phases.get)
     peak = phases[peak_phase]
+    rollout_gpu_phases = {"rollout": overhead + vllm_budget} if p.split else {}
+    rollout_gpu_peak = rollout_gpu_phases.get("rollout", 0.0)
 
     problems = []
     if vllm_kv <= 0:
@@ -364,13 +389,18 @@ def estimate_memory(spec: ArchSpec, p: JobShape) -> MemoryEstimate:
         problems.append(f"KV cache holds {kv_tokens} tokens, less than one sequence of {s}")
     if peak > gpu:
         hint = f" (lower {mbs[peak_phase][0]})" if peak_phase in mbs else ""
-        problems.append(f"{peak_phase} phase needs {peak / GiB:.1f} GiB > {p.gpu_mem_gib:g} GiB per GPU{hint}")
+        where = "training GPU" if p.split else "GPU"
+        problems.append(f"{peak_phase} phase needs {peak / GiB:.1f} GiB > {p.gpu_mem_gib:g} GiB per {where}{hint}")
+    if rollout_gpu_peak > gpu:
+        problems.append(f"rollout GPUs need {rollout_gpu_peak / GiB:.1f} GiB (vLLM's budget + {FIXED_OVERHEAD_GIB} GiB "
+                        f"overhead) > {p.gpu_mem_gib:g} GiB: lower actor_rollout_ref.rollout."
+                        + ("kv_cache_gib" if p.kv_cache_gib else "gpu_memory_utilization"))
     return MemoryEstimate(
         total_params=pc.total, gpu_bytes=gpu, actor=actor, critic=critic, ref=ref, vllm_budget=vllm_budget,
         vllm_weights=vllm_weights, vllm_other=vllm_other, vllm_kv=max(0.0, vllm_kv), kv_bytes_per_token=kv_per_token,
         kv_tokens=kv_tokens, seq_len=s, seqs_per_engine=seqs_per_engine, overhead=overhead,
         micro_batch_bytes=mb_bytes, phases=phases, peak=peak, peak_phase=peak_phase, fits=not problems,
-        problems=problems,
+        problems=problems, rollout_gpu_phases=rollout_gpu_phases, rollout_gpu_peak=rollout_gpu_peak,
     )
 
 
@@ -393,6 +423,7 @@ def model_spec(cfg) -> ArchSpec:
 def job_shape_from_config(cfg, nodes: int, gpus_per_node: int, gpu_mem_gib: float) -> JobShape:
     """The trainer's config keys, as the trainer reads them, on `nodes` x `gpus_per_node` GPUs."""
     a, r = cfg.actor_rollout_ref, cfg.actor_rollout_ref.rollout
+    world = nodes * gpus_per_node
     return JobShape(
         nodes=nodes, gpus_per_node=gpus_per_node, gpu_mem_gib=float(gpu_mem_gib),
         dtype_bytes=DTYPE_BYTES[a.model.dtype],
@@ -410,4 +441,5 @@ def job_shape_from_config(cfg, nodes: int, gpus_per_node: int, gpu_mem_gib: floa
         log_prob_max_token_len=r.log_prob_max_token_len_per_gpu,
         ref_log_prob_max_token_len=a.ref.log_prob_max_token_len_per_gpu,
         critic_max_token_len=cfg.critic.ppo_max_token_len_per_gpu,
+        rollout_gpus=world - train_world_size(cfg, world),
     )

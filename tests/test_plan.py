@@ -415,6 +415,99 @@ def test_1_5b_with_8192_token_responses_padded_rows_do_not_fit(qwen_1_5b_dir, ca
     assert "DOES NOT FIT" in out
 
 
+def test_split_memory_matches_hand_calculation():
+    """Split placement, the hand calculation's training shape on 8 training GPUs (TP 2 x PP 2,
+    DP 2) plus 4 rollout GPUs (2 engines of rollout TP 2): a training GPU holds the Megatron
+    phases alone, a rollout GPU vLLM's budget alone."""
+    shape = dict(tp=2, pp=2, rollout_tp=2, distributed_optimizer=True, micro_batch=2, critic_micro_batch=2,
+                 max_response_length=1536, train_batch_size=64, rollout_n=4, critic=True, ref=True)
+    spec = arch_from_hf_config(CFG)
+    est = estimate_memory(spec, inputs(gpus_per_node=12, rollout_gpus=4, **shape))
+
+    # the numbers of test_memory_matches_hand_calculation: P, Pc, the micro-batches' bytes
+    P, Pc = 46_801_920, 46_800_896
+    act_actor, act_critic, old_logprobs = 1_626_112_000, 1_083_703_296, 1_202_913_280
+    assert (est.actor.params, est.critic.params) == (P, Pc)
+    assert est.actor.optimizer == 12 * P / 2 and est.critic.optimizer == 12 * Pc / 2  # DP 2: the training GPUs'
+    overhead, states = 1.5 * GiB, 12 * P + 12 * Pc + 2 * P
+    assert est.phases == {"old log-probs": overhead + states + old_logprobs,
+                          "ref log-probs": overhead + states + old_logprobs,
+                          "actor train": overhead + states + act_actor,
+                          "critic train": overhead + states + act_critic}  # no rollout phase, no vLLM
+    assert est.peak == overhead + states + act_actor and est.peak_phase == "actor train"
+    assert est.peak / GiB == pytest.approx(4.148, abs=1e-3)
+    # a rollout GPU: 1.5 GiB overhead + 0.5 x 80 GiB; 64 prompts x 4 samples over 4 / 2 = 2 engines
+    assert est.rollout_gpu_phases == {"rollout": 1.5 * GiB + 40 * GiB} and est.rollout_gpu_peak == 41.5 * GiB
+    assert est.vllm_budget == 40 * GiB and est.vllm_weights == 187_167_744 * 2 / 2
+    assert est.seqs_per_engine == 64 * 4 / 2 and est.fits
+    # vLLM that never sleeps stays on its own GPUs: the training phases do not change
+    awake = estimate_memory(spec, inputs(gpus_per_node=12, rollout_gpus=4, free_cache_engine=False, **shape))
+    assert awake.phases == est.phases and awake.rollout_gpu_peak == est.rollout_gpu_peak
+
+
+def test_split_fits_only_when_both_sides_fit():
+    spec = arch_from_hf_config(CFG)
+    base = dict(gpus_per_node=3, rollout_gpus=1, micro_batch=2)
+    est = estimate_memory(spec, inputs(**base))
+    assert est.fits and est.peak < 0.5 * 80 * GiB < est.rollout_gpu_peak
+    greedy = estimate_memory(spec, inputs(**base, gpu_memory_utilization=0.99))  # 79.2 + 1.5 GiB > 80
+    assert greedy.phases == est.phases and not greedy.fits
+    assert greedy.problems == ["rollout GPUs need 80.7 GiB (vLLM's budget + 1.5 GiB overhead) > 80 GiB: "
+                               "lower actor_rollout_ref.rollout.gpu_memory_utilization"]
+    # a GPU just below the training peak, with a KV cache small enough for the rollout side
+    gpu = est.peak / GiB - 0.01
+    small = estimate_memory(spec, inputs(**base, gpu_mem_gib=gpu, kv_cache_gib=0.1))
+    assert small.rollout_gpu_peak < gpu * GiB < small.peak and not small.fits
+    assert len(small.problems) == 1 and "per training GPU" in small.problems[0]
+
+
+SPLIT = ["actor_rollout_ref.rollout.placement=split"]
+
+
+def test_cli_split_layout_a_line_per_side(capsys):
+    assert plan.main(["configs/toy_grpo.yaml", "--gpus-per-node", "3", *SPLIT,
+                      "actor_rollout_ref.rollout.n_gpus=1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:4] == [
+        "layout: split placement, 3 ranks; 1 node(s) x 3 rank(s)",
+        "  training ranks [0,1]: tp 1 x cp 1 x dp 2 x pp 1 (order tp-cp-ep-dp-pp)",
+        "  rollout ranks [2]: 1 engine(s) of tp 1: [2]",
+        "node 0: ranks [0-2] | TP [0] [1] | PP [0] [1] | DP [0,1] | rollout TP [2]",
+    ]
+    assert "  phases, rollout GPUs (rank 2; vLLM's budget + fixed overhead): rollout 41.50" in lines
+    assert lines[-1].startswith("peak: training GPUs ") and lines[-1].endswith(
+        " GiB (actor train), rollout GPUs 41.50 GiB, of 80 GiB each: FITS")
+    phases = next(ln for ln in lines if ln.startswith("  phases, training GPUs (ranks 0-1): "))
+    assert "rollout" not in phases and "actor train" in phases
+
+    # two nodes: the first trains (TP 2, DP 2), the second holds two engines of rollout TP 2
+    assert plan.main(["configs/toy_grpo.yaml", "--nodes", "2", "--gpus-per-node", "4", *SPLIT,
+                      "actor_rollout_ref.rollout.n_gpus=4", "actor_rollout_ref.rollout.tensor_model_parallel_size=2",
+                      "actor_rollout_ref.actor.megatron.tensor_model_parallel_size=2"]) == 0
+    assert capsys.readouterr().out.splitlines()[:5] == [
+        "layout: split placement, 8 ranks; 2 node(s) x 4 rank(s)",
+        "  training ranks [0-3]: tp 2 x cp 1 x dp 2 x pp 1 (order tp-cp-ep-dp-pp)",
+        "  rollout ranks [4-7]: 2 engine(s) of tp 2: [4,5] [6,7]",
+        "node 0: ranks [0-3] | TP [0,1] [2,3] | PP [0] [1] [2] [3] | DP [0,2] [1,3]",
+        "node 1: ranks [4-7] | rollout TP [4,5] [6,7]",
+    ]
+
+
+def test_cli_split_json_reports_both_sides(capsys):
+    assert plan.main(["configs/toy_grpo.yaml", "--json", "--gpus-per-node", "4", *SPLIT,
+                      "actor_rollout_ref.rollout.n_gpus=2",
+                      "actor_rollout_ref.rollout.gpu_memory_utilization=0.3"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["layout"] == {"placement": "split", "train_ranks": [0, 1], "rollout_ranks": [2, 3],
+                             "tp_groups": [[0], [1]], "pp_groups": [[0], [1]], "dp_groups": [[0, 1]],
+                             "rollout_groups": [[2], [3]]}
+    assert doc["inputs"]["rollout_gpus"] == 2
+    est = doc["estimate"]
+    assert "rollout" not in est["phases"] and est["peak"] == max(est["phases"].values()) < 0.3 * 80 * GiB
+    assert est["rollout_gpu_phases"] == {"rollout": (1.5 + 0.3 * 80) * GiB} and est["fits"]
+    assert est["seqs_per_engine"] == 16 * 8 / 2  # configs/toy_grpo.yaml: 16 prompts x 8 samples, 2 engines
+
+
 def test_does_not_fit_is_reported():
     est = estimate_memory(arch_from_hf_config(CFG), inputs(gpu_mem_gib=2))
     assert not est.fits and any("vLLM budget" in m for m in est.problems)
@@ -453,7 +546,7 @@ def test_cli_reads_the_trainers_defaults_and_keys(model_dir, capsys):
         ppo_max_token_len=a.actor.ppo_max_token_len_per_gpu,
         log_prob_max_token_len=a.rollout.log_prob_max_token_len_per_gpu,
         ref_log_prob_max_token_len=a.ref.log_prob_max_token_len_per_gpu,
-        critic_max_token_len=d.critic.ppo_max_token_len_per_gpu)
+        critic_max_token_len=d.critic.ppo_max_token_len_per_gpu, rollout_gpus=0)
 
     rc = plan.main([f"actor_rollout_ref.model.path={model_dir}", "--json", "trainer.nnodes=1",
                     "trainer.n_gpus_per_node=4", "actor_rollout_ref.rollout.tensor_model_parallel_size=4",

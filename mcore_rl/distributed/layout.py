@@ -277,38 +277,51 @@ def _fmt_groups(groups, node_ranks: set[int]) -> str:
     return " ".join(_fmt_group(g) + ("" if node_ranks.issuperset(g) else "*") for g in touched)
 
 
-def _node_of_ranks(layout: Layout, env: "LaunchEnv") -> list[list[int]]:
+def _node_of_ranks(world_size: int, env: "LaunchEnv") -> list[list[int]]:
     """Ranks on each node, assuming block placement (node n holds ranks n*L .. n*L+L-1), which
     is what torchrun and srun's default block distribution give."""
     nodes = max(1, env.num_nodes)
-    if layout.world_size % nodes:
-        raise ValueError(f"world_size {layout.world_size} is not divisible by {nodes} nodes")
-    per = layout.world_size // nodes
+    if world_size % nodes:
+        raise ValueError(f"world_size {world_size} is not divisible by {nodes} nodes")
+    per = world_size // nodes
     return [list(range(n * per, (n + 1) * per)) for n in range(nodes)]
 
 
-def describe_layout(layout: Layout, env: "LaunchEnv") -> list[str]:
+def describe_layout(layout: Layout, env: "LaunchEnv",
+                    rollout_groups: Sequence[tuple[int, ...]] | None = None) -> list[str]:
     """Human-readable layout: a summary line, then one line per node listing its ranks and the
     TP / PP / DP / rollout groups they belong to (groups marked '*' cross to other nodes,
-    which for TP and rollout TP usually means a slow, inter-node all-reduce)."""
-    lines = [
-        f"layout: world={layout.world_size} = tp {layout.tp} x cp {layout.cp} x dp {layout.dp} x pp {layout.pp} "
-        f"(order {layout.order}); rollout: {layout.rollout_dp} engine(s) of tp {layout.rollout_tp}; "
-        f"{env.num_nodes} node(s) x {layout.world_size // max(1, env.num_nodes)} rank(s)"
-    ]
+    which for TP and rollout TP usually means a slow, inter-node all-reduce).
+
+    Split placement: `layout` is the training ranks' grid (the job's first ranks) and
+    `rollout_groups` the job ranks of each rollout engine (the ranks after them); the summary
+    then has a line per side, and a node's line names only the groups its ranks are in."""
+    split = rollout_groups is not None
+    engines = tuple(rollout_groups) if split else layout.rollout_groups
+    world = layout.world_size + (sum(map(len, engines)) if split else 0)
+    nodes = max(1, env.num_nodes)
+    grid = f"tp {layout.tp} x cp {layout.cp} x dp {layout.dp} x pp {layout.pp} (order {layout.order})"
+    if split:
+        rtp = len(engines[0]) if engines else 0
+        lines = [f"layout: split placement, {world} ranks; {nodes} node(s) x {world // nodes} rank(s)",
+                 f"  training ranks {_fmt_group(tuple(range(layout.world_size)))}: {grid}",
+                 f"  rollout ranks {_fmt_group(tuple(range(layout.world_size, world)))}: {len(engines)} engine(s) "
+                 f"of tp {rtp}: " + " ".join(map(_fmt_group, engines))]
+    else:
+        lines = [f"layout: world={layout.world_size} = {grid}; rollout: {layout.rollout_dp} engine(s) of tp "
+                 f"{layout.rollout_tp}; {nodes} node(s) x {layout.world_size // nodes} rank(s)"]
     warn = []
-    for n, ranks in enumerate(_node_of_ranks(layout, env)):
+    for n, ranks in enumerate(_node_of_ranks(world, env)):
         rs = set(ranks)
         host = f" ({env.hostnames[n]})" if n < len(env.hostnames) else ""
-        parts = [f"node {n}{host}: ranks {_fmt_group(tuple(ranks))}",
-                 f"TP {_fmt_groups(layout.tp_groups, rs)}",
-                 f"PP {_fmt_groups(layout.pp_groups, rs)}",
-                 f"DP {_fmt_groups(layout.dp_groups, rs)}"]
+        kinds = [("TP", layout.tp_groups), ("PP", layout.pp_groups), ("DP", layout.dp_groups)]
         if layout.cp > 1:
-            parts.append(f"CP {_fmt_groups(layout.cp_groups, rs)}")
-        parts.append(f"rollout TP {_fmt_groups(layout.rollout_groups, rs)}")
+            kinds.append(("CP", layout.cp_groups))
+        kinds.append(("rollout TP", engines))
+        parts = [f"node {n}{host}: ranks {_fmt_group(tuple(ranks))}"]
+        parts += [f"{kind} {groups}" for kind, g in kinds if (groups := _fmt_groups(g, rs))]
         lines.append(" | ".join(parts))
-        for kind, groups in (("TP", layout.tp_groups), ("rollout TP", layout.rollout_groups)):
+        for kind, groups in (("TP", layout.tp_groups), ("rollout TP", engines)):
             if any(rs.intersection(g) and not rs.issuperset(g) for g in groups) and kind not in warn:
                 warn.append(kind)
     for kind in warn:
