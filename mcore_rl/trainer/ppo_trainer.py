@@ -12,6 +12,7 @@ the step's whole batch; only scalars cross DP ranks.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
@@ -103,9 +104,13 @@ class PPOTrainer:
         self._make_layout(tp, pp)
         _say(f"mcore_rl: output dir {self.output_dir}")
         self._start_lineage(in_the_way, damaged)
-        env = read_launch_env()
+        env, engines = read_launch_env(), None
+        if bridge is not None:  # the layout is the training ranks'; the rollout engines come after them
+            rtp = a.rollout.tensor_model_parallel_size
+            engines = tuple(tuple(range(r, r + rtp)) for r in range(bridge.train_world, bridge.world, rtp))
+            env = dataclasses.replace(env, world_size=bridge.world)
         if env.local_rank == 0:
-            for line in describe_layout(self.layout, env):
+            for line in describe_layout(self.layout, env, engines):
                 print(line, flush=True)
         self._build()
 
