@@ -7,7 +7,8 @@ shard -> advantages (groups locally, whitening by all-reduced scalars) -> PPO ep
 mini-batches (ppo_update.py) -> metrics. `fit` loops it with checkpoints, validation and signals.
 
 Who does what is asked of one `Layout` (`self.layout`, built at start). A rank never holds
-the step's whole batch; only scalars cross DP ranks.
+the step's whole batch; only scalars cross DP ranks. With split placement (split.py) these ranks
+only train: the weights go out to the rollout ranks and each rank's slice of samples comes back.
 """
 
 from __future__ import annotations
