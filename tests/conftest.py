@@ -68,6 +68,22 @@ def make_tiny_hf_model(path, arch: str = "llama", seed: int = 0, dtype=torch.flo
     return str(path)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _launch_env_per_module():
+    """Each module starts with the launcher variables the session started with. torch.distributed
+    begun in this process, or a vLLM engine built in it, writes RANK, LOCAL_WORLD_SIZE, MASTER_PORT
+    and the like into os.environ, and a process a later test starts would inherit them (and take
+    itself for a rank of a torchrun world). Which modules ran before on this worker varies (xdist)."""
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    before = {k: os.environ.get(k) for k in names}
+    yield
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture
 def tiny_model_factory(tmp_path):
     """`tiny_model_factory(arch, **overrides) -> path` of a fresh tiny random HF checkpoint."""
