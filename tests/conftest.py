@@ -8,6 +8,13 @@ import torch
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# pytest-xdist workers (`-n 2` in pyproject.toml) share the cores: each computes on its share, and
+# so do the processes it starts (most set OMP_NUM_THREADS=1 themselves).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _threads = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
+    torch.set_num_threads(_threads)
+
 # head_dim 32: the smallest head size vLLM's CPU attention accepts.
 _TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
              num_key_value_heads=2, vocab_size=250, max_position_embeddings=512)
@@ -61,6 +68,22 @@ def make_tiny_hf_model(path, arch: str = "llama", seed: int = 0, dtype=torch.flo
     return str(path)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _launch_env_per_module():
+    """Each module starts with the launcher variables the session started with. torch.distributed
+    begun in this process, or a vLLM engine built in it, writes RANK, LOCAL_WORLD_SIZE, MASTER_PORT
+    and the like into os.environ, and a process a later test starts would inherit them (and take
+    itself for a rank of a torchrun world). Which modules ran before on this worker varies (xdist)."""
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    before = {k: os.environ.get(k) for k in names}
+    yield
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture
 def tiny_model_factory(tmp_path):
     """`tiny_model_factory(arch, **overrides) -> path` of a fresh tiny random HF checkpoint."""
@@ -72,7 +95,36 @@ def tiny_model_factory(tmp_path):
     return make
 
 
+# Run in parallel (pytest-xdist), a test module goes whole to one worker: the trainer runs that its
+# module-scoped fixtures share are made once. Modules that share a session-scoped fixture go together.
+_TOGETHER = {"tests/test_trainer.py": "tests/test_golden.py"}  # toy_default_run
+# The modules that take longest (a serial CPU run, longest first) start first, so that no worker is
+# left with one of them at the end while the other has nothing to do.
+_LONGEST = ["tests/test_slurm.py", "tests/test_resume.py", "tests/test_strict_dist.py", "tests/test_faults.py",
+            "tests/test_data_path.py", "tests/test_converter.py"]
+
+
+def _module(nodeid: str) -> str:
+    path = nodeid.split("::", 1)[0]
+    return _TOGETHER.get(path, path)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class WholeModules(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            return _module(nodeid)
+
+    config.option.loadscopereorder = False  # keep the order of the collection (below)
+    return WholeModules(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        rank = {path: i for i, path in enumerate(_LONGEST)}
+        items.sort(key=lambda item: rank.get(_module(item.nodeid), len(rank)))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")

@@ -43,7 +43,6 @@ import inspect
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -54,6 +53,8 @@ import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
+
+from dist_utils import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
@@ -596,12 +597,6 @@ def summaries(log_dir, world: int) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------ running ranks
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(target: str, args=(), *, log_dir, nproc: int = 2, timeout_s: float = 60.0, wall_s: float = 300.0,
            env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``module:function(*args)`` (JSON-able args) on `nproc` gloo ranks under the harness,
@@ -614,11 +609,15 @@ def launch(target: str, args=(), *, log_dir, nproc: int = 2, timeout_s: float = 
     extra = dict(env or {})
     path = [str(REPO), str(REPO / "tests"), extra.pop("PYTHONPATH", ""), penv.get("PYTHONPATH", "")]
     penv.update(PYTHONPATH=os.pathsep.join(p for p in path if p), OMP_NUM_THREADS="1",
-                VLLM_ENABLE_V1_MULTIPROCESSING="0", MCORE_RL_STRICT_DEVICE="1", TMPDIR=log_dir,
-                TOKENIZERS_PARALLELISM="false", **extra)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={_free_port()}",
+                VLLM_ENABLE_V1_MULTIPROCESSING="0", MCORE_RL_STRICT_DEVICE="1", TOKENIZERS_PARALLELISM="false",
+                **extra)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
            _THIS, "--log-dir", log_dir, "--timeout", str(timeout_s), target, json.dumps(list(args))]
-    with tempfile.TemporaryFile("w+") as out:
+    # A temp dir of the run's own (vLLM's and multiprocessing's socket files), with a short path: a
+    # Unix socket's path may not exceed 107 bytes, which one under a test's tmp_path can.
+    with tempfile.TemporaryDirectory(prefix="strict", ignore_cleanup_errors=True) as tmp, \
+            tempfile.TemporaryFile("w+") as out:
+        penv["TMPDIR"] = tmp
         proc = subprocess.Popen(cmd, env=penv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
         try:

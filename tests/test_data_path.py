@@ -8,13 +8,13 @@ import json
 import math
 import os
 import random
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from dist_utils import free_port
 from mcore_rl.distributed.layout import rank_layout
 from mcore_rl.trainer.batch import Sample, Shard, pad_batch
 
@@ -185,10 +185,7 @@ SKIP = ("timing/", "perf/", "sync/", "critic/vf_clipfrac", "run_id")
 
 def _train(out, args, nproc):
     if nproc > 1:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
                "-m", "mcore_rl.commands.train"]
     else:
         cmd = [sys.executable, "-m", "mcore_rl.commands.train"]
@@ -286,7 +283,7 @@ def _score_on(tp: int, rtp: int):
 
 @pytest.fixture(scope="module")
 def scored():
-    from tests.dist_utils import run_ranks
+    from dist_utils import run_ranks
 
     return run_ranks(_score_worker, 2)
 

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from dist_utils import free_port
 from test_resume import _wait_for
 
 pytestmark = pytest.mark.resume
@@ -233,10 +233,7 @@ def test_sigterm_under_torchrun_saves_and_leaves_nothing_running(tmp_path):
     finish the step, write one sound checkpoint and exit 0. torchrun itself then exits 1 (its
     SignalException, whatever its workers did); README says so."""
     out = tmp_path / "run"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = _start([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={port}",
+    proc = _start([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
                    "-m", "mcore_rl.commands.train", *_args(out, "trainer.max_steps=50")], tmp_path / "log")
     _wait_for(lambda: len(_rows(out)) >= 1, proc, what="step 1")
     os.killpg(proc.pid, signal.SIGTERM)

@@ -21,10 +21,11 @@ The two runs start together, one thread each (the 2 cores of CI): about a minute
 
 Regenerate on purpose, after a change that is meant to move the curves:
 
-    MCORE_RL_UPDATE_GOLDEN=1 pytest tests/test_golden.py
+    MCORE_RL_UPDATE_GOLDEN=1 pytest -n 0 tests/test_golden.py
 
 rewrites the files and prints each value that changed next to the old one (``*`` where it moved
-beyond the tolerance); review that diff before committing the new files.
+beyond the tolerance; `-n 0`: a pytest-xdist worker's prints are not shown); review that diff
+before committing the new files.
 """
 
 from __future__ import annotations

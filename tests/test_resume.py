@@ -12,7 +12,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from dist_utils import free_port
 
 pytestmark = pytest.mark.resume
 
@@ -70,11 +71,8 @@ def _kill_group(proc, sig=signal.SIGKILL) -> None:
 
 
 def _torchrun(args, timeout=300) -> subprocess.CompletedProcess:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     return _run(None, timeout=timeout, cmd=[sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-                                            f"--master-port={port}", "-m", "mcore_rl.commands.train", *args])
+                                            f"--master-port={free_port()}", "-m", "mcore_rl.commands.train", *args])
 
 
 def _metrics(out: Path) -> dict[int, dict]:

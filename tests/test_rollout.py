@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from conftest import make_tiny_hf_model
-from dist_utils import run_ranks
+from dist_utils import free_port, run_ranks
 from mcore_rl.rollout import Sampling, make_engine, model_eos_token_ids, vllm_available
 from mcore_rl.rollout.base import RolloutOutput
 
@@ -348,7 +348,7 @@ def test_one_rank_engine_group_forms_under_torchrun(tmp_path, mode):
 
     script = tmp_path / "child.py"
     script.write_text(_RENDEZVOUS_CHILD)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={free_port()}",
            str(script), mode, "30" if mode == "own" else "3"]
     rc, out, err = _torchrun(cmd, 120)
     if mode == "own":
@@ -372,15 +372,6 @@ def _torchrun(cmd: list[str], timeout: float):
     return proc.returncode, out, err
 
 
-def _free_port() -> int:
-    # (torchrun's --master_port=0 leaves its workers' env:// rendezvous waiting)
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 _TP2_CHILD = """
 import sys
 from mcore_rl.rollout import Sampling, make_engine
@@ -399,7 +390,7 @@ def test_rollout_tp2_engine_under_torchrun(tmp_path, tiny_model_factory):
 
     script = tmp_path / "child.py"
     script.write_text(_TP2_CHILD)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            str(script), tiny_model_factory("llama", seed=0)]
     rc, out, err = _torchrun(cmd, 300)
     assert rc == 0 and out.count("TOKENS") == 2, (out[-1000:], err[-3000:])

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from dist_utils import free_port
+
 pytestmark = pytest.mark.train
 ENV = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1"}
 # A small, fast configuration shared by the layout and backend runs.
@@ -15,17 +17,9 @@ SMALL = ["data.train_batch_size=32", "actor_rollout_ref.actor.ppo_mini_batch_siz
          "trainer.logger=[console]"]
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def train(tmp, args, nproc=1, timeout=420):
     out = os.path.join(tmp, "run")
-    launcher = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}",
+    launcher = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
                  "-m", "mcore_rl.commands.train"] if nproc > 1 else [sys.executable, "-m", "mcore_rl.cli", "train"])
     r = subprocess.run(launcher + list(args) + [f"trainer.output_dir={out}"], capture_output=True, text=True,
                        timeout=timeout, env={**ENV, "TMPDIR": str(tmp)})

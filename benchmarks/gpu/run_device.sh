@@ -10,7 +10,8 @@
 #   PARTS=.gpuparts source benchmarks/gpu/run_device.sh packing    # packed micro-batches: kernels, toy, 4096/8192 (2 GPUs)
 #   PARTS=.gpuparts source benchmarks/gpu/run_device.sh split      # split placement, 1 training + 1 rollout GPU, staleness 0 and 1
 # Logs and JSON land in $OUT (brought back by the tool). Each step has its own time limit so
-# that one hang cannot eat the call's 600 s.
+# that one hang cannot eat the call's 600 s. pytest runs with `-o addopts=`: pyproject's `-n 2`
+# (pytest-xdist, not on the device) is for the CPU suite, and `-s` shows the gpu-test lines.
 _phase=${1:-}
 mkdir -p "${OUT:=/tmp/out}"
 case "$_phase" in
@@ -18,13 +19,13 @@ megatron)
   source benchmarks/gpu/setup.sh device1 || return 1
   nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.sm --format=csv | tee "$OUT/nvidia_smi.txt"
   python3 -c "import torch, megatron.core as m; print('torch', torch.__version__, 'megatron-core', m.__version__, torch.cuda.get_device_name())"
-  timeout 200 python3 -m pytest tests/test_gpu.py -q -s -p no:cacheprovider -k "${MEGATRON_TESTS:-logits or export or converter or chunked}" \
+  timeout 200 python3 -m pytest -o addopts= tests/test_gpu.py -q -s -p no:cacheprovider -k "${MEGATRON_TESTS:-logits or export or converter or chunked}" \
     2>&1 | tee "$OUT/pytest_megatron.log" | grep -E "gpu-test|passed|failed|Error|error" | cut -c1-600
   timeout 300 python3 benchmarks/train_step.py ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/train_step.log" | grep -v -i warn | tail -12
   ;;
 vllm)
   source benchmarks/gpu/setup.sh device2 || return 1
-  timeout 500 python3 -m pytest tests/test_gpu.py -q -s -p no:cacheprovider \
+  timeout 500 python3 -m pytest -o addopts= tests/test_gpu.py -q -s -p no:cacheprovider \
     -k "${VLLM_TESTS:-(live_sync or fast_path or resharder_auto or sleep or logprob) and not chunked}" \
     2>&1 | tee "$OUT/pytest_vllm.log" | grep -E "gpu-test|passed|failed|Error |error:|assert" | cut -c1-700
   ;;
@@ -38,7 +39,7 @@ rollout)
   ;;
 toy)
   source benchmarks/gpu/setup.sh device2 || return 1
-  timeout 560 python3 -m pytest tests/test_gpu.py -q -s -p no:cacheprovider -k toy \
+  timeout 560 python3 -m pytest -o addopts= tests/test_gpu.py -q -s -p no:cacheprovider -k toy \
     2>&1 | tee "$OUT/pytest_toy.log" | grep -E "gpu-test|passed|failed|Error |error:|assert" | cut -c1-1500
   ;;
 grpo)
@@ -118,7 +119,7 @@ packing)
     --prompts 8 --mini 4 --micro 2 --warmup 0 --steps 1 --compare --reuse --out "$OUT" --name grpo_step_8192 \
     > "$OUT/grpo_step_8192.log" 2>&1 &
   _pk_8k=$!
-  CUDA_VISIBLE_DEVICES=0 timeout 240 python3 -m pytest tests/test_packing.py tests/test_gpu.py -q -s -p no:cacheprovider \
+  CUDA_VISIBLE_DEVICES=0 timeout 240 python3 -m pytest -o addopts= tests/test_packing.py tests/test_gpu.py -q -s -p no:cacheprovider \
     -k "${PACKING_TESTS:-packed_attention_kernels_on_gpu or toy_packed_equals_padded_on_gpu}" 2>&1 \
     | tee "$OUT/pytest_packing.log" | grep -E "gpu-test|passed|failed|Error |error:|assert" | cut -c1-900
   CUDA_VISIBLE_DEVICES=0 timeout $(( 560 - ($(date +%s) - _pk_t0) )) python3 benchmarks/grpo_step.py --response-len 4096 \
