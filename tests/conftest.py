@@ -100,7 +100,8 @@ def tiny_model_factory(tmp_path):
 _TOGETHER = {"tests/test_trainer.py": "tests/test_golden.py"}  # toy_default_run
 # The modules that take longest (a serial CPU run, longest first) start first, so that no worker is
 # left with one of them at the end while the other has nothing to do.
-_LONGEST = ["tests/test_slurm.py", "tests/test_resume.py", "tests/test_strict_dist.py", "tests/test_faults.py",
+_LONGEST = ["tests/test_slurm.py", "tests/test_split.py", "tests/test_resume.py", "tests/test_strict_dist.py",
+            "tests/test_faults.py",
             "tests/test_data_path.py", "tests/test_converter.py"]
 
 

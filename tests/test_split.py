@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_utils import _free_port
+from dist_utils import free_port
 
 pytestmark = pytest.mark.train
 
@@ -47,7 +47,7 @@ def _start(tmp: Path, name: str, *args: str, script: Path | None = None, nproc: 
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     log = open(tmp / f"{name}.log", "w")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
            *([str(script)] if script else ["-m", "mcore_rl.cli", "train"]), *SPLIT, f"trainer.output_dir={tmp / 'run'}",
            *args]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
