@@ -101,7 +101,7 @@ def _stub_trainer(cfg, shard, logp, ref, captured, monkeypatch):
     from mcore_rl.trainer import ppo_trainer as pt
 
     tr = object.__new__(pt.PPOTrainer)
-    tr.cfg = cfg
+    tr.cfg, tr.bridge = cfg, None  # colocated
     tr.loader = SimpleNamespace(next_batch=lambda: list(range(int(shard.prompt_index.max()) + 1)))
     tr.engine = None
     tr.resharder = SimpleNamespace(sync=lambda engine: {})
