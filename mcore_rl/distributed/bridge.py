@@ -38,10 +38,6 @@ class Bridge:
     def side_rank(self) -> int:
         return self.rank if self.side == "train" else self.rank - self.train_world
 
-    def weights_rank(self, job_rank: int) -> int:
-        """A job rank's place in the `weights` group (training rank 0 is its root, 0)."""
-        return 0 if job_rank == 0 else job_rank - self.train_world + 1
-
     # ---------------------------------------------------------------- point-to-point
     def isend(self, t: torch.Tensor, dst: int, tag: int = 0):
         """Send `t` to job rank `dst`; returns (work, the tensor sent), to keep until `work.wait()`."""

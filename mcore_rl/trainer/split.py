@@ -36,15 +36,18 @@ from omegaconf import DictConfig
 from converters.gather import global_params, iter_hf_tensors
 from mcore_rl.distributed.bridge import Bridge
 from mcore_rl.distributed.layout import rank_layout
+from mcore_rl.trainer import build, rollouts
 from mcore_rl.trainer.batch import Shard
+from mcore_rl.trainer.inputs import load_inputs
 
 _ALIGN = 64          # bytes: every tensor of a bucket starts aligned for any dtype
 _TAG_SAMPLES, _TAG_REPORT = 1, 2
 # what the rollout side reports each step (first rollout rank -> training rank 0), in this order
-REPORT = ("timing/generate", "timing/reward", "timing/sync", "rollout/weight_version", "rollout/wait_s")
+# (its key -> the name the training side logs it under)
 REPORT_NAMES = {"timing/generate": "rollout/generate_s", "timing/reward": "rollout/reward_s",
                 "timing/sync": "rollout/sync_s", "rollout/weight_version": "rollout/weight_version",
-                "rollout/wait_s": "rollout/wait_s"}  # as the training side logs them
+                "rollout/wait_s": "rollout/wait_s"}
+REPORT = tuple(REPORT_NAMES)
 
 
 def engine_slice(batch: int, engines: int, e: int) -> list[int]:
@@ -167,9 +170,6 @@ class RolloutSide:
     samples to the training ranks; until the training side says stop."""
 
     def __init__(self, cfg: DictConfig, bridge: Bridge):
-        from mcore_rl.trainer import build
-        from mcore_rl.trainer.inputs import load_inputs
-
         self.cfg, self.bridge = cfg, bridge
         output_dir = cfg.trainer.output_dir or build.default_output_dir(cfg)
         self.model_path = build.model_path(cfg, output_dir)
@@ -193,8 +193,6 @@ class RolloutSide:
         return {**header, "timing/sync": stats.get("timing/sync", 0.0), "rollout/wait_s": wait}
 
     def _generate(self, step: int, version: int, waited: float, sync_s: float) -> None:
-        from mcore_rl.trainer import rollouts
-
         cfg, r = self.cfg, self.cfg.actor_rollout_ref.rollout
         rows = self.loader.next_batch()
         e = self.layout.me.rollout_dp
