@@ -1,0 +1,73 @@
+"""A LoRA actor through the real trainer (`python -m mcore_rl.commands.train`, toy GRPO task).
+
+- A run resumed from its step-2 checkpoint continues exactly: steps 3-4 equal the uninterrupted
+  run's (every metric that depends on the model, the data and the samples).
+- `mcore-rl export` of the step-4 checkpoint (offline, from the distributed checkpoint) writes
+  the same merged model and peft adapter as the trainer's own export at the end of the run.
+- The trained adapter is not a fresh one (B moved away from zero), and the merged model differs
+  from the base model exactly where adapters sit.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from test_lora_export import _tensors
+from test_resume import COMPARED, _env, _log, _metrics, _run
+
+pytestmark = pytest.mark.resume
+LORA = ("configs/toy_grpo.yaml", "actor_rollout_ref.model.lora_rank=8", "actor_rollout_ref.model.lora_alpha=16",
+        "actor_rollout_ref.model.target_modules=q_proj,v_proj,down_proj", "actor_rollout_ref.actor.optim.lr=1e-3")
+
+
+def _args(out, *extra):
+    return [*LORA, f"trainer.output_dir={out}", "trainer.max_steps=4", "trainer.logger=[console]", *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora_reference")
+    p = _run(_args(out, "trainer.save_freq=2", "trainer.export_hf_at_end=true"))
+    assert p.returncode == 0, _log(p)
+    return out, _metrics(out)
+
+
+def test_resumed_lora_run_continues_exactly(reference, tmp_path):
+    ref_out, ref = reference
+    p = _run(_args(tmp_path / "resumed", f"trainer.resume={ref_out / 'checkpoints' / 'step_00000002'}",
+                   "trainer.export_hf_at_end=false"))
+    assert p.returncode == 0, _log(p)
+    assert "resumed from" in p.stdout, _log(p)
+    got = _metrics(tmp_path / "resumed")
+    assert sorted(got) == [3, 4]
+    for s in (3, 4):
+        for k in COMPARED:
+            if k in ref[s]:
+                assert got[s][k] == ref[s][k], (s, k, got[s][k], ref[s][k])
+
+
+def test_export_of_the_checkpoint_is_the_end_of_run_export(reference, tmp_path):
+    ref_out, _ = reference
+    out = tmp_path / "exported"
+    p = subprocess.run([sys.executable, "-m", "mcore_rl.cli", "export", "--ckpt", str(ref_out), "--out", str(out)],
+                       env=_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    end = ref_out / "hf_model"
+    for sub in ("", "lora_adapter"):
+        a, b = _tensors(end / sub), _tensors(out / sub)
+        assert set(a) == set(b) and a, sub
+        for k in a:
+            assert torch.equal(a[k], b[k]), (sub, k)
+    cfg = json.loads((out / "lora_adapter" / "adapter_config.json").read_text())
+    assert cfg["r"] == 8 and sorted(cfg["target_modules"]) == ["down_proj", "q_proj", "v_proj"]
+    trained = _tensors(out / "lora_adapter")
+    assert all(t.abs().max() > 0 for k, t in trained.items() if ".lora_B." in k)  # B left zero: nothing learned
+    base, merged = _tensors(ref_out / "toy_model"), _tensors(out)
+    adapted = {k.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+               for k in trained if ".lora_A." in k}
+    assert set(merged) == set(base)
+    for k in base:
+        assert torch.equal(merged[k], base[k]) == (k not in adapted), k
