@@ -7,6 +7,7 @@ thread); the first 5 steps are pinned:
 - PPO:  ``mcore-rl train`` (the toy default, configs/toy.yaml: critic, KL in the reward): conftest's
   `toy_default_run`, its full 20 steps, which tests/test_trainer.py also checks (the constant
   learning rate makes its first 5 steps those of a 5-step run).
+- GRPO with LoRA adapters (tests/test_lora.py, ``toy_grpo_lora.jsonl``), with the helpers here.
 
 Every step's metrics in `GOLDEN_KEYS` must match ``tests/golden/toy_{grpo,ppo}.jsonl`` within
 ``rel_tol=RTOL, abs_tol=ATOL``. The runs are bit-identical from run to run and at 1 or 2 threads
@@ -21,7 +22,7 @@ The two runs start together, one thread each (the 2 cores of CI): about a minute
 
 Regenerate on purpose, after a change that is meant to move the curves:
 
-    MCORE_RL_UPDATE_GOLDEN=1 pytest -n 0 tests/test_golden.py
+    MCORE_RL_UPDATE_GOLDEN=1 pytest -n 0 tests/test_golden.py tests/test_lora.py
 
 rewrites the files and prints each value that changed next to the old one (``*`` where it moved
 beyond the tolerance; `-n 0`: a pytest-xdist worker's prints are not shown); review that diff
@@ -68,15 +69,28 @@ def _env(tmp: Path) -> dict:
     return env
 
 
-def _start(algo: str, tmp: Path) -> subprocess.Popen:
-    out = tmp / "run"
-    args = RUNS[algo] + [f"trainer.max_steps={STEPS}", "actor_rollout_ref.rollout.name=vllm",
-                         "trainer.logger=[console]", "trainer.export_hf_at_end=false", f"trainer.output_dir={out}"]
+def start_train(args: list[str], tmp: Path) -> subprocess.Popen:
+    """``mcore-rl train ARGS`` on the toy setup of the golden runs (vLLM, one thread), output under `tmp`."""
+    args = [*args, "actor_rollout_ref.rollout.name=vllm", "trainer.logger=[console]", "trainer.export_hf_at_end=false",
+            f"trainer.output_dir={tmp / 'run'}"]
     log = open(tmp / "log.txt", "w")  # a file, not a pipe: two runs at once never block on a full pipe
     proc = subprocess.Popen([sys.executable, "-m", "mcore_rl.cli", "train", *args], cwd=REPO, env=_env(tmp),
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     proc.tmp, proc.log = tmp, log
     return proc
+
+
+def finish(proc: subprocess.Popen, timeout: float = 400) -> tuple[list[dict], str]:
+    """Wait for a `start_train` run: (its metrics rows, its console log); fails if it failed."""
+    rc = proc.wait(timeout=timeout)
+    proc.log.close()
+    log = (proc.tmp / "log.txt").read_text()
+    assert rc == 0, f"mcore-rl train exited {rc}:\n{log[-5000:]}"
+    return [json.loads(line) for line in (proc.tmp / "run" / "metrics.jsonl").read_text().splitlines() if line], log
+
+
+def _start(algo: str, tmp: Path) -> subprocess.Popen:
+    return start_train(RUNS[algo] + [f"trainer.max_steps={STEPS}"], tmp)
 
 
 @pytest.fixture(scope="module")
@@ -93,12 +107,7 @@ def runs(request, tmp_path_factory):
     def result(algo: str) -> list[dict]:
         if algo == "ppo":
             return toy_default()[0][:STEPS]
-        proc = procs[algo]
-        rc = proc.wait(timeout=400)
-        proc.log.close()
-        log = (proc.tmp / "log.txt").read_text()
-        assert rc == 0, f"mcore-rl train ({algo}) exited {rc}:\n{log[-5000:]}"
-        return [json.loads(line) for line in (proc.tmp / "run" / "metrics.jsonl").read_text().splitlines() if line]
+        return finish(procs[algo])[0]
 
     yield result
     for proc in procs.values():
@@ -128,9 +137,13 @@ def _diff(old: list[dict], new: list[dict], keys) -> str:
 @pytest.mark.parametrize("algo", list(RUNS))
 def test_toy_run_matches_golden_curve(algo, runs, capsys):
     rows = runs(algo)
-    keys = GOLDEN_KEYS[algo]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
-    path = GOLDEN / f"toy_{algo}.jsonl"
+    check_golden(f"toy_{algo}", rows, GOLDEN_KEYS[algo], capsys)
+
+
+def check_golden(name: str, rows: list[dict], keys, capsys) -> None:
+    """`rows`' `keys` against ``tests/golden/NAME.jsonl`` (rewritten instead with MCORE_RL_UPDATE_GOLDEN=1)."""
+    path = GOLDEN / f"{name}.jsonl"
     new = [{"step": r["step"], **{k: r[k] for k in keys}} for r in rows]
     if UPDATE:
         old = [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
@@ -143,5 +156,5 @@ def test_toy_run_matches_golden_curve(algo, runs, capsys):
     assert [g["step"] for g in golden] == [r["step"] for r in rows]
     bad = [f"step {g['step']} {k}: golden {g[k]!r}, got {r[k]!r}"
            for g, r in zip(golden, rows) for k in keys if not _close(r[k], g[k])]
-    assert not bad, (f"{algo}: {len(bad)} metric(s) off the golden curve (rel {RTOL}, abs {ATOL}); if the change is "
+    assert not bad, (f"{name}: {len(bad)} metric(s) off the golden curve (rel {RTOL}, abs {ATOL}); if the change is "
                      "meant, rerun with MCORE_RL_UPDATE_GOLDEN=1\n" + "\n".join(bad))

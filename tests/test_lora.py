@@ -8,7 +8,16 @@ is sent: the fast weight sync declines a LoRA model). Also: a fresh adapter
 (B = 0) and disabled adapters leave the logits exactly the base model's; the initial adapters do
 not depend on the layout; a distributed checkpoint written at TP=2 loads at TP=1 to the same
 adapters; the optimizer holds only adapters.
+
+And the toy GRPO task through ``mcore-rl train`` with LoRA (one process, vLLM): the reward rises,
+only the adapters train, the rollout engine is given the trained (merged) policy every step, the
+reference is the base model; its curve is pinned to ``tests/golden/toy_grpo_lora.jsonl`` as
+tests/test_golden.py pins the others (regenerate as said there).
 """
+
+import os
+import re
+import signal
 
 import pytest
 import torch
@@ -18,6 +27,7 @@ from dist_utils import in_turn, run_ranks
 
 RANK, ALPHA, SEED = 4, 8.0, 3
 IDS = torch.randint(0, 250, (4, 24), generator=torch.Generator().manual_seed(1))
+TOY_LORA = ["actor_rollout_ref.model.lora_rank=8", "actor_rollout_ref.actor.optim.lr=1e-2", "trainer.max_steps=6"]
 CASES = {  # id: (arch, TP, PP, target_modules)
     "llama-tp2-qv": ("llama", 2, 1, "q_proj,v_proj"),
     "llama-tp2-all": ("llama", 2, 1, "all-linear"),
@@ -143,9 +153,23 @@ def _load_worker(path, targets, ckpt):
 
 
 @pytest.fixture(scope="module")
-def lora_runs(tmp_path_factory):
+def toy_run(tmp_path_factory):
+    """``mcore-rl train configs/toy_grpo.yaml`` with LoRA, started at once (it runs while the other
+    tests of the module do); calling the returned function waits: (metrics rows, console log, output dir)."""
+    from test_golden import REPO, finish, start_train
+
+    proc = start_train([str(REPO / "configs" / "toy_grpo.yaml"), *TOY_LORA], tmp_path_factory.mktemp("toy_lora"))
+    yield lambda: (*finish(proc), proc.tmp / "run")
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tmp_path_factory, toy_run):
     """{case: (path, adapters, rank 0's results, rank 1's)}, all cases in one set of 2 processes; the
-    TP=2 q,v case also writes a checkpoint that a TP=1 model then loads (case "load")."""
+    TP=2 q,v case also writes a checkpoint that a TP=1 model then loads (case "load"). (Asks for
+    `toy_run` only to start it first.)"""
     root = tmp_path_factory.mktemp("lora")
     cases = CASES
     paths = {arch: make_tiny_hf_model(root / arch, arch) for arch in sorted({c[0] for c in cases.values()})}
@@ -209,3 +233,89 @@ def test_checkpoint_tp2_loads_at_tp1(lora_runs):
         assert set(loaded) == set(adapters)
         for name, t in loaded.items():
             assert torch.equal(t, adapters[name]), name
+
+
+@pytest.mark.train
+def test_toy_task_learns_with_lora(toy_run, capsys):
+    """The toy GRPO task with LoRA rank 8 on every linear, 6 steps (fp32, CPU vLLM, one thread)."""
+    import json
+
+    from test_golden import GOLDEN_KEYS, check_golden
+
+    if torch.cuda.is_available():
+        pytest.skip("the golden curve is the CPU run's")
+    rows, log, out = toy_run()
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    reward = [r["reward/mean"] for r in rows]
+    assert (reward[4] + reward[5]) / 2 > 2 * (reward[0] + reward[1]) / 2, reward
+    # only the adapters train: r * (in + out) for each linear of each layer, counted from config.json
+    c = json.loads((out / "toy_model" / "config.json").read_text())
+    h, f, d = c["hidden_size"], c["intermediate_size"], c["hidden_size"] // c["num_attention_heads"]
+    q, kv = c["num_attention_heads"] * d, c["num_key_value_heads"] * d
+    per_layer = (h + q) + 2 * (h + kv) + (q + h) + 2 * (h + f) + (f + h)
+    want = 8 * per_layer * c["num_hidden_layers"]
+    assert f"LoRA rank 8, alpha 16 on q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj: {want:,} trainable" in log
+    assert "reference=the actor without LoRA" in log  # no second model
+    # the engine generates with the policy being trained: its log-probs are the trainer's old log-probs
+    # every step (fp32), while the policy moves away from the reference (the base: at step 1 the same)
+    assert all(r["rollout/logprob_diff_max"] < 1e-4 for r in rows), [r["rollout/logprob_diff_max"] for r in rows]
+    assert rows[0]["actor/kl"] == 0.0 and rows[-1]["actor/kl"] > 0.1, [r["actor/kl"] for r in rows]
+    check_golden("toy_grpo_lora", rows, GOLDEN_KEYS["grpo"], capsys)
+
+
+
+# ------------------------------------------------------------------------------ configuration
+LORA8 = "actor_rollout_ref.model.lora_rank=8"
+
+
+@pytest.mark.parametrize("overrides,msg", [
+    ([LORA8, "actor_rollout_ref.model.transformer_impl=transformer_engine"],
+     "lora_rank=8 needs transformer_impl=local (TransformerEngine's fused layernorm-linear"),
+    (["actor_rollout_ref.model.lora_rank=-1"], "lora_rank=-1: must be an integer >= 0"),
+    ([LORA8, "actor_rollout_ref.model.lora_alpha=0"], "lora_alpha=0: must be a number > 0"),
+    ([LORA8, "actor_rollout_ref.model.target_modules=5"],
+     "target_modules=5: must be all-linear, or module names (a list, or one string separated by commas)"),
+    ([LORA8, "actor_rollout_ref.model.target_modules=[]"], "target_modules is empty (lora_rank=8)"),
+    ([LORA8, "actor_rollout_ref.model.target_modules=' , '"], "target_modules is empty (lora_rank=8)"),
+    ([LORA8, "actor_rollout_ref.model.target_modules=all-linear,q_proj"], "all-linear goes alone"),
+])
+def test_bad_lora_settings_fail_at_load(overrides, msg):
+    from mcore_rl.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=re.escape(msg)):
+        load_config(None, overrides, world_size=1)
+
+
+def test_target_modules_are_the_models_linear_modules(tiny_model_factory):
+    """Names as peft's (a list, or a comma-separated string), checked against the model's own linear
+    modules (the converter's mapping) before any process group: an unknown one names the valid ones."""
+    from mcore_rl.config import ConfigError, check_sizes, load_config
+    from mcore_rl.models.arch import arch_from_hf_config
+    from mcore_rl.models.lora import resolve_targets
+
+    llama, opt = (arch_from_hf_config(tiny_model_factory(a)) for a in ("llama", "opt"))
+    assert resolve_targets("all-linear", llama) == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                    "down_proj")
+    assert resolve_targets("all-linear", opt) == ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+    assert resolve_targets("v_proj, q_proj", llama) == resolve_targets(["q_proj", "v_proj"], llama) == ("q_proj", "v_proj")
+    for targets, spec, valid in (("q_proj,o_proj", opt, "q_proj, k_proj, v_proj, out_proj, fc1, fc2"),
+                                 ("[qproj]", llama, "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj")):
+        cfg = load_config(None, [LORA8, f"actor_rollout_ref.model.target_modules={targets}"], world_size=1)
+        check_sizes(cfg, 1)  # the names are checked once the model is known
+        with pytest.raises(ConfigError, match=re.escape(f"is not a linear module of this {spec.family} model; "
+                                                        f"valid: all-linear or any of {valid}")):
+            check_sizes(cfg, 1, spec)
+
+
+def test_the_trainer_refuses_an_unknown_target_before_any_process_group(tmp_path, capsys):
+    import torch.distributed as dist
+
+    from mcore_rl.commands.train import main
+
+    assert main([LORA8, "actor_rollout_ref.model.target_modules=q_proj,qkv_proj", f"trainer.output_dir={tmp_path}",
+                 "trainer.logger=[console]"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # (after the toy model's writing progress)
+    assert err == ("mcore-rl train: error: actor_rollout_ref.model.target_modules: qkv_proj is not a linear module of "
+                   "this llama model; valid: all-linear or any of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
+                   "down_proj"), err
+    assert not dist.is_initialized()

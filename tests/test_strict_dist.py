@@ -188,6 +188,13 @@ LAYOUTS = {  # name: (preset, overrides, the group that must have carried collec
     "tp2-rtp1-ppo-hf": ("ppo", TP2 + ["actor_rollout_ref.rollout.name=hf",
                                       "actor_rollout_ref.rollout.tensor_model_parallel_size=1"],
                         "TENSOR_MODEL_PARALLEL_GROUP [0, 1]"),
+    # LoRA adapters (TP regions in forward and backward, merged weights gathered for the sync; the
+    # KL loss's reference is the actor with adapters off)
+    "tp2-rtp1-grpo-hf-lora": ("grpo", TP2 + ["actor_rollout_ref.rollout.name=hf",
+                                             "actor_rollout_ref.rollout.tensor_model_parallel_size=1",
+                                             "actor_rollout_ref.model.lora_rank=4",
+                                             "actor_rollout_ref.model.target_modules=q_proj,v_proj,down_proj"],
+                              "TENSOR_MODEL_PARALLEL_GROUP [0, 1]"),
 }
 
 

@@ -141,7 +141,7 @@ def _check_one(key: str, value, default, rule: Rule) -> None:
     if want is None:
         return
     if not _value_ok(value, want) or not _in_range(value, rule):
-        shown = Rule(type=want, lo=rule.lo, hi=rule.hi, open_lo=rule.open_lo).describe()
+        shown = Rule(type=want, lo=rule.lo, hi=rule.hi, open_lo=rule.open_lo, what=rule.what).describe()
         raise ConfigError(f"{key}={value!r}: must be {shown} (default {default!r})")
 
 
@@ -182,9 +182,10 @@ def _check_values(schema: DictConfig, cfg: DictConfig) -> None:
 def _check_settings(cfg: DictConfig) -> None:
     """Values that are each well-typed but do not work (together)."""
     from mcore_rl.algorithms.rollout_correction import rollout_is_problems
+    from mcore_rl.models.lora import config_problems as lora_problems
     from mcore_rl.models.optim import schedule_problems
 
-    problems = rollout_is_problems(cfg.algorithm)
+    problems = rollout_is_problems(cfg.algorithm) + lora_problems(cfg.actor_rollout_ref.model)
     problems += schedule_problems(cfg.actor_rollout_ref.actor.optim, cfg.trainer.max_steps, "actor_rollout_ref.actor.optim")
     problems += schedule_problems(cfg.critic.optim, cfg.trainer.max_steps, "critic.optim")
     if cfg.trainer.test_freq > 0 and cfg.data.val_files is None:
@@ -296,7 +297,8 @@ def _rank() -> int:
 
 
 def check_sizes(cfg: DictConfig, world_size: int, spec=None) -> None:
-    """Fail early, with the numbers, on sizes that cannot work."""
+    """Fail early, with the numbers, on sizes that cannot work; given the model (`spec`), on LoRA
+    target modules it does not have."""
     a = cfg.actor_rollout_ref
     tp, pp = a.actor.megatron.tensor_model_parallel_size, a.actor.megatron.pipeline_model_parallel_size
     rtp = a.rollout.tensor_model_parallel_size
@@ -362,6 +364,13 @@ def check_sizes(cfg: DictConfig, world_size: int, spec=None) -> None:
             problems.append(str(e))
     if problems:
         raise ConfigError("impossible sizes: " + "; ".join(problems))
+    if spec is not None and a.model.lora_rank:
+        from mcore_rl.models.lora import resolve_targets
+
+        try:
+            resolve_targets(a.model.target_modules, spec)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def to_plain(cfg) -> dict:

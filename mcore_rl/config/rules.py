@@ -23,9 +23,12 @@ class Rule:
     items: tuple = ()  # a list whose items are among these
     length: int | None = None  # a list of exactly this many items
     null: bool = False  # null is a value of its own (said in defaults.yaml) though the default is not null
+    what: str = ""  # what the value must be, in words, where its type does not say it
 
     def describe(self) -> str:
         """What the value must be, in words: "an integer >= 1", "a list of 2 numbers in [0, 1]"."""
+        if self.what:
+            return self.what
         if self.words:
             return "one of " + ", ".join(map(str, self.words))
         if self.items:
@@ -82,6 +85,10 @@ def rules() -> dict[str, Rule]:
         "actor_rollout_ref.model.path": Rule(type=str),
         "actor_rollout_ref.model.dtype": Rule(words=("float32", "bfloat16", "float16")),
         "actor_rollout_ref.model.transformer_impl": Rule(words=("local", "transformer_engine")),
+        "actor_rollout_ref.model.lora_rank": Rule(type=int, lo=0),
+        "actor_rollout_ref.model.lora_alpha": Rule(type=float, lo=0, open_lo=True),
+        "actor_rollout_ref.model.target_modules": Rule(
+            type=(str, ListConfig), what="all-linear, or module names (a list, or one string separated by commas)"),
         **_under("actor_rollout_ref.actor.optim", {**OPTIM, **decay}),
         "actor_rollout_ref.actor.ppo_mini_batch_size": POSITIVE,
         "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": POSITIVE,

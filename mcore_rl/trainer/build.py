@@ -14,6 +14,7 @@ from converters.hf_io import load_hf_into_model
 from mcore_rl.config import needs_reference, uses_critic
 from mcore_rl.models.arch import ArchSpec
 from mcore_rl.models.build import build_model
+from mcore_rl.models.lora import add_lora, lora_config
 from mcore_rl.models.optim import LRSchedule, wrap_for_training
 from mcore_rl.rollout import make_engine
 from mcore_rl.toy import build_toy_model
@@ -52,7 +53,8 @@ def model_path(cfg: DictConfig, output_dir: str) -> str:
 
 @dataclass
 class Models:
-    """The run's Megatron models (critic and reference only when the algorithm needs them)."""
+    """The run's Megatron models (critic and reference only when the algorithm needs them; with
+    LoRA no reference model: the actor with its adapters off is the reference policy)."""
 
     actor: object
     actor_opt: object
@@ -64,14 +66,19 @@ class Models:
 
 
 def build_models(cfg: DictConfig, spec: ArchSpec, path: str) -> Models:
-    """Actor (+ optimizer), critic (GAE only) and frozen reference (KL loss or KL in reward), each
-    loaded from the HF checkpoint at `path`. Collective (process groups must exist)."""
+    """Actor (+ optimizer), critic (GAE only) and frozen reference (KL loss or KL in reward, without
+    LoRA), each loaded from the HF checkpoint at `path`. With `actor_rollout_ref.model.lora_rank` the
+    actor gets LoRA adapters and only they are trained (base frozen before its optimizer is built).
+    Collective (process groups must exist)."""
     a = cfg.actor_rollout_ref
     dtype = DTYPES[a.model.dtype]
+    lora = lora_config(a.model, spec)
 
     def model(role, optim=None):
         m = build_model(spec, role=role, dtype=dtype, transformer_impl=a.model.transformer_impl)
         load_hf_into_model(m, spec, path)
+        if role == "actor" and lora is not None:
+            add_lora(m, lora, seed=cfg.trainer.seed)
         if optim is None:
             return m, None
         return wrap_for_training(m, lr=optim.lr, weight_decay=optim.weight_decay, clip_grad=optim.clip_grad,
@@ -84,7 +91,7 @@ def build_models(cfg: DictConfig, spec: ArchSpec, path: str) -> Models:
     if uses_critic(cfg):
         models.critic, models.critic_opt = model("critic", cfg.critic.optim)
         models.critic_lr = LRSchedule(models.critic_opt, cfg.critic.optim, steps)
-    if needs_reference(cfg):
+    if needs_reference(cfg) and lora is None:
         models.ref = model("reference")[0]
     return models
 

@@ -29,12 +29,13 @@ from tqdm import tqdm
 
 from converters.checkpoint import export_hf
 from mcore_rl.algorithms import apply_kl_in_reward, compute_advantages
-from mcore_rl.config import check_sizes, launch_world_size, to_plain
+from mcore_rl.config import check_sizes, launch_world_size, needs_reference, to_plain
 from mcore_rl.distributed import comm, init_distributed
 from mcore_rl.distributed.env import read_launch_env
 from mcore_rl.distributed.layout import describe_layout, rank_layout
 from mcore_rl.distributed.watchdog import stack_dump_after
 from mcore_rl.models.arch import arch_from_hf_config
+from mcore_rl.models.lora import disabled, lora_of
 from mcore_rl.resharding import Resharder
 from mcore_rl.trainer import build, checkpointing, rollouts, shaping, split
 from mcore_rl.trainer.batch import Shard, last_token_rewards
@@ -116,6 +117,16 @@ class PPOTrainer:
         self._build()
 
     # ---------------------------------------------------------------- setup
+    def _say_lora(self, lora) -> None:
+        """The adapters and how many parameters the actor trains (all ranks: collective)."""
+        trainable = [p for p in self.actor.module.parameters() if p.requires_grad]
+        mine = [sum(p.numel() for p in trainable if getattr(p, "tensor_model_parallel", False)),
+                sum(p.numel() for p in trainable if not getattr(p, "tensor_model_parallel", False))]
+        split = comm.all_reduce_scalars(mine[:1], ps.get_tensor_model_parallel_group())[0]  # TP halves add up
+        total = sum(comm.all_reduce_scalars([split + mine[1]], ps.get_pipeline_model_parallel_group()))  # stages
+        _say(f"mcore_rl: LoRA rank {lora.rank}, alpha {lora.alpha:g} on {', '.join(lora.targets)}: {int(total):,} "
+             f"trainable parameters ({100 * total / self.spec.num_params():.2f}% of the actor); base weights frozen")
+
     def _start_lineage(self, in_the_way: list[str], damaged: list) -> None:
         """Another run's files moved aside (trainer.on_previous_run=move_aside), damaged checkpoints
         named, and this run's id: the resumed checkpoint's, or a new one (collective)."""
@@ -149,12 +160,15 @@ class PPOTrainer:
         m = build.build_models(cfg, self.spec, self.model_path)
         self.actor, self.actor_opt, self.actor_lr = m.actor, m.actor_opt, m.actor_lr
         self.critic, self.critic_opt, self.critic_lr, self.ref = m.critic, m.critic_opt, m.critic_lr, m.ref
-        self.use_critic, self.need_ref = self.critic is not None, self.ref is not None
+        self.use_critic, self.need_ref = self.critic is not None, needs_reference(cfg)
+        lora = lora_of(self.actor)
         _say(f"mcore_rl: models ready in {time.perf_counter() - t0:.1f}s "
              f"({self.spec.hf_architecture}, {self.spec.num_params() / 1e6:.2f}M params, "
              f"TP={ps.get_tensor_model_parallel_world_size()} PP={ps.get_pipeline_model_parallel_world_size()} "
              f"DP={ps.get_data_parallel_world_size()}, critic={'yes' if self.use_critic else 'no'}, "
-             f"reference={'yes' if self.need_ref else 'no'})")
+             f"reference={'no' if not self.need_ref else 'the actor without LoRA' if lora else 'yes'})")
+        if lora is not None:
+            self._say_lora(lora)
 
         self.pending = None  # split placement, staleness 1: (samples, rollout report) of the next step
         if self.bridge is not None:
@@ -336,11 +350,21 @@ class PPOTrainer:
         shard.old_logp = compute_logprobs(self.actor, shard, a.rollout.log_prob_micro_batch_size_per_gpu,
                                           max_tokens=a.rollout.log_prob_max_token_len_per_gpu if dyn else None)[0]
         if self.need_ref:
-            shard.ref_logp = compute_logprobs(self.ref, shard, a.ref.log_prob_micro_batch_size_per_gpu,
-                                              max_tokens=a.ref.log_prob_max_token_len_per_gpu if dyn else None)[0]
+            with self._reference() as ref:
+                shard.ref_logp = compute_logprobs(ref, shard, a.ref.log_prob_micro_batch_size_per_gpu,
+                                                  max_tokens=a.ref.log_prob_max_token_len_per_gpu if dyn else None)[0]
         if self.use_critic:
             shard.old_values = compute_values(self.critic, shard, cfg.critic.ppo_micro_batch_size_per_gpu,
                                               max_tokens=cfg.critic.ppo_max_token_len_per_gpu if dyn else None)
+
+    @contextmanager
+    def _reference(self):
+        """The reference policy: its own frozen model, or with LoRA the actor with adapters off."""
+        if self.ref is not None:
+            yield self.ref
+        else:
+            with disabled(self.actor):
+                yield self.actor
 
     def _advantages(self, shard: Shard) -> None:
         """Advantages and returns of the shard, in place: groups are whole on this rank, batch-wide
