@@ -30,8 +30,9 @@ import time
 import torch
 import torch.distributed as dist
 
+from converters.adapter import ADAPTER_DIR, lora_meta, merge, write_adapter
 from converters.hf_io import CheckpointError, HFReader, HFWriter, copy_side_files, shard_source
-from converters.mapping import LAYER, NameIndex, Rule, rules_for
+from converters.mapping import LAYER, LORA, NameIndex, Rule, hf_module, is_lora, lora_linears, lora_rules, rules_for
 from converters.mapping import mcore_to_hf as mapping_mcore_to_hf
 from mcore_rl.models.arch import ArchSpec, arch_from_hf_config
 
@@ -104,14 +105,18 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def write_side(ckpt_dir: str, hf_side_dir: str, spec: ArchSpec, dtype: torch.dtype, written_at: dict) -> None:
+def write_side(ckpt_dir: str, hf_side_dir: str, spec: ArchSpec, dtype: torch.dtype, written_at: dict,
+               lora: dict | None = None) -> None:
     """Everything of a converted checkpoint but `model/`: the HF config and tokenizer in `hf/`
-    and the `mcore_rl.json` that says what wrote it."""
+    and the `mcore_rl.json` that says what wrote it (and, for a LoRA model, its `lora_meta`)."""
     os.makedirs(os.path.join(ckpt_dir, "hf"))
     copy_side_files(hf_side_dir, os.path.join(ckpt_dir, "hf"))
+    meta = {"format": "mcore_rl/dist_checkpoint/v1", "hf_architecture": spec.hf_architecture,
+            "dtype": str(dtype).replace("torch.", ""), "written_at": written_at}
+    if lora is not None:
+        meta["lora"] = lora
     with open(os.path.join(ckpt_dir, META), "w") as f:
-        json.dump({"format": "mcore_rl/dist_checkpoint/v1", "hf_architecture": spec.hf_architecture,
-                   "dtype": str(dtype).replace("torch.", ""), "written_at": written_at}, f, indent=2)
+        json.dump(meta, f, indent=2)
 
 
 def save_sharded(sharded_state_dict: dict, ckpt_dir: str) -> None:
@@ -206,11 +211,15 @@ def _finish_hf(writer: HFWriter, hf_side_dir: str, tmp: str, out: str) -> None:
 
 def export_hf(model, hf_side_dir: str, out: str, force: bool = False, shard_mb: int = 2048,
               progress: bool = True) -> str:
-    """Write a live (any TP/PP) model as an HF checkpoint; rank 0 writes, all ranks gather."""
+    """Write a live (any TP/PP) model as an HF checkpoint; rank 0 writes, all ranks gather.
+
+    A LoRA model is written merged, with its adapters in peft's format in `out`/lora_adapter
+    (`converters.adapter`)."""
     from megatron.core import parallel_state as ps
     from tqdm import tqdm
 
-    from converters.gather import global_params, iter_hf_tensors
+    from converters.gather import global_params, iter_hf_tensors, iter_lora_tensors
+    from mcore_rl.models.lora import lora_of
 
     check_output_dir(out, force, inputs=(hf_side_dir,))
     inner = model.module if hasattr(model, "module") else model
@@ -230,10 +239,41 @@ def export_hf(model, hf_side_dir: str, out: str, force: bool = False, shard_mb: 
         for name, tensor in tqdm(tensors, total=n_hf, desc="export", unit="tensor", disable=not (progress and _rank0())):
             if writer is not None:
                 writer.add(name, tensor)
+        lora = lora_of(inner)
+        if lora is not None:
+            adapters = {name: t.cpu() for name, t in iter_lora_tensors(model)}  # small: held whole on rank 0
+            if _rank0():
+                write_adapter(os.path.join(tmp, ADAPTER_DIR), adapters, lora_meta(lora), os.path.abspath(hf_side_dir))
         if _rank0():
             _finish_hf(writer, hf_side_dir, tmp, out)
     _barrier()
     return out
+
+
+def _adapter_keys(spec: ArchSpec, tensors: dict, lora: dict | None) -> dict[str, list[tuple[str, str, Rule]]]:
+    """{base rule's Megatron name: [(factor, sharded key, adapter rule)]} of a LoRA checkpoint's
+    adapters, `factor` as ``(q_proj, lora_A)`` (layers stacked on the first axis, like the base)."""
+    keys = sorted(k for k in tensors if is_lora(k))
+    if not keys:
+        return {}
+    if lora is None:
+        raise CheckpointError(f"the checkpoint holds LoRA adapters ({keys[0]}, ...) but its {META} has no `lora` "
+                              f"entry (rank, alpha, targets)")
+    found, used = {}, set()
+    for base in lora_linears(spec):
+        linear = base.mcore.removesuffix(".weight")
+        for rule in lora_rules(spec, lora["targets"]):
+            if rule.mcore.startswith(f"{linear}{LORA}."):
+                key = rule.mcore.replace(f"{LAYER}.", "")
+                if key not in tensors:
+                    raise CheckpointError(f"the checkpoint has no tensor for the adapter {rule.mcore}")
+                which, module = rule.mcore.rsplit(".", 2)[-2:]  # <linear>_lora.lora_A.q_proj
+                found.setdefault(base.mcore, []).append(((module, which), key, rule))
+                used.add(key)
+    extra = sorted(set(keys) - used)
+    if extra:
+        raise CheckpointError(f"the checkpoint has adapters its LoRA targets {lora['targets']} do not name: {extra[:5]}")
+    return found
 
 
 def export_order(spec: ArchSpec, tensors: dict) -> list[tuple[str, int | None, Rule]]:
@@ -283,9 +323,11 @@ def mcore_to_hf(mcore_path: str, out: str, force: bool = False, shard_mb: int = 
     ckpt = os.path.join(mcore_path, "model")
     if not os.path.isdir(ckpt):
         raise FileNotFoundError(f"no megatron checkpoint at {ckpt}")
+    with open(meta_path) as f:
+        lora = json.load(f).get("lora")
     init_distributed(1, 1)
     with unreadable_as_checkpoint_error(mcore_path):
-        _write_hf(ckpt, spec, hf_side, out, shard_mb, progress)
+        _write_hf(ckpt, spec, hf_side, out, shard_mb, progress, lora)
     return out
 
 
@@ -309,13 +351,17 @@ def last_line(e: BaseException) -> str:
     return (lines[-1] if lines else type(e).__name__)[:300]
 
 
-def _write_hf(ckpt: str, spec: ArchSpec, hf_side: str, out: str, shard_mb: int, progress: bool) -> None:
+def _write_hf(ckpt: str, spec: ArchSpec, hf_side: str, out: str, shard_mb: int, progress: bool,
+              lora: dict | None = None) -> None:
+    """The HF tensors of a converter checkpoint, in HF order; a LoRA checkpoint's adapted weights
+    merged, and its adapters in peft's format in `out`/lora_adapter."""
     from tqdm import tqdm
 
     from converters.streaming import checkpoint_tensors, iter_checkpoint
 
     tensors = checkpoint_tensors(ckpt)
-    order = export_order(spec, tensors)
+    adapters = _adapter_keys(spec, tensors, lora)
+    order = export_order(spec, {k: v for k, v in tensors.items() if not is_lora(k)})
     writer = None
     with removed_on_failure(staging_dir(out)) as tmp:
         if _rank0():
@@ -324,15 +370,31 @@ def _write_hf(ckpt: str, spec: ArchSpec, hf_side: str, out: str, shard_mb: int, 
                 shape, dtype = tensors[key]
                 layout += _hf_layout(rule, layer, shape[1:] if layer is not None else shape, dtype, 1, spec)
             writer = _staged_writer(tmp, layout, shard_mb)
-        loaded = iter_checkpoint(ckpt, [(key, layer) for key, layer, _ in order], tensors)
-        for (_, layer, rule), (_, _, t) in tqdm(zip(order, loaded), total=len(order), desc="export", unit="tensor",
-                                                disable=not (progress and _rank0())):
-            hf = mapping_mcore_to_hf(rule, [t], spec)
+        # each adapted weight is read together with its adapters (A, B of each targeted module)
+        reads = []
+        for key, layer, rule in order:
+            reads += [(key, layer)] + [(k, layer) for _, k, _ in adapters.get(rule.mcore, [])]
+        loaded = iter_checkpoint(ckpt, reads, tensors)
+        peft_tensors = {}
+        for _, layer, rule in tqdm(order, total=len(order), desc="export", unit="tensor",
+                                   disable=not (progress and _rank0())):
+            hf = mapping_mcore_to_hf(rule, [next(loaded)[2]], spec)
+            own = {}
+            for factor, _, arule in adapters.get(rule.mcore, []):
+                (name,), (x,) = arule.hf_names(layer), mapping_mcore_to_hf(arule, [next(loaded)[2]], spec)
+                peft_tensors[name] = own[factor] = x
+            names = rule.hf_names(layer)
+            for i, name in enumerate(names):
+                module = hf_module(name)
+                if (module, "lora_A") in own:
+                    hf[i] = merge(hf[i], own[(module, "lora_A")], own[(module, "lora_B")], lora["alpha"] / lora["rank"])
             if writer is not None:
-                for name, x in zip(rule.hf_names(layer), hf):
+                for name, x in zip(names, hf):
                     writer.add(name, x)
-            del t, hf
+            del hf, own
         _barrier()
         if _rank0():
+            if adapters:
+                write_adapter(os.path.join(tmp, ADAPTER_DIR), peft_tensors, lora, lora.get("base_model", ""))
             _finish_hf(writer, hf_side, tmp, out)
     _barrier()

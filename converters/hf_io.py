@@ -20,7 +20,7 @@ import shutil
 
 import torch
 
-from converters.mapping import NameIndex, hf_counterpart, hf_to_mcore
+from converters.mapping import NameIndex, hf_counterpart, hf_to_mcore, is_lora
 from mcore_rl.models.arch import ArchSpec
 
 INDEX = "model.safetensors.index.json"
@@ -284,10 +284,11 @@ def shard_source(model, spec: ArchSpec, hf_path: str | HFReader, te: bool = Fals
 
 
 def load_hf_into_model(model, spec: ArchSpec, hf_path: str | HFReader, te: bool = False) -> None:
-    """Copy HF weights into this rank's shard of `model` (any TP/PP), reading only what it needs."""
+    """Copy HF weights into this rank's shard of `model` (any TP/PP), reading only what it needs;
+    LoRA adapters are not part of the base checkpoint (`mcore_rl.models.lora.load_adapters`)."""
     source = shard_source(model, spec, hf_path, te=te)
     role = getattr(model, "mcore_rl_role", "actor")
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if hf_counterpart(name, spec, role) is not None:
+            if hf_counterpart(name, spec, role) is not None and not is_lora(name):
                 param.copy_(source.shard(name, param.shape))

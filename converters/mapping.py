@@ -17,6 +17,13 @@ Transforms (`Rule.kind`):
 - `qkv`:    q, k, v fused as Megatron does, per query group: [q_g (heads/groups rows of
             head_dim); k_g; v_g] for each group g, then split on dim 0 (whole groups per rank).
 - `gate_up`: gate and up projections fused per TP rank: rank r holds [gate_r; up_r].
+
+LoRA adapters (`mcore_rl.models.lora`) have rules of their own, made from the base rules of the
+linear layers they adapt (`lora_rules`): one adapter per HF module (q_proj, k_proj, v_proj
+separately even where Megatron fuses them), named as peft saves it (without peft's
+``base_model.model.`` prefix). On a column-parallel base (`qkv`, `gate_up`, `col`) A is `repl`
+and B is `col` (split like the base's rows); on a row-parallel base (`row`) A is `row` and B
+`repl`. In Megatron they live in a sibling of the linear, ``<linear>_lora.lora_A.<hf module>``.
 """
 
 from __future__ import annotations
@@ -110,6 +117,45 @@ def rules_for(spec: ArchSpec) -> list[Rule]:
     return TABLES[spec.family](spec)
 
 
+COLUMN_KINDS = ("qkv", "gate_up", "col")  # column-parallel linear weights (row-parallel: "row")
+LORA = "_lora"  # a linear's adapters: the module ``<linear>_lora`` next to it
+
+
+def lora_linears(spec: ArchSpec) -> list[Rule]:
+    """The base rules LoRA can adapt: the per-layer linear weights (not embeddings, norms, biases)."""
+    return [r for r in rules_for(spec)
+            if r.per_layer and r.kind in (*COLUMN_KINDS, "row") and r.mcore.endswith(".weight")]
+
+
+def hf_module(hf_name: str) -> str:
+    """The HF module of a weight name: ``model.layers.{i}.self_attn.q_proj.weight`` -> ``q_proj``."""
+    return hf_name.removesuffix(".weight").rsplit(".", 1)[-1]
+
+
+def lora_targets(spec: ArchSpec) -> tuple[str, ...]:
+    """The HF linear module names of the model's layers (peft's ``all-linear``), in layer order."""
+    return tuple(hf_module(n) for r in lora_linears(spec) for n in r.hf)
+
+
+def lora_rules(spec: ArchSpec, targets) -> list[Rule]:
+    """Rules of the adapters of the `targets` modules (see the module doc), in base-rule order."""
+    rules = []
+    for base in lora_linears(spec):
+        linear, column = base.mcore.removesuffix(".weight"), base.kind in COLUMN_KINDS
+        for hf in base.hf:
+            name = hf_module(hf)
+            if name in targets:
+                module = hf.removesuffix(".weight")
+                rules += [Rule(f"{linear}{LORA}.lora_A.{name}", (f"{module}.lora_A.weight",), "repl" if column else "row"),
+                          Rule(f"{linear}{LORA}.lora_B.{name}", (f"{module}.lora_B.weight",), "col" if column else "repl")]
+    return rules
+
+
+def is_lora(name: str) -> bool:
+    """Whether a Megatron parameter name is a LoRA adapter's."""
+    return f"{LORA}." in name
+
+
 def hf_counterpart(name: str, spec: ArchSpec, role: str = "actor") -> str | None:
     """The Megatron parameter whose HF tensors `name` holds: `name` itself; the embedding for
     the output layer of a tied model (a last PP stage's copy of it); None for the critic's
@@ -135,13 +181,14 @@ def qkv_rows(groups: int, per: int, d: int, device=None) -> torch.Tensor:
 
 
 class NameIndex:
-    """Looks up the rule and global layer of a Megatron parameter name, and of an HF name."""
+    """Looks up the rule and global layer of a Megatron parameter name, and of an HF name;
+    with `lora` (targeted HF module names), of the adapters' names too."""
 
     _layer = re.compile(r"(?<=layers\.)(\d+)(?=\.)")
 
-    def __init__(self, spec: ArchSpec, te: bool = False):
+    def __init__(self, spec: ArchSpec, te: bool = False, lora=()):
         self.spec, self.te = spec, te
-        self.rules = rules_for(spec)
+        self.rules = rules_for(spec) + (lora_rules(spec, lora) if lora else [])
         self._by_mcore = {r.mcore_name(te=te): r for r in self.rules}
         self._by_hf = {n: r for r in self.rules for n in r.hf}
 

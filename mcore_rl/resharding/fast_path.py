@@ -5,7 +5,7 @@ tensors and hands them to vLLM's per-tensor ``load_weights``, which slices its T
 re-fuses QKV and gate/up; that costs many times the copy floor (benchmarks/sync.py). When the
 engine accepts plain copies (`WeightTarget.copy_slots`: an unquantised vLLM model on GPU whose
 parameters are the tensors its kernels read) and this rank's training shard and its rollout
-shard line up (same TP size and rank, PP=1, colocated in one process), each engine parameter
+shard line up (same TP size and rank, PP=1, colocated in one process, no LoRA), each engine parameter
 is a fixed function of this rank's Megatron parameters:
 
 =================  ===========================================  ==========================
@@ -74,6 +74,8 @@ def build_program(mcore_model, slots: CopySlots) -> CopyProgram:
     spec = inner.mcore_rl_spec
     if getattr(inner, "mcore_rl_role", "actor") == "critic":
         raise NotApplicable("the critic has no rollout counterpart")
+    if getattr(inner, "mcore_rl_lora", None) is not None:
+        raise NotApplicable("LoRA: merged weights take the HF-named path")
     if ps.get_pipeline_model_parallel_world_size() != 1:
         raise NotApplicable("pipeline parallelism: this rank does not hold every layer")
     if spec.family not in ("llama", "qwen2", "qwen3", "mistral"):

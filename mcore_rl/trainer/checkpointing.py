@@ -36,10 +36,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from converters.adapter import lora_meta
 from converters.checkpoint import last_line, load_model, save_model, save_sharded, write_side
 from converters.hf_io import CheckpointError
 from mcore_rl.distributed.comm import agree, all_reduce_scalars
 from mcore_rl.lifetime import die_with_parent, graceful_signals_blocked, owner
+from mcore_rl.models.lora import lora_of
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
 LATEST = "latest"
@@ -367,9 +369,11 @@ def save_checkpoint(root: str, step: int, *, actor, actor_opt, critic=None, crit
     torch.save({**rng_state(), "rank_state": rank_state}, os.path.join(tmp, "rng", f"rank_{_rank():05d}.pt"))
     _barrier()
     if _rank() == 0:
-        inner = _inner(actor)  # `actor/` doubles as a converter checkpoint
+        inner = _inner(actor)  # `actor/` doubles as a converter checkpoint (a LoRA one exports merged)
+        lora = lora_of(inner)
         write_side(os.path.join(tmp, "actor"), hf_side_dir, inner.mcore_rl_spec, inner.config.params_dtype,
-                   trainer_state.get("layout", {}))
+                   trainer_state.get("layout", {}),
+                   lora={**lora_meta(lora), "base_model": os.path.abspath(hf_side_dir)} if lora else None)
         with open(os.path.join(tmp, STATE), "w") as f:  # last file inside: marks the dir complete
             json.dump({**trainer_state, "step": step, "saved_at": time.time(),
                        "save_seconds": time.perf_counter() - t0, "files": file_sizes(tmp)}, f, indent=2)

@@ -1,0 +1,45 @@
+"""LoRA adapters in peft's format, and merging them into the base weights.
+
+An exported LoRA actor is two things: the merged HF model (``W + alpha / r * B @ A`` in every
+adapted weight: what transformers and vLLM load as a plain model) and, in its ``lora_adapter/``
+folder, the adapters alone as peft saves them (``adapter_config.json`` +
+``adapter_model.safetensors``), which ``peft.PeftModel.from_pretrained(base, path)`` puts on the
+base HF model and vLLM serves as a LoRA. The adapters' names are the converter's
+(`converters.mapping.lora_rules`), with peft's ``base_model.model.`` prefix added here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+ADAPTER_DIR = "lora_adapter"
+PEFT_PREFIX = "base_model.model."
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+def lora_meta(lora) -> dict:
+    """What a converter checkpoint records of its LoRA (`mcore_rl.json`'s ``lora``)."""
+    return {"rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.targets)}
+
+
+def merge(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``weight + scaling * b @ a`` in fp32, in `weight`'s dtype (as the live sync merges)."""
+    return (weight.float() + scaling * (b.float() @ a.float())).to(weight.dtype)
+
+
+def write_adapter(out: str, tensors: dict[str, torch.Tensor], meta: dict, base_model: str) -> None:
+    """`tensors` (peft names without the prefix) and their config into folder `out` (created)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(out)
+    save_file({PEFT_PREFIX + k: v.detach().contiguous().cpu() for k, v in tensors.items()}, os.path.join(out, WEIGHTS),
+              metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": meta["rank"], "lora_alpha": meta["alpha"],
+              "target_modules": sorted(meta["targets"]), "lora_dropout": 0.0, "bias": "none",
+              "fan_in_fan_out": False, "inference_mode": True, "use_rslora": False, "use_dora": False,
+              "init_lora_weights": True, "base_model_name_or_path": base_model}
+    with open(os.path.join(out, CONFIG), "w") as f:
+        json.dump(config, f, indent=2)
