@@ -9,7 +9,7 @@
 #   PARTS=.gpuparts PERF2="dp" source benchmarks/gpu/run_device.sh perf2  # 2-GPU benchmarks: dp, tp, rollout (same carry)
 #   PARTS=.gpuparts source benchmarks/gpu/run_device.sh packing    # packed micro-batches: kernels, toy, 4096/8192 (2 GPUs)
 #   PARTS=.gpuparts source benchmarks/gpu/run_device.sh split      # split placement, 1 training + 1 rollout GPU, staleness 0 and 1
-#   PARTS=.gpuparts source benchmarks/gpu/run_device.sh lora       # LoRA vs full: memory of a 7B step at TP=2 (call 1's carry)
+#   source benchmarks/gpu/run_device.sh lora                       # LoRA vs full: memory of a 7B step at TP=2 (carry .whl only)
 # Logs and JSON land in $OUT (brought back by the tool). Each step has its own time limit so
 # that one hang cannot eat the call's 600 s. pytest runs with `-o addopts=`: pyproject's `-n 2`
 # (pytest-xdist, not on the device) is for the CPU suite, and `-s` shows the gpu-test lines.
@@ -113,9 +113,10 @@ perf2)
   done
   ;;
 lora)
-  # LoRA against full fine-tuning: GPU memory of a 7B-shaped actor's training step at TP=2
-  # (megatron only: the megatron call's carry is enough)
-  source benchmarks/gpu/setup.sh device1 || return 1
+  # LoRA against full fine-tuning: GPU memory of a 7B-shaped actor's training step at TP=2. Megatron
+  # only, so one call that carries just .whl (the working tree and the vLLM part 1 pass 64 MiB)
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/mcsite .whl/*.whl || return 1
+  export PYTHONPATH=$PWD:/tmp/mcsite PYTHONUNBUFFERED=1
   timeout $(( 580 - ($(date +%s) - _t_call) )) python3 benchmarks/lora_memory.py --out "$OUT" ${LORA_ARGS:-} 2>&1 \
     | tee "$OUT/lora_memory.log" | grep -v -i "warn\|INFO" | tail -8
   ;;
