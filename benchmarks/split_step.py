@@ -1,12 +1,18 @@
 """Split placement against colocated on the same GPUs: GRPO steps through `mcore-rl train`.
 
-A generation-heavy workload (default: Qwen2.5-1.5B shape, random bf16 weights, 32 prompts x 8
-samples, 128-token prompts, 1024 new tokens -- a random model runs every sample to the limit --,
+A generation-heavy workload (default: Qwen2.5-1.5B shape, random bf16 weights, 16 prompts x 8
+samples, 128-token prompts, 2048 new tokens -- a random model runs every sample to the limit --,
 one optimizer step per batch) runs three times, each its own torchrun over the same `--gpus`:
 
   colocated      every GPU trains (DP) and generates, in turn (the default placement)
-  split s=0      the last `--rollout-gpus` only generate, the others only train; on-policy
-  split s=1      the same with async_training.staleness=1: batch k+1 generates while step k trains
+  split s=1      the last `--rollout-gpus` only generate, the others only train, and batch k+1
+                 generates while step k trains (async_training.staleness=1)
+  split s=0      the same placement on-policy: each side waits for the other
+
+Why this workload: decoding a small batch takes about as long as decoding twice that batch, so
+colocated DP=2 gains little on generation from its second GPU, while it halves the training.
+Overlap hides the shorter of the two sides, so split gains most when one GPU's generation of
+the whole batch takes about as long as one GPU's training on it (here both about 10-15 s).
 
 Each run's metrics.jsonl gives, per step after the warm-up steps: step seconds, tokens/s (prompt
 + response tokens trained per second of step), the training side's wait for samples
@@ -35,8 +41,8 @@ sys.path.insert(0, HERE)
 import common  # noqa: E402
 from grpo_step import model_config, write_checkpoint, write_prompts  # noqa: E402
 
-RUNS = {"colocated": [], "split s=0": ["actor_rollout_ref.rollout.placement=split", "async_training.staleness=0"],
-        "split s=1": ["actor_rollout_ref.rollout.placement=split", "async_training.staleness=1"]}
+RUNS = {"colocated": [], "split s=1": ["actor_rollout_ref.rollout.placement=split", "async_training.staleness=1"],
+        "split s=0": ["actor_rollout_ref.rollout.placement=split", "async_training.staleness=0"]}
 
 
 def _port() -> int:
@@ -45,7 +51,7 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def run(name: str, args, ckpt: str, data: str, dtype: str, gpu: bool) -> dict:
+def run(name: str, args, ckpt: str, data: str, dtype: str, gpu: bool, timeout: float) -> dict:
     out = os.path.join(args.tmp, "split-" + name.replace(" ", "").replace("=", ""))
     subprocess.run(["rm", "-rf", out], check=True)
     cfg = [
@@ -62,10 +68,14 @@ def run(name: str, args, ckpt: str, data: str, dtype: str, gpu: bool) -> dict:
         f"trainer.dist_timeout_s={args.timeout}", *RUNS[name], *args.overrides]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.gpus}", f"--master_port={_port()}",
            "-m", "mcore_rl.cli", "train", *cfg]
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONPATH=common.REPO)
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0",
+               PYTHONPATH=os.pathsep.join(filter(None, [common.REPO, os.environ.get("PYTHONPATH")])))
     t0 = time.perf_counter()
     with open(out + ".log", "w") as log:
-        rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout).returncode
+        try:
+            rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = 124
     wall = time.perf_counter() - t0
     if rc != 0:
         tail = open(out + ".log").read()[-3000:]
@@ -87,15 +97,16 @@ def main(argv=None) -> int:
     ap.add_argument("--size", default="1.5B")
     ap.add_argument("--gpus", type=int, default=2, help="processes (GPUs) of every run")
     ap.add_argument("--rollout-gpus", type=int, default=1)
-    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--response-len", type=int, default=1024)
+    ap.add_argument("--response-len", type=int, default=2048)
     ap.add_argument("--gpu-mem", type=float, default=0.3)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--runs", default=",".join(RUNS), help=f"comma list of: {', '.join(RUNS)}")
-    ap.add_argument("--timeout", type=int, default=420, help="seconds per run")
+    ap.add_argument("--timeout", type=int, default=185, help="seconds per run")
+    ap.add_argument("--budget-s", type=float, default=None, help="seconds for all runs (each gets at most --timeout)")
     ap.add_argument("--tmp", default="/tmp/mcore_rl_bench")
     ap.add_argument("--out", default=None)
     ap.add_argument("--name", default=None)
@@ -110,9 +121,13 @@ def main(argv=None) -> int:
                             dtype)
     data = write_prompts(os.path.join(args.tmp, f"grpo-prompts-{args.prompt_len}.jsonl"), max(4 * args.prompts, 64),
                          args.prompt_len)
-    results = []
+    results, t0 = [], time.perf_counter()
     for name in args.runs.split(","):
-        r = run(name, args, ckpt, data, dtype, gpu)
+        left = args.timeout if args.budget_s is None else args.budget_s - (time.perf_counter() - t0)
+        if left < 30:
+            results.append({"run": name, "rc": "skipped (no time left)"})
+            continue
+        r = run(name, args, ckpt, data, dtype, gpu, min(args.timeout, left))
         results.append(r)
         print({k: v for k, v in r.items() if k != "steps"}, flush=True)
     base = next((r for r in results if r["run"] == "colocated" and r["rc"] == 0), None)

@@ -478,6 +478,13 @@ class _CheckedBridgeGroup:
         self._check("broadcast", tensors)
         return self._backend.broadcast(tensors, opts)
 
+    def allreduce(self, tensors):
+        self._check("allreduce", tensors)
+        return self._backend.allreduce(tensors)
+
+    def shutdown(self):
+        return self._backend.shutdown()
+
 
 def _checked_bridge_groups() -> None:
     from mcore_rl.distributed import bridge

@@ -9,11 +9,12 @@
 #   PARTS=.gpuparts PERF2="dp" source benchmarks/gpu/run_device.sh perf2  # 2-GPU benchmarks: dp, tp, rollout (same carry)
 #   PARTS=.gpuparts source benchmarks/gpu/run_device.sh packing    # packed micro-batches: kernels, toy, 4096/8192 (2 GPUs)
 #   PARTS=.gpuparts source benchmarks/gpu/run_device.sh split      # split placement, 1 training + 1 rollout GPU, staleness 0 and 1
-#   PARTS=.gpuparts source benchmarks/gpu/run_device.sh lora       # LoRA vs full: memory of a 7B step at TP=2 (call 1's carry)
+#   source benchmarks/gpu/run_device.sh lora                       # LoRA vs full: memory of a 7B step at TP=2 (carry .whl only)
 # Logs and JSON land in $OUT (brought back by the tool). Each step has its own time limit so
 # that one hang cannot eat the call's 600 s. pytest runs with `-o addopts=`: pyproject's `-n 2`
 # (pytest-xdist, not on the device) is for the CPU suite, and `-s` shows the gpu-test lines.
 _phase=${1:-}
+_t_call=$(date +%s)  # the call's start: a step given "what is left" stops before the call's 600 s
 mkdir -p "${OUT:=/tmp/out}"
 case "$_phase" in
 megatron)
@@ -84,13 +85,16 @@ perf2)
       # wrapper (run-to-run drift on this machine is larger than the difference measured). The wrapper's
       # runs also time its own engine through vLLM's call (wrapper-raw: our Python around the call left
       # out) and, in the first, with per-sample seeds as the trainer samples (wrapper-seeded)
-      for _r in 1 2; do
+      for _r in ${ROLLOUT_ROUNDS:-1 2}; do
         _ord="wrapper standalone"; [ $_r = 2 ] && _ord="standalone wrapper"
         for _e in $_ord; do
           _eng=$_e; _lim=110
           if [ $_e = wrapper ]; then _eng="wrapper,wrapper-raw"; _lim=160; fi
-          if [ $_e = wrapper ] && [ $_r = 1 ]; then _eng="wrapper,wrapper-raw,wrapper-seeded"; _lim=200; fi
-          timeout $_lim torchrun --nproc_per_node=2 --master_port=$((29600 + _r)) benchmarks/rollout.py --tp 2 --engines $_eng \
+          if [ $_e = wrapper ] && [ $_r = 1 ] && [ "${ROLLOUT_SEEDED:-1}" = 1 ]; then
+            _eng="wrapper,wrapper-raw,wrapper-seeded"; _lim=200; fi
+          _launch="benchmarks/rollout.py"  # ROLLOUT_PIN=1: each rank on its own half of the cores
+          [ "${ROLLOUT_PIN:-0}" = 1 ] && _launch="--no-python bash benchmarks/gpu/pin.sh python3 benchmarks/rollout.py"
+          timeout $_lim torchrun --nproc_per_node=2 --master_port=$((29600 + _r)) $_launch --tp 2 --engines $_eng \
             --reps ${ROLLOUT_REPS:-3} --workloads ${ROLLOUT_WORKLOADS:-32x8x512} --out "$OUT" --name rollout_tp2_${_e}_r$_r 2>&1 \
             | tee "$OUT/rollout_tp2_${_e}_r$_r.log" | grep -v -i "warn\|INFO" | tail -5
         done
@@ -98,9 +102,10 @@ perf2)
           2>&1 | tee "$OUT/rollout_tp2_compare_r$_r.txt"
       done ;;
     split)
-      # split placement (1 training GPU + 1 rollout GPU, staleness 0 and 1) against colocated DP=2, 1.5B,
-      # 1024 new tokens: step tokens/s and each side's wait
-      timeout 560 python3 benchmarks/split_step.py --out "$OUT" ${SPLIT_ARGS:-} 2>&1 | tee "$OUT/split_step.log" \
+      # split placement (1 training GPU + 1 rollout GPU, staleness 1 and 0) against colocated DP=2, 1.5B,
+      # 2048 new tokens: step tokens/s and each side's wait; the runs share what is left of the call
+      _left=$(( 580 - ($(date +%s) - _t_call) ))
+      timeout $_left python3 benchmarks/split_step.py --out "$OUT" --budget-s $(( _left - 15 )) ${SPLIT_ARGS:-} 2>&1 | tee "$OUT/split_step.log" \
         | grep -v -i "warn\|INFO" | tail -10 ;;
     *) echo "perf2: unknown part $_p2 (dp, tp, rollout, split)" >&2 ;;
     esac
@@ -108,9 +113,10 @@ perf2)
   done
   ;;
 lora)
-  # LoRA against full fine-tuning: GPU memory of a 7B-shaped actor's training step at TP=2
-  # (megatron only: the megatron call's carry is enough)
-  source benchmarks/gpu/setup.sh device1 || return 1
+  # LoRA against full fine-tuning: GPU memory of a 7B-shaped actor's training step at TP=2. Megatron
+  # only, so one call that carries just .whl (the working tree and the vLLM part 1 pass 64 MiB)
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/mcsite .whl/*.whl || return 1
+  export PYTHONPATH=$PWD:/tmp/mcsite PYTHONUNBUFFERED=1
   timeout $(( 580 - ($(date +%s) - _t_call) )) python3 benchmarks/lora_memory.py --out "$OUT" ${LORA_ARGS:-} 2>&1 \
     | tee "$OUT/lora_memory.log" | grep -v -i "warn\|INFO" | tail -8
   ;;

@@ -53,18 +53,22 @@ def _train(argv: list[str], after_fit) -> int:
                 side.run()
             finally:
                 side.close()
+            bridge.close()
             return 0
     trainer = PPOTrainer(cfg, bridge=bridge)
+    rc = 0
     try:
         trainer.fit()
         if after_fit is not None:
             after_fit(trainer)
     except NonFiniteError as e:
         print(f"mcore-rl train: {e}", file=sys.stderr)
-        return 3
+        rc = 3
     finally:
         trainer.close()
-    return 0
+    if bridge is not None:  # the rollout ranks were told to stop: both sides leave together
+        bridge.close()
+    return rc
 
 
 def _split(cfg):

@@ -70,6 +70,26 @@ class Bridge:
         data = self.broadcast(torch.empty(n, dtype=torch.uint8))
         return pickle.loads(data.cpu().numpy().tobytes())
 
+    # ---------------------------------------------------------------- the end
+    def close(self) -> None:
+        """Both sides are done: one last exchange over every rank, then the bridge's groups and
+        this side's default group are shut down. Collective over the job (normal exits only).
+
+        Without it a rank can leave while another still holds NCCL connections to it; that
+        rank's exit-time teardown then waits on the peer that is gone (seen on 2 GPUs: the
+        training rank hung after "Training completed" until killed)."""
+        done = _on_device(torch.ones(1))
+        self.all.allreduce([done]).wait()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        for group in (self.weights, self.all):
+            if group is not None:
+                group.shutdown()
+        self.weights = self.all = None
+        from mcore_rl.distributed.parallel import destroy
+
+        destroy()
+
 
 def _device() -> torch.device:
     from mcore_rl.distributed import device
