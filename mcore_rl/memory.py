@@ -76,6 +76,26 @@ def count_params(spec: ArchSpec) -> ParamCounts:
     )
 
 
+def lora_params_per_gpu(spec: ArchSpec, rank: int, targets, tp: int, pp: int) -> int:
+    """LoRA adapter parameters on one GPU of a stage of ceil(L/pp) layers: r x (in + out) per
+    targeted module, the half that follows its layer's TP split divided by tp (B of a
+    column-parallel module, A of a row-parallel one)."""
+    from converters.mapping import COLUMN_KINDS, hf_module, lora_linears
+
+    h, f = spec.hidden_size, spec.ffn_hidden_size
+    q, kv = spec.num_attention_heads * spec.head_dim, spec.num_query_groups * spec.head_dim
+    # (in, out) of each HF linear, by its place in the converter's rules
+    dims = {"qkv": [(h, q), (h, kv), (h, kv)], "gate_up": [(h, f), (h, f)], "col": [(h, f)], "row": None}
+    per_layer = 0.0
+    for rule in lora_linears(spec):
+        column = rule.kind in COLUMN_KINDS
+        shapes = dims[rule.kind] if column else [(q, h) if ".linear_proj." in rule.mcore else (f, h)]
+        for name, (fan_in, fan_out) in zip((hf_module(n) for n in rule.hf), shapes):
+            if name in targets:
+                per_layer += rank * (fan_in + fan_out / tp) if column else rank * (fan_in / tp + fan_out)
+    return round(math.ceil(spec.num_layers / pp) * per_layer)
+
+
 def params_per_gpu(pc: ParamCounts, spec: ArchSpec, tp: int, pp: int, value_head: bool = False) -> int:
     """Parameters held by one GPU of the most loaded pipeline stage (first or last).
 
@@ -176,6 +196,8 @@ class JobShape:
     ref_log_prob_max_token_len: int  # ref.log_prob_max_token_len_per_gpu
     critic_max_token_len: int  # critic.ppo_max_token_len_per_gpu (values and critic update)
     rollout_gpus: int = 0  # split placement: the job's last GPUs, that only generate (0: colocated)
+    lora_rank: int = 0  # LoRA on the actor (0: full fine-tuning)
+    lora_targets: tuple = ()  # the HF modules it adapts
 
     @property
     def world_size(self) -> int:
@@ -304,7 +326,11 @@ def estimate_memory(spec: ArchSpec, p: JobShape) -> MemoryEstimate:
                 critic's value head has no vocab-sized logits; its forward-only value pass is
                 smaller than its update. The critic shares the actor's TP/PP grid (megatron's
                 parallel state is global).
-    ref         weights only (no grads/optimizer/backward), present when a KL term is used.
+    ref         weights only (no grads/optimizer/backward), present when a KL term is used
+                (not with LoRA: the actor with its adapters off is the reference).
+    LoRA        the actor's weights gain the adapters (`lora_params_per_gpu`); grads and
+                optimizer are the adapters' alone; activations as full training (the gradient
+                still flows through every layer).
     vLLM        its budget is gpu_memory_utilization * GPU memory (or weights + VLLM_NON_KV_GIB
                 + rollout.kv_cache_gib when that is set); inside it: weights (all params * b /
                 rollout_tp), VLLM_NON_KV_GIB for profiled activations and CUDA graphs, and the
@@ -330,19 +356,21 @@ def estimate_memory(spec: ArchSpec, p: JobShape) -> MemoryEstimate:
     dp = p.train_world // (p.tp * p.pp)
     mbs = p.micro_batches()
 
-    def model_mem(trainable: bool, value_head: bool) -> ModelMemory:
-        n = params_per_gpu(pc, spec, p.tp, p.pp, value_head=value_head)
+    def model_mem(trainable: bool, value_head: bool, lora: int = 0) -> ModelMemory:
+        """`lora`: adapter parameters; only they have gradients and optimizer state."""
+        n = params_per_gpu(pc, spec, p.tp, p.pp, value_head=value_head) + lora
         act = 0.0
         if trainable:
             tokens = mbs["critic train" if value_head else "actor train"][2]
             act = train_activation_bytes(spec, tokens, p.tp, p.pp, b, value_head)
-        return ModelMemory(params=n, weights=n * b, grads=n * 4.0 if trainable else 0.0,
-                           optimizer=n * opt_per_param / (dp if p.distributed_optimizer else 1) if trainable else 0.0,
-                           activations=act)
+        t = (lora or n) if trainable else 0
+        return ModelMemory(params=n, weights=n * b, grads=t * 4.0,
+                           optimizer=t * opt_per_param / (dp if p.distributed_optimizer else 1), activations=act)
 
-    actor = model_mem(True, False)
+    lora = lora_params_per_gpu(spec, p.lora_rank, p.lora_targets, p.tp, p.pp) if p.lora_rank else 0
+    actor = model_mem(True, False, lora)
     critic = model_mem(True, True) if p.critic else None
-    ref = model_mem(False, False) if p.ref else None
+    ref = model_mem(False, False) if p.ref and not lora else None  # LoRA: the actor without adapters
 
     gpu = p.gpu_mem_gib * GiB
     overhead = FIXED_OVERHEAD_GIB * GiB
@@ -442,4 +470,12 @@ def job_shape_from_config(cfg, nodes: int, gpus_per_node: int, gpu_mem_gib: floa
         ref_log_prob_max_token_len=a.ref.log_prob_max_token_len_per_gpu,
         critic_max_token_len=cfg.critic.ppo_max_token_len_per_gpu,
         rollout_gpus=world - train_world_size(cfg, world),
+        lora_rank=a.model.lora_rank,
+        lora_targets=lora_targets_of(cfg) if a.model.lora_rank else (),
     )
+
+
+def lora_targets_of(cfg) -> tuple:
+    from mcore_rl.models.lora import resolve_targets
+
+    return resolve_targets(cfg.actor_rollout_ref.model.target_modules, model_spec(cfg))

@@ -546,7 +546,8 @@ def test_cli_reads_the_trainers_defaults_and_keys(model_dir, capsys):
         ppo_max_token_len=a.actor.ppo_max_token_len_per_gpu,
         log_prob_max_token_len=a.rollout.log_prob_max_token_len_per_gpu,
         ref_log_prob_max_token_len=a.ref.log_prob_max_token_len_per_gpu,
-        critic_max_token_len=d.critic.ppo_max_token_len_per_gpu, rollout_gpus=0)
+        critic_max_token_len=d.critic.ppo_max_token_len_per_gpu, rollout_gpus=0, lora_rank=a.model.lora_rank,
+        lora_targets=[])
 
     rc = plan.main([f"actor_rollout_ref.model.path={model_dir}", "--json", "trainer.nnodes=1",
                     "trainer.n_gpus_per_node=4", "actor_rollout_ref.rollout.tensor_model_parallel_size=4",
@@ -625,3 +626,47 @@ def test_cli_refuses_what_the_trainer_cannot_build(tmp_path, capsys, arch, overr
     tiny_hf_config(arch, **overrides).save_pretrained(tmp_path)
     assert plan.main([f"actor_rollout_ref.model.path={tmp_path}"]) == 2
     assert msg in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch, targets", [("llama", "all-linear"), ("llama", "q_proj,v_proj,down_proj"),
+                                           ("opt", "all-linear"), ("qwen2", "k_proj,o_proj,gate_proj")])
+def test_lora_params_match_peft(arch, targets):
+    """The plan's adapter count at TP=1 is peft's trainable count on the HF model; at TP=2 each GPU
+    holds the replicated halves whole and the split halves halved."""
+    import peft
+    import torch
+    import transformers as tf
+
+    from conftest import tiny_hf_config
+    from mcore_rl.models.lora import resolve_targets
+
+    cfg = tiny_hf_config(arch)
+    with torch.device("meta"):
+        model = tf.AutoModelForCausalLM.from_config(cfg)
+    names = targets if targets == "all-linear" else targets.split(",")
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=names))
+    spec = arch_from_hf_config(cfg.to_dict())
+    got = memory.lora_params_per_gpu(spec, 4, resolve_targets(targets, spec), 1, 1)
+    assert got == pm.get_nb_trainable_parameters()[0]
+    split = sum(p.numel() for n, p in pm.named_parameters() if p.requires_grad and (
+        (".lora_B." in n) != any(m in n for m in ("o_proj", "out_proj", "down_proj", "fc2"))))
+    assert memory.lora_params_per_gpu(spec, 4, resolve_targets(targets, spec), 2, 1) == got - split // 2
+
+
+def test_lora_plan_keeps_optimizer_state_for_adapters_only(model_dir, capsys):
+    spec = arch_from_hf_config(CFG)
+    full = estimate_memory(spec, inputs(gpus_per_node=2, tp=2, rollout_tp=2, critic=False, ref=True))
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    lora = estimate_memory(spec, inputs(gpus_per_node=2, tp=2, rollout_tp=2, critic=False, ref=True, lora_rank=8,
+                                        lora_targets=targets))
+    n = memory.lora_params_per_gpu(spec, 8, targets, 2, 1)
+    assert lora.actor.params == full.actor.params + n and lora.actor.weights == lora.actor.params * 2
+    assert lora.actor.grads == n * 4 and lora.actor.optimizer == n * 12  # fp32 grads; Adam + fp32 master
+    assert lora.ref is None and full.ref is not None  # the reference is the actor with its adapters off
+    assert lora.actor.activations == full.actor.activations
+    rc = plan.main([f"actor_rollout_ref.model.path={model_dir}", "--gpus-per-node", "2",
+                    "actor_rollout_ref.actor.megatron.tensor_model_parallel_size=2", "algorithm.adv_estimator=grpo",
+                    "actor_rollout_ref.actor.use_kl_loss=true", "actor_rollout_ref.model.dtype=bfloat16",
+                    "actor_rollout_ref.rollout.n=4", "actor_rollout_ref.model.lora_rank=8"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "actor  tp2 pp1 lora8" in out and "the actor with its LoRA adapters off" in out, out

@@ -46,10 +46,13 @@ def format_report(spec: ArchSpec, p: JobShape, est: MemoryEstimate) -> list[str]
     ]
     for name, m in (("actor", est.actor), ("critic", est.critic), ("ref", est.ref)):
         if m is None:
-            why = "no critic (adv_estimator != gae)" if name == "critic" else "no reference (no KL term)"
+            why = ("no critic (adv_estimator != gae)" if name == "critic"
+                   else "the actor with its LoRA adapters off (no model of its own)" if p.ref
+                   else "no reference (no KL term)")
             lines.append(f"  {name:<7}{'':<15}  -- {why}")
             continue
-        lines.append(f"  {name:<7}{f'tp{p.tp} pp{p.pp}':<15}{m.params / 1e6:8.1f}M {_g(m.weights)} {_g(m.grads)} "
+        what = f"tp{p.tp} pp{p.pp}" + (f" lora{p.lora_rank}" if name == "actor" and p.lora_rank else "")
+        lines.append(f"  {name:<7}{what:<15}{m.params / 1e6:8.1f}M {_g(m.weights)} {_g(m.grads)} "
                      f"{_g(m.optimizer)} {_g(m.activations)} {_g(m.train_total)}")
     budget = (f"kv_cache_gib {p.kv_cache_gib:g}" if p.kv_cache_gib
               else f"gpu_memory_utilization {p.gpu_memory_utilization:g}")
