@@ -171,8 +171,7 @@ class LoRALinear(torch.nn.Module):
     def merged(self, weight: torch.Tensor) -> torch.Tensor:
         """This rank's shard of the base `weight` with the adapters merged in (fp32 math, `weight`'s
         dtype): both factors of the product are this rank's, column- or row-parallel alike."""
-        delta = self._b().float() @ self._a().float()
-        return (weight.float() + self.scaling * delta).to(weight.dtype)
+        return torch.addmm(weight.float(), self._b().float(), self._a().float(), alpha=self.scaling).to(weight.dtype)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
         """B split on dim 0 (column-parallel base) or A on dim 1 (row-parallel), the other replicated."""
