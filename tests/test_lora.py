@@ -137,6 +137,7 @@ def _case_worker(path, tp, pp, targets, adapters, ids, ckpt=None):
     out["optimized"] = sorted(n for n, p in model.named_parameters() if any(
         p is q for g in opt.param_groups for q in g["params"]))
     out["trainable"] = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    out["n_trainable"] = lora.trainable_params(ddp)
     return out
 
 
@@ -211,6 +212,7 @@ def test_matches_peft(case, lora_runs):
         # a fresh adapter: A drawn (non-zero), B zero; only adapters are trained
         for name, t in r["init"].items():
             assert (t.abs().sum() > 0) == (".lora_A." in name), name
+        assert r["n_trainable"] == sum(t.numel() for t in adapters.values())  # the whole model's, counted once
         assert r["fast_path"] == "LoRA: merged weights take the HF-named path"
         assert r["optimized"] == r["trainable"] and r["trainable"] and all("_lora." in n for n in r["trainable"])
 

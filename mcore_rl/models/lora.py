@@ -102,13 +102,14 @@ def config_problems(model_cfg) -> list[str]:
     if model_cfg.transformer_impl == "transformer_engine":
         problems.append(f"{where}.lora_rank={model_cfg.lora_rank} needs transformer_impl=local (TransformerEngine's "
                         f"fused layernorm-linear hides the normalised input the adapters read)")
-    if not isinstance(model_cfg.target_modules, str) and not all(isinstance(n, str) for n in model_cfg.target_modules):
+    names = model_cfg.target_modules
+    if not isinstance(names, str) and not all(isinstance(n, str) for n in names):
         problems.append(f"{where}.target_modules must be {ALL_LINEAR}, a list of module names or a comma-separated "
                         f"string of them")
-    elif not parse_targets(model_cfg.target_modules):
+    elif not parse_targets(names):
         problems.append(f"{where}.target_modules is empty (lora_rank={model_cfg.lora_rank}); use {ALL_LINEAR} or "
                         f"module names such as q_proj,v_proj")
-    elif ALL_LINEAR in parse_targets(model_cfg.target_modules) and len(parse_targets(model_cfg.target_modules)) > 1:
+    elif ALL_LINEAR in parse_targets(names) and len(parse_targets(names)) > 1:
         problems.append(f"{where}.target_modules: {ALL_LINEAR} goes alone, not with other names")
     return problems
 
@@ -170,8 +171,7 @@ class LoRALinear(torch.nn.Module):
     def merged(self, weight: torch.Tensor) -> torch.Tensor:
         """This rank's shard of the base `weight` with the adapters merged in (fp32 math, `weight`'s
         dtype): both factors of the product are this rank's, column- or row-parallel alike."""
-        delta = self._b().float() @ self._a().float()
-        return (weight.float() + self.scaling * delta).to(weight.dtype)
+        return torch.addmm(weight.float(), self._b().float(), self._a().float(), alpha=self.scaling).to(weight.dtype)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
         """B split on dim 0 (column-parallel base) or A on dim 1 (row-parallel), the other replicated."""
@@ -203,9 +203,10 @@ def _fused_rows(base_rule, parts, hf_shapes, spec, tp_rank: int, tp: int) -> tor
     return None if torch.equal(rows, torch.arange(len(rows))) else rows
 
 
-def add_lora(model, config: LoRAConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+def add_lora(model, config: LoRAConfig, seed: int = 0) -> None:
     """Give this rank's shard of `model` (a GPTModel, base weights loaded) the adapters of `config`
-    and freeze everything else. Returns the initial adapters as full HF-named tensors.
+    and freeze everything else (before DDP and the optimizer are built: they take only trainable
+    parameters).
 
     Each adapter is drawn whole from a generator seeded by (seed, global layer, module), then
     split with the converter's rules, so the initial model is the same at any TP/PP."""
@@ -244,7 +245,6 @@ def add_lora(model, config: LoRAConfig, seed: int = 0) -> dict[str, torch.Tensor
         p.requires_grad_(is_lora(name))
     model.mcore_rl_lora = config
     load_adapters(model, full)
-    return full
 
 
 def lora_of(model) -> LoRAConfig | None:
@@ -293,7 +293,15 @@ def disabled(model):
             m.enabled = True
 
 
-def trainable_params(model) -> tuple[int, int]:
-    """(trainable, all) parameters of this rank's shard."""
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+def trainable_params(model) -> int:
+    """Parameters of the whole model (all TP and PP ranks) that train: TP-split ones summed over TP,
+    replicated ones once. Collective over the TP and PP groups."""
+    from megatron.core import parallel_state as ps
+
+    from mcore_rl.distributed.comm import all_reduce_scalars
+
+    trainable = [p for p in (model.module if hasattr(model, "module") else model).parameters() if p.requires_grad]
+    split = sum(p.numel() for p in trainable if getattr(p, "tensor_model_parallel", False))
+    whole = sum(p.numel() for p in trainable) - split
+    split = all_reduce_scalars([split], ps.get_tensor_model_parallel_group())[0]
+    return int(all_reduce_scalars([split + whole], ps.get_pipeline_model_parallel_group())[0])

@@ -35,7 +35,7 @@ from mcore_rl.distributed.env import read_launch_env
 from mcore_rl.distributed.layout import describe_layout, rank_layout
 from mcore_rl.distributed.watchdog import stack_dump_after
 from mcore_rl.models.arch import arch_from_hf_config
-from mcore_rl.models.lora import disabled, lora_of
+from mcore_rl.models.lora import disabled, lora_of, trainable_params
 from mcore_rl.resharding import Resharder
 from mcore_rl.trainer import build, checkpointing, rollouts, shaping, split
 from mcore_rl.trainer.batch import Shard, last_token_rewards
@@ -117,16 +117,6 @@ class PPOTrainer:
         self._build()
 
     # ---------------------------------------------------------------- setup
-    def _say_lora(self, lora) -> None:
-        """The adapters and how many parameters the actor trains (all ranks: collective)."""
-        trainable = [p for p in self.actor.module.parameters() if p.requires_grad]
-        mine = [sum(p.numel() for p in trainable if getattr(p, "tensor_model_parallel", False)),
-                sum(p.numel() for p in trainable if not getattr(p, "tensor_model_parallel", False))]
-        split = comm.all_reduce_scalars(mine[:1], ps.get_tensor_model_parallel_group())[0]  # TP halves add up
-        total = sum(comm.all_reduce_scalars([split + mine[1]], ps.get_pipeline_model_parallel_group()))  # stages
-        _say(f"mcore_rl: LoRA rank {lora.rank}, alpha {lora.alpha:g} on {', '.join(lora.targets)}: {int(total):,} "
-             f"trainable parameters ({100 * total / self.spec.num_params():.2f}% of the actor); base weights frozen")
-
     def _start_lineage(self, in_the_way: list[str], damaged: list) -> None:
         """Another run's files moved aside (trainer.on_previous_run=move_aside), damaged checkpoints
         named, and this run's id: the resumed checkpoint's, or a new one (collective)."""
@@ -167,8 +157,10 @@ class PPOTrainer:
              f"TP={ps.get_tensor_model_parallel_world_size()} PP={ps.get_pipeline_model_parallel_world_size()} "
              f"DP={ps.get_data_parallel_world_size()}, critic={'yes' if self.use_critic else 'no'}, "
              f"reference={'no' if not self.need_ref else 'the actor without LoRA' if lora else 'yes'})")
-        if lora is not None:
-            self._say_lora(lora)
+        if lora is not None:  # (collective)
+            n = trainable_params(self.actor)
+            _say(f"mcore_rl: LoRA rank {lora.rank}, alpha {lora.alpha:g} on {', '.join(lora.targets)}: {n:,} trainable "
+                 f"parameters ({100 * n / self.spec.num_params():.2f}% of the actor); base weights frozen")
 
         self.pending = None  # split placement, staleness 1: (samples, rollout report) of the next step
         if self.bridge is not None:
