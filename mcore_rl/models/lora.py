@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from converters.adapter import merge
 from converters.mapping import (COLUMN_KINDS, LORA, NameIndex, hf_module, hf_to_mcore, is_lora, lora_linears,
                                 lora_targets, mcore_to_hf)
 from mcore_rl.models.arch import ArchSpec
@@ -171,7 +172,7 @@ class LoRALinear(torch.nn.Module):
     def merged(self, weight: torch.Tensor) -> torch.Tensor:
         """This rank's shard of the base `weight` with the adapters merged in (fp32 math, `weight`'s
         dtype): both factors of the product are this rank's, column- or row-parallel alike."""
-        return torch.addmm(weight.float(), self._b().float(), self._a().float(), alpha=self.scaling).to(weight.dtype)
+        return merge(weight, self._a(), self._b(), self.scaling)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
         """B split on dim 0 (column-parallel base) or A on dim 1 (row-parallel), the other replicated."""
