@@ -311,3 +311,20 @@ def test_train_sbatch_interrupted_requeues_and_resumes(slurm_cluster, tmp_path, 
     state = _check_toy_run(out, 6, 64, log)
     assert state["layout"] == {"tp": 1, "pp": 1, "dp": 2, "world": 2}, state
     assert state["config"]["data"]["seed"] == 7 and state["loader"]["seed"] == 7, state
+
+
+def test_train_sbatch_split_placement_with_srun(slurm_cluster, tmp_path):
+    """slurm/train.sbatch with the srun launcher (one Slurm task per rank, no torchrun) in split
+    placement, one step off-policy: task 0 trains, task 1 only generates. Without torchrun's
+    agent, rank 0 hosts the rendezvous store both sides' groups and the bridge are built on; at
+    the end both sides leave together and the job completes."""
+    out = tmp_path / "run"
+    env, opts, args = _toy_job(out, "srun", 3, *SMALL, "actor_rollout_ref.rollout.placement=split",
+                               "actor_rollout_ref.rollout.n_gpus=1", "async_training.staleness=1", batch=32)
+    res = slurm_cluster.run(REPO / "slurm/train.sbatch", args, env=env, opts=opts, timeout=360)
+    log = res.log()
+    assert res.ok, f"{res.state} {res.exit_code}\n{log}"
+    assert "2 rank(s)/node via srun" in log and "1 rank(s) train, 1 generate" in log, log
+    state = _check_toy_run(out, 3, 32, log)
+    assert state["layout"]["world"] == 1, state  # the training side's world
+    assert [r["rollout/staleness"] for r in _rows(out)] == [0, 1, 1]
