@@ -129,20 +129,28 @@ def save_sharded(sharded_state_dict: dict, ckpt_dir: str) -> None:
     dist_checkpointing.save(sharded_state_dict, ckpt_dir)
 
 
-def save_model(model, ckpt_dir: str) -> None:
+def model_state(model, adapters_only: bool = False) -> dict:
+    """`model`'s sharded state dict; with `adapters_only`, its LoRA adapters alone (the frozen base
+    is the HF checkpoint it was loaded from)."""
+    sd = model.sharded_state_dict()
+    return {k: v for k, v in sd.items() if is_lora(k)} if adapters_only else sd
+
+
+def save_model(model, ckpt_dir: str, adapters_only: bool = False) -> None:
     """dist_checkpointing save of this rank's shard of `model` (collective over all ranks)."""
-    save_sharded(model.sharded_state_dict(), ckpt_dir)
+    save_sharded(model_state(model, adapters_only), ckpt_dir)
 
 
-def load_model(model, ckpt_dir: str) -> None:
-    """dist_checkpointing load into this rank's shard, whatever TP/PP the checkpoint was saved at."""
+def load_model(model, ckpt_dir: str, adapters_only: bool = False) -> None:
+    """dist_checkpointing load into this rank's shard, whatever TP/PP the checkpoint was saved at
+    (`adapters_only`: the LoRA adapters, into a model whose base is loaded already)."""
     from megatron.core import dist_checkpointing
 
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"no megatron checkpoint at {ckpt_dir}")
-    state = dist_checkpointing.load(model.sharded_state_dict(), ckpt_dir)
+    state = dist_checkpointing.load(model_state(model, adapters_only), ckpt_dir)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
+    missing = [k for k in missing if not k.endswith("_extra_state") and (is_lora(k) or not adapters_only)]
     if missing or unexpected:
         raise RuntimeError(f"checkpoint {ckpt_dir} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
@@ -276,6 +284,18 @@ def _adapter_keys(spec: ArchSpec, tensors: dict, lora: dict | None) -> dict[str,
     return found
 
 
+def hf_order(spec: ArchSpec, key=lambda rule: None) -> list[tuple[str | None, int | None, Rule]]:
+    """(key(rule), layer, rule) for every tensor of the model in HF order: what comes before the
+    layers, each layer's tensors, what comes after."""
+    pre, layers, post = [], [], []
+    for rule in rules_for(spec):
+        if rule.per_layer:
+            layers.append((key(rule), rule))
+        else:
+            (post if layers else pre).append((key(rule), None, rule))
+    return pre + [(k, i, rule) for i in range(spec.num_layers) for k, rule in layers] + post
+
+
 def export_order(spec: ArchSpec, tensors: dict) -> list[tuple[str, int | None, Rule]]:
     """(sharded key, layer, rule) for every tensor of a converted checkpoint, in HF order.
 
@@ -283,27 +303,21 @@ def export_order(spec: ArchSpec, tensors: dict) -> list[tuple[str, int | None, R
     them. A layer's tensors are stored under `decoder.layers.<name>` with the layers stacked on
     the first axis; local-spec layer norms are stored under their TransformerEngine names.
     """
-    order, used = {"pre": [], "layers": [], "post": []}, set()
-    seen_layer_rule = False
-    for rule in rules_for(spec):
+    def key(rule: Rule) -> str:
         names = dict.fromkeys([rule.mcore_name(te=True), rule.mcore_name()])
         keys = [n.replace(f"{LAYER}.", "") for n in names]
-        key = next((k for k in keys if k in tensors), None)
-        if key is None:
+        found = next((k for k in keys if k in tensors), None)
+        if found is None:
             raise CheckpointError(f"the checkpoint has no tensor for {rule.mcore} (looked for {', '.join(keys)})")
-        used.add(key)
-        if rule.per_layer:
-            seen_layer_rule = True
-            if tensors[key][0][0] != spec.num_layers:
-                raise CheckpointError(f"{key} holds {tensors[key][0][0]} layers, config.json says {spec.num_layers}")
-            order["layers"].append((key, rule))
-        else:
-            order["post" if seen_layer_rule else "pre"].append((key, None, rule))
-    extra = sorted(set(tensors) - used)
+        if rule.per_layer and tensors[found][0][0] != spec.num_layers:
+            raise CheckpointError(f"{found} holds {tensors[found][0][0]} layers, config.json says {spec.num_layers}")
+        return found
+
+    order = hf_order(spec, key)
+    extra = sorted(set(tensors) - {k for k, _, _ in order})
     if extra:
         raise CheckpointError(f"the checkpoint has tensors the {spec.family} mapping does not know: {extra[:5]}")
-    by_layer = [(key, i, rule) for i in range(spec.num_layers) for key, rule in order["layers"]]
-    return order["pre"] + by_layer + order["post"]
+    return order
 
 
 def mcore_to_hf(mcore_path: str, out: str, force: bool = False, shard_mb: int = 2048, progress: bool = True) -> str:
@@ -324,7 +338,8 @@ def mcore_to_hf(mcore_path: str, out: str, force: bool = False, shard_mb: int = 
     if not os.path.isdir(ckpt):
         raise FileNotFoundError(f"no megatron checkpoint at {ckpt}")
     with open(meta_path) as f:
-        lora = json.load(f).get("lora")
+        meta = json.load(f)
+    lora = {**meta["lora"], "dtype": meta.get("dtype", "auto")} if meta.get("lora") else None
     init_distributed(1, 1)
     with unreadable_as_checkpoint_error(mcore_path):
         _write_hf(ckpt, spec, hf_side, out, shard_mb, progress, lora)
@@ -361,24 +376,34 @@ def _write_hf(ckpt: str, spec: ArchSpec, hf_side: str, out: str, shard_mb: int, 
 
     tensors = checkpoint_tensors(ckpt)
     adapters = _adapter_keys(spec, tensors, lora)
-    order = export_order(spec, {k: v for k, v in tensors.items() if not is_lora(k)})
+    base = {k: v for k, v in tensors.items() if not is_lora(k)}
+    # a LoRA training checkpoint holds its adapters alone: the base is the HF model it started from
+    reader = HFReader(lora["base_model"]) if adapters and not base else None
+    dtype = resolve_dtype(lora["dtype"], {}) if reader is not None else None
+    order = hf_order(spec) if reader is not None else export_order(spec, base)
     writer = None
     with removed_on_failure(staging_dir(out)) as tmp:
         if _rank0():
             layout = []
             for key, layer, rule in order:
-                shape, dtype = tensors[key]
-                layout += _hf_layout(rule, layer, shape[1:] if layer is not None else shape, dtype, 1, spec)
+                if reader is not None:
+                    layout += [(n, reader.shape(n), dtype) for n in rule.hf_names(layer)]
+                    continue
+                shape, dt = tensors[key]
+                layout += _hf_layout(rule, layer, shape[1:] if layer is not None else shape, dt, 1, spec)
             writer = _staged_writer(tmp, layout, shard_mb)
         # each adapted weight is read together with its adapters (A, B of each targeted module)
         reads = []
         for key, layer, rule in order:
-            reads += [(key, layer)] + [(k, layer) for _, k, _ in adapters.get(rule.mcore, [])]
+            reads += ([] if reader is not None else [(key, layer)]) + [(k, layer) for _, k, _ in adapters.get(rule.mcore, [])]
         loaded = iter_checkpoint(ckpt, reads, tensors)
         peft_tensors = {}
         for _, layer, rule in tqdm(order, total=len(order), desc="export", unit="tensor",
                                    disable=not (progress and _rank0())):
-            hf = mapping_mcore_to_hf(rule, [next(loaded)[2]], spec)
+            if reader is not None:
+                hf = [reader.get(n).to(dtype) for n in rule.hf_names(layer)]
+            else:
+                hf = mapping_mcore_to_hf(rule, [next(loaded)[2]], spec)
             own = {}
             for factor, _, arule in adapters.get(rule.mcore, []):
                 (name,), (x,) = arule.hf_names(layer), mapping_mcore_to_hf(arule, [next(loaded)[2]], spec)

@@ -123,6 +123,10 @@ class HFReader:
     def keys(self) -> list[str]:
         return list(self.files)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape, from its file's header (no data read)."""
+        return self._open(self.files[name]).tensors[name][1]
+
     def get(self, name: str) -> torch.Tensor:
         if name not in self.files:
             raise CheckpointError(f"tensor {name!r} not found in {self.path}")

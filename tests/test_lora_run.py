@@ -1,7 +1,8 @@
 """A LoRA actor through the real trainer (`python -m mcore_rl.commands.train`, toy GRPO task).
 
-- A run resumed from its step-2 checkpoint continues exactly: steps 3-4 equal the uninterrupted
-  run's (every metric that depends on the model, the data and the samples).
+- The actor's checkpoint holds its adapters alone (the frozen base is the HF model the run starts
+  from), and a run resumed from its step-2 checkpoint continues exactly: steps 3-4 equal the
+  uninterrupted run's (every metric that depends on the model, the data and the samples).
 - `mcore-rl export` of the step-4 checkpoint (offline, from the distributed checkpoint) writes
   the same merged model and peft adapter as the trainer's own export at the end of the run.
 - The trained adapter is not a fresh one (B moved away from zero), and the merged model differs
@@ -36,7 +37,11 @@ def reference(tmp_path_factory):
 
 
 def test_resumed_lora_run_continues_exactly(reference, tmp_path):
+    from converters.streaming import checkpoint_tensors
+
     ref_out, ref = reference
+    saved = checkpoint_tensors(str(ref_out / "checkpoints" / "step_00000002" / "actor" / "model"))
+    assert saved and all("_lora." in k for k in saved), sorted(saved)[:5]  # adapters only, no base weights
     p = _run(_args(tmp_path / "resumed", f"trainer.resume={ref_out / 'checkpoints' / 'step_00000002'}",
                    "trainer.export_hf_at_end=false"))
     assert p.returncode == 0, _log(p)

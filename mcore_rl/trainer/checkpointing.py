@@ -2,7 +2,8 @@
 
     <output_dir>/checkpoints/
         step_00000004/
-            actor/model/        megatron dist_checkpointing (any TP/PP/DP can load it)
+            actor/model/        megatron dist_checkpointing (any TP/PP/DP can load it); of a LoRA
+                                actor, its adapters alone (the base: the HF model it starts from)
             actor/optim/        the optimizer's sharded state (Adam moments, fp32 master weights)
             actor/hf/           HF config + tokenizer: with mcore_rl.json, `actor/` is also a
             actor/mcore_rl.json   converter checkpoint (`mcore-rl convert mcore-to-hf`)
@@ -37,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from converters.adapter import lora_meta
-from converters.checkpoint import last_line, load_model, save_model, save_sharded, write_side
+from converters.checkpoint import last_line, load_model, model_state, save_model, save_sharded, write_side
 from converters.hf_io import CheckpointError
 from mcore_rl.distributed.comm import agree, all_reduce_scalars
 from mcore_rl.lifetime import die_with_parent, graceful_signals_blocked, owner
@@ -251,10 +252,12 @@ def _inner(model):
 
 
 def save_model_and_optimizer(model, opt, where: str) -> None:
-    """Collective: this rank's shards of the model and of its optimizer state."""
-    save_model(_inner(model), os.path.join(where, "model"))
+    """Collective: this rank's shards of the model and of its optimizer state. A LoRA model saves
+    its adapters alone: its frozen base is the HF checkpoint it starts from (`mcore_rl.json`)."""
+    adapters_only = lora_of(model) is not None
+    save_model(_inner(model), os.path.join(where, "model"), adapters_only)
     if opt is not None:
-        sd = opt.sharded_state_dict(_inner(model).sharded_state_dict(), metadata=OPTIM_METADATA)
+        sd = opt.sharded_state_dict(model_state(_inner(model), adapters_only), metadata=OPTIM_METADATA)
         save_sharded(sd, os.path.join(where, "optim"))
 
 
@@ -279,13 +282,14 @@ def optimizer_state_unloadable(opt) -> str | None:
 def load_model_and_optimizer(model, opt, where: str) -> None:
     from megatron.core import dist_checkpointing
 
-    load_model(_inner(model), os.path.join(where, "model"))
+    adapters_only = lora_of(model) is not None
+    load_model(_inner(model), os.path.join(where, "model"), adapters_only)
     if opt is not None:
         # after the model: the optimizer's fp32 master weights are loaded from the checkpoint too
         why = optimizer_state_unloadable(opt)
         if why:
             raise NotImplementedError(why)
-        sd = opt.sharded_state_dict(_inner(model).sharded_state_dict(), is_loading=True, metadata=OPTIM_METADATA)
+        sd = opt.sharded_state_dict(model_state(_inner(model), adapters_only), is_loading=True, metadata=OPTIM_METADATA)
         opt.load_state_dict(dist_checkpointing.load(sd, os.path.join(where, "optim")))
 
 
