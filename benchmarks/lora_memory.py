@@ -61,7 +61,8 @@ def one_mode(args) -> dict:
     model = build_model(spec, dtype=dtype, use_cpu_initialization=not gpu)
     if args.mode == "lora":
         lora.add_lora(model, lora.LoRAConfig(args.rank, args.alpha, lora.resolve_targets(args.targets, spec)))
-    trainable, total = lora.trainable_params(model)
+    params = list(model.parameters())  # this rank's shard, as the memory columns are
+    trainable, total = sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
     r = {"mode": args.mode, "trainable_M": trainable / 1e6, "params_M": total / 1e6, "weights_GiB": _allocated()}
     ddp, opt = wrap_for_training(model)
     r["ddp_master_GiB"] = _allocated() - r["weights_GiB"]

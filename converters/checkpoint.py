@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from converters.adapter import ADAPTER_DIR, lora_meta, merge, write_adapter
 from converters.hf_io import CheckpointError, HFReader, HFWriter, copy_side_files, shard_source
-from converters.mapping import LAYER, LORA, NameIndex, Rule, hf_module, is_lora, lora_linears, lora_rules, rules_for
+from converters.mapping import LAYER, LORA, NameIndex, Rule, hf_module, is_lora, lora_rules, rules_for
 from converters.mapping import mcore_to_hf as mapping_mcore_to_hf
 from mcore_rl.models.arch import ArchSpec, arch_from_hf_config
 
@@ -268,16 +268,13 @@ def _adapter_keys(spec: ArchSpec, tensors: dict, lora: dict | None) -> dict[str,
         raise CheckpointError(f"the checkpoint holds LoRA adapters ({keys[0]}, ...) but its {META} has no `lora` "
                               f"entry (rank, alpha, targets)")
     found, used = {}, set()
-    for base in lora_linears(spec):
-        linear = base.mcore.removesuffix(".weight")
-        for rule in lora_rules(spec, lora["targets"]):
-            if rule.mcore.startswith(f"{linear}{LORA}."):
-                key = rule.mcore.replace(f"{LAYER}.", "")
-                if key not in tensors:
-                    raise CheckpointError(f"the checkpoint has no tensor for the adapter {rule.mcore}")
-                which, module = rule.mcore.rsplit(".", 2)[-2:]  # <linear>_lora.lora_A.q_proj
-                found.setdefault(base.mcore, []).append(((module, which), key, rule))
-                used.add(key)
+    for rule in lora_rules(spec, lora["targets"]):
+        key = rule.mcore.replace(f"{LAYER}.", "")
+        if key not in tensors:
+            raise CheckpointError(f"the checkpoint has no tensor for the adapter {rule.mcore}")
+        linear, which, module = rule.mcore.rsplit(".", 2)  # <linear>_lora, lora_A, q_proj
+        found.setdefault(linear.removesuffix(LORA) + ".weight", []).append(((module, which), key, rule))
+        used.add(key)
     extra = sorted(set(keys) - used)
     if extra:
         raise CheckpointError(f"the checkpoint has adapters its LoRA targets {lora['targets']} do not name: {extra[:5]}")

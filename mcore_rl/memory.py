@@ -84,13 +84,19 @@ def lora_params_per_gpu(spec: ArchSpec, rank: int, targets, tp: int, pp: int) ->
 
     h, f = spec.hidden_size, spec.ffn_hidden_size
     q, kv = spec.num_attention_heads * spec.head_dim, spec.num_query_groups * spec.head_dim
-    # (in, out) of each HF linear, by its place in the converter's rules
-    dims = {"qkv": [(h, q), (h, kv), (h, kv)], "gate_up": [(h, f), (h, f)], "col": [(h, f)], "row": None}
+
+    def shapes(rule) -> list[tuple[int, int]]:
+        """(in, out) of each HF linear the converter's rule fuses."""
+        if rule.kind == "qkv":
+            return [(h, q), (h, kv), (h, kv)]
+        if rule.kind == "row":
+            return [(q, h) if ".linear_proj." in rule.mcore else (f, h)]
+        return [(h, f)] * len(rule.hf)  # gate_up, col (fc1)
+
     per_layer = 0.0
     for rule in lora_linears(spec):
         column = rule.kind in COLUMN_KINDS
-        shapes = dims[rule.kind] if column else [(q, h) if ".linear_proj." in rule.mcore else (f, h)]
-        for name, (fan_in, fan_out) in zip((hf_module(n) for n in rule.hf), shapes):
+        for name, (fan_in, fan_out) in zip((hf_module(n) for n in rule.hf), shapes(rule)):
             if name in targets:
                 per_layer += rank * (fan_in + fan_out / tp) if column else rank * (fan_in / tp + fan_out)
     return round(math.ceil(spec.num_layers / pp) * per_layer)

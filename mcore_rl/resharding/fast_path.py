@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 import torch
 
 from converters.mapping import NameIndex, hf_counterpart, qkv_rows
+from mcore_rl.models.lora import lora_of
 from mcore_rl.rollout.base import CopySlots
 
 
@@ -74,7 +75,7 @@ def build_program(mcore_model, slots: CopySlots) -> CopyProgram:
     spec = inner.mcore_rl_spec
     if getattr(inner, "mcore_rl_role", "actor") == "critic":
         raise NotApplicable("the critic has no rollout counterpart")
-    if getattr(inner, "mcore_rl_lora", None) is not None:
+    if lora_of(inner) is not None:
         raise NotApplicable("LoRA: merged weights take the HF-named path")
     if ps.get_pipeline_model_parallel_world_size() != 1:
         raise NotApplicable("pipeline parallelism: this rank does not hold every layer")
