@@ -188,6 +188,15 @@ def _check_settings(cfg: DictConfig) -> None:
     problems = rollout_is_problems(cfg.algorithm) + lora_problems(cfg.actor_rollout_ref.model)
     problems += schedule_problems(cfg.actor_rollout_ref.actor.optim, cfg.trainer.max_steps, "actor_rollout_ref.actor.optim")
     problems += schedule_problems(cfg.critic.optim, cfg.trainer.max_steps, "critic.optim")
+    r = cfg.actor_rollout_ref.rollout
+    if r.lora_sync == "adapter":
+        if not cfg.actor_rollout_ref.model.lora_rank:
+            problems.append("actor_rollout_ref.rollout.lora_sync=adapter needs a LoRA actor (actor_rollout_ref.model.lora_rank > 0)")
+        if r.name == "hf":
+            problems.append("actor_rollout_ref.rollout.lora_sync=adapter needs the vLLM engine (rollout.name=vllm or auto)")
+        if r.placement == "split":
+            problems.append("actor_rollout_ref.rollout.lora_sync=adapter works with colocated placement only "
+                            "(split placement sends merged weights: use lora_sync=merged)")
     if cfg.trainer.test_freq > 0 and cfg.data.val_files is None:
         problems.append(f"trainer.test_freq={cfg.trainer.test_freq} needs data.val_files (toy: the toy task's split)")
     if problems:

@@ -114,6 +114,7 @@ def rules() -> dict[str, Rule]:
         "actor_rollout_ref.rollout.gpu_memory_utilization": SHARE,
         "actor_rollout_ref.rollout.enforce_eager": Rule(type=bool),
         "actor_rollout_ref.rollout.sync_fast_path": Rule(words=("auto", "off")),
+        "actor_rollout_ref.rollout.lora_sync": Rule(words=("merged", "adapter")),
         "actor_rollout_ref.rollout.val_kwargs.n": POSITIVE,
         "actor_rollout_ref.rollout.val_kwargs.top_p": SHARE,
         "actor_rollout_ref.rollout.logprobs_mode": Rule(words=("raw_logprobs", "processed_logprobs")),

@@ -11,18 +11,26 @@ resharder is its loader (`Resharder.load`), by one of two paths:
 * HF-named (`converters.gather.iter_hf_tensors` -> `WeightTarget.load_hf`): the general
   case, in bounded buckets. Used wherever the fast path does not apply (CPU, the
   transformers engine, PP > 1, different training and rollout TP, ...), with a one-line
-  reason printed once.
+  reason printed once. A LoRA actor's weights go merged (``W + alpha / r * B @ A``).
+* adapter (``lora_sync="adapter"``, a LoRA actor and an engine that serves adapters,
+  `WeightTarget.load_adapter`): the adapters alone, gathered whole
+  (`converters.gather.iter_lora_tensors`), written in peft's format to a folder of this rank
+  (in /dev/shm where there is one) and loaded by the engine; its base weights never change.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import time
 
 import torch
 
-from converters.gather import global_params, iter_hf_tensors
+from converters.gather import global_params, iter_hf_tensors, iter_lora_tensors
 
 FAST_PATH_MODES = ("auto", "off")
+LORA_SYNC_MODES = ("merged", "adapter")
 
 
 def _say(msg: str) -> None:
@@ -62,12 +70,21 @@ class Resharder:
     engine, so extra memory during a sync is bounded by the bucket plus the largest tensor.
     """
 
-    def __init__(self, model, bucket_mb: int = 512, fast_path: str = "auto"):
+    def __init__(self, model, bucket_mb: int = 512, fast_path: str = "auto", lora_sync: str = "merged",
+                 base_model: str = ""):
+        from mcore_rl.models.lora import lora_of
+
         inner = model.module if hasattr(model, "module") else model
         self.model, self.bucket_bytes = model, bucket_mb * 2**20
         self.params = global_params(inner)  # names, shapes, owners: computed once
         self.fast_reason: str | None = None  # why the last engine does not take the fast path
         self.set_fast_path(fast_path)
+        if lora_sync not in LORA_SYNC_MODES:
+            raise ValueError(f"lora_sync must be one of {LORA_SYNC_MODES}, got {lora_sync!r}")
+        self.lora = lora_of(inner) if lora_sync == "adapter" else None
+        if lora_sync == "adapter" and self.lora is None:
+            raise ValueError("lora_sync='adapter' needs a model with LoRA adapters")
+        self.base_model, self._adapter_root, self._adapters = base_model, None, 0
 
     def set_fast_path(self, mode: str) -> None:
         """``"auto"`` or ``"off"`` (config: actor_rollout_ref.rollout.sync_fast_path)."""
@@ -123,8 +140,11 @@ class Resharder:
 
     @torch.no_grad()
     def load(self, target) -> dict[str, float]:
-        """Loader for `RolloutEngine.update_weights`: the fast path where it applies, else the
-        HF-named path; returns seconds, bytes, tensors, GB/s and ``sync/fast`` (1 or 0)."""
+        """Loader for `RolloutEngine.update_weights`: the adapters alone with ``lora_sync="adapter"``,
+        else the fast path where it applies, else the HF-named path; returns seconds, bytes,
+        tensors, GB/s and ``sync/fast`` (1 or 0)."""
+        if self.lora is not None:
+            return self.load_adapter(target)
         if self.why_not_fast(target) is None:
             return {**self._fast.sync(), "sync/fast": 1.0}
         return self.load_hf(target)
@@ -142,3 +162,32 @@ class Resharder:
         dt = time.perf_counter() - t0
         return {"sync/seconds": dt, "sync/bytes": stats["bytes"], "sync/tensors": stats["tensors"],
                 "sync/GBps": stats["bytes"] / dt / 1e9 if dt > 0 else 0.0, "sync/fast": 0.0}
+
+    @torch.no_grad()
+    def load_adapter(self, target) -> dict[str, float]:
+        """The adapter path (see the module docstring): gather (collective), write, load."""
+        from converters.adapter import lora_meta, write_adapter
+
+        if target.load_adapter is None:
+            raise RuntimeError("lora_sync='adapter': the rollout engine does not serve LoRA adapters")
+        if self._adapter_root is None:
+            self._adapter_root = tempfile.TemporaryDirectory(
+                prefix="mcore_rl_adapter_", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        tensors = dict(iter_lora_tensors(self.model))
+        self._adapters += 1  # a fresh folder each time: the engine may read the last one until it has the new one
+        path = os.path.join(self._adapter_root.name, str(self._adapters))
+        write_adapter(path, tensors, lora_meta(self.lora), self.base_model)
+        target.load_adapter(path)
+        shutil.rmtree(os.path.join(self._adapter_root.name, str(self._adapters - 1)), ignore_errors=True)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        if self._adapters == 1:
+            _say(f"mcore_rl: weight sync: LoRA adapters alone ({len(tensors)} tensors, {nbytes / 2**20:.1f} MiB), "
+                 f"served by the engine over its base weights")
+        return {"sync/seconds": dt, "sync/bytes": nbytes, "sync/tensors": len(tensors),
+                "sync/GBps": nbytes / dt / 1e9 if dt > 0 else 0.0, "sync/fast": 0.0}

@@ -132,13 +132,15 @@ class WeightTarget:
 
     `load_hf`: ``(HF name, full tensor)`` pairs, every engine (see `RolloutEngine.load_weights`).
     `copy_slots`: the engine's parameters, written in place by plain copies; None where that
-    would not reach the kernels, with the reason in `why_not_copy`. An engine hands out the
-    same target every time, so that loaders can keep per-target plans.
+    would not reach the kernels, with the reason in `why_not_copy`. `load_adapter`: where the
+    engine serves a LoRA adapter over fixed base weights, a folder in peft's format to serve from
+    now on. An engine hands out the same target every time, so that loaders can keep per-target plans.
     """
 
     load_hf: Callable[[Iterable[tuple[str, torch.Tensor]]], None]
     copy_slots: Callable[[], CopySlots] | None = None
     why_not_copy: str | None = None
+    load_adapter: Callable[[str], None] | None = None
 
 
 class RolloutEngine(abc.ABC):
@@ -152,6 +154,8 @@ class RolloutEngine(abc.ABC):
     eos_token_ids: frozenset[int] = frozenset()
     #: whether `release` frees accelerator memory (decided when the engine is built)
     sleep_enabled: bool = False
+    #: whether the engine serves a LoRA adapter over base weights that updates keep
+    serves_lora: bool = False
 
     @abc.abstractmethod
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: Sampling | None = None
@@ -199,12 +203,13 @@ class RolloutEngine(abc.ABC):
 
     def release(self) -> dict[str, float]:
         """Done generating until the next `update_weights`: where the engine sleeps, drop its
-        weights and KV cache (level 2: the next update rewrites every weight). Returns
+        weights and KV cache (level 2: the next update rewrites every weight; level 1 where the
+        engine serves a LoRA adapter: the base weights wait in host memory). Returns
         ``timing/sleep`` when it slept."""
         if not self.sleep_enabled:
             return {}
         t = time.perf_counter()
-        self.sleep(level=2)
+        self.sleep(level=1 if self.serves_lora else 2)
         return {"timing/sleep": time.perf_counter() - t}
 
     def reset_prefix_cache(self) -> None:

@@ -26,6 +26,11 @@ With ``reload_mode="direct"`` on GPU the engine also accepts plain copies into i
 parameters: `copy_slots` describes them from the vLLM layers' own attributes, so that a
 loader (the resharder's fast path) needs nothing of vLLM's.
 
+With ``max_lora_rank`` the engine also serves a LoRA adapter over its base weights
+(`WeightTarget.load_adapter`: a folder in peft's format): every later `generate` uses it. An
+update replaces the one adapter in place (vLLM's ``load_inplace``), the base weights stay as
+they are, and `release` sleeps at level 1 (the base goes to host memory and comes back).
+
 Distributed: with ``tensor_parallel_size > 1``, or when ``torch.distributed`` is already
 initialised with several ranks (the SPMD trainer) or on a device other than 0, the engine uses
 ``distributed_executor_backend="external_launcher"``: vLLM joins the existing world (its
@@ -156,6 +161,8 @@ class VLLMEngine(RolloutEngine):
         enable_prefix_caching: vLLM prefix caching (GRPO's n samples share the prompt).
         logprobs_mode: ``"raw"`` or ``"processed"`` (see `mcore_rl.rollout.base`).
         reload_mode: ``"direct"`` | ``"layerwise"`` | None (layerwise on CPU, direct on GPU).
+        max_lora_rank: serve a LoRA adapter of at most this rank (see the module docstring);
+            None: no LoRA (the engine is then built without vLLM's LoRA layers).
         **engine_kwargs: passed to ``vllm.LLM`` as is (they override the above).
     """
 
@@ -163,7 +170,8 @@ class VLLMEngine(RolloutEngine):
                  gpu_memory_utilization: float = 0.5, max_model_len: int | None = None,
                  enforce_eager: bool | None = None, kv_cache_gib_cpu: float = 1.0, kv_cache_gib: float | None = None,
                  enable_sleep_mode: bool | None = None, enable_prefix_caching: bool = True,
-                 logprobs_mode: LogprobsMode = "raw", reload_mode: str | None = None, **engine_kwargs):
+                 logprobs_mode: LogprobsMode = "raw", reload_mode: str | None = None,
+                 max_lora_rank: int | None = None, **engine_kwargs):
         if logprobs_mode not in ("raw", "processed"):
             raise ValueError(f"logprobs_mode must be 'raw' or 'processed', got {logprobs_mode!r}")
         _prepare_env()
@@ -189,6 +197,8 @@ class VLLMEngine(RolloutEngine):
                       # token ids in and out: no tokenizer needed (tiny test models have none)
                       skip_tokenizer_init=True,
                       logprobs_mode="raw_logprobs" if logprobs_mode == "raw" else "processed_logprobs")
+        if max_lora_rank:
+            kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=_lora_rank_slot(max_lora_rank))
         if self.on_cpu:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib_cpu * _GiB)
         else:
@@ -222,6 +232,8 @@ class VLLMEngine(RolloutEngine):
         self.start_time_s = time.perf_counter() - t0
         self._asleep = False
         self._awake_tags: set[str] = set()
+        self.serves_lora = bool(max_lora_rank)
+        self._lora = None  # the LoRARequest every generate() passes, once an adapter is loaded
         self._sampling_params_cls = vllm.SamplingParams
         self.max_model_len = self.llm.llm_engine.vllm_config.model_config.max_model_len
         self._tied = bool(getattr(self.llm.llm_engine.vllm_config.model_config.hf_text_config,
@@ -263,7 +275,7 @@ class VLLMEngine(RolloutEngine):
         else:
             params = [self._params(sampling, i) for i in range(len(prompt_token_ids))]
         prompts = [{"prompt_token_ids": [int(t) for t in p]} for p in prompt_token_ids]
-        request_outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        request_outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self._lora)
         results: list[RolloutOutput] = []
         for i, ro in enumerate(request_outputs):
             for c in sorted(ro.outputs, key=lambda c: c.index):
@@ -280,6 +292,9 @@ class VLLMEngine(RolloutEngine):
         return self._target
 
     def _make_weight_target(self) -> WeightTarget:
+        if self.serves_lora:
+            return WeightTarget(load_hf=self._load_hf, load_adapter=self._load_adapter,
+                                why_not_copy="the engine serves a LoRA adapter (its base weights are wrapped)")
         if self.on_cpu:
             why = "vLLM runs on CPU (its linear weights are repacked for oneDNN after loading)"
         elif self.reload_mode != "direct":
@@ -306,6 +321,15 @@ class VLLMEngine(RolloutEngine):
                 self._repack_tied_lm_head(model)
         else:
             model.load_weights(weights)
+
+    def _load_adapter(self, path: str) -> None:
+        """Serve the peft-format adapter in folder `path` from now on, in place of the last one."""
+        from vllm.lora.request import LoRARequest
+
+        # one adapter id for the whole run: vLLM reloads it from `path` (load_inplace), and the
+        # request generate() passes afterwards only activates what is loaded
+        self.llm.llm_engine.add_lora(LoRARequest("actor", 1, str(path), load_inplace=True))
+        self._lora = LoRARequest("actor", 1, str(path))
 
     def _repack_tied_lm_head(self, model: torch.nn.Module) -> None:
         """Re-run the lm_head's post-load processing (CPU: oneDNN packing) from the shared embedding."""
@@ -383,6 +407,14 @@ class VLLMEngine(RolloutEngine):
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _lora_rank_slot(rank: int) -> int:
+    """The smallest ``max_lora_rank`` vLLM accepts that holds an adapter of rank `rank`."""
+    for slot in (1, 8, 16, 32, 64, 128, 256, 320, 512):
+        if rank <= slot:
+            return slot
+    raise ValueError(f"vLLM serves LoRA adapters of rank <= 512, got {rank}")
 
 
 def copy_slots(model: torch.nn.Module) -> CopySlots:

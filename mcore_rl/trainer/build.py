@@ -100,10 +100,17 @@ def build_engine(cfg: DictConfig, path: str, sleep: bool | None = None):
     """The rollout engine for this rank (vLLM or the HF reference engine), at the rollout TP size.
     `sleep`: whether it frees its memory between rollouts (default: rollout.free_cache_engine)."""
     r = cfg.actor_rollout_ref.rollout
-    return make_engine(
+    adapter = r.lora_sync == "adapter"  # (the config check made sure the actor has LoRA)
+    engine = make_engine(
         r.name, model_path=path, tensor_parallel_size=r.tensor_model_parallel_size,
         dtype=cfg.actor_rollout_ref.model.dtype, seed=cfg.trainer.seed,
         gpu_memory_utilization=r.gpu_memory_utilization,
         max_model_len=cfg.data.max_prompt_length + cfg.data.max_response_length,
         enforce_eager=r.enforce_eager, kv_cache_gib_cpu=r.kv_cache_gib_cpu, kv_cache_gib=r.kv_cache_gib,
-        enable_sleep_mode=bool(r.free_cache_engine) if sleep is None else sleep, logprobs_mode=r.logprobs_mode.removesuffix("_logprobs"))
+        enable_sleep_mode=bool(r.free_cache_engine) if sleep is None else sleep, logprobs_mode=r.logprobs_mode.removesuffix("_logprobs"),
+        **({"max_lora_rank": cfg.actor_rollout_ref.model.lora_rank} if adapter else {}))
+    if adapter and not engine.serves_lora:
+        engine.close()
+        raise ValueError(f"actor_rollout_ref.rollout.lora_sync=adapter: the {type(engine).__name__} rollout engine does "
+                         f"not serve LoRA adapters (vLLM does; or use lora_sync=merged)")
+    return engine

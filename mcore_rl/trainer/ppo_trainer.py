@@ -169,11 +169,13 @@ class PPOTrainer:
             _say(f"mcore_rl: split placement: {self.world} rank(s) train, {self.bridge.world - self.world} generate "
                  f"(async_training.staleness={cfg.async_training.staleness})")
         else:
-            self.resharder = Resharder(self.actor, bucket_mb=a.rollout.sync_bucket_mb, fast_path=a.rollout.sync_fast_path)
+            self.resharder = Resharder(self.actor, bucket_mb=a.rollout.sync_bucket_mb, fast_path=a.rollout.sync_fast_path,
+                                       lora_sync=a.rollout.lora_sync, base_model=self.model_path)
             t0 = time.perf_counter()
             self.engine = build.build_engine(cfg, self.model_path)
             # free_cache_engine: the engine sleeps after generating (`release`: weights and KV cache
-            # dropped) and wakes in the next `update_weights`, which rewrites every weight
+            # dropped; with lora_sync=adapter the base weights wait in host memory) and wakes in the
+            # next `update_weights`, which rewrites every weight (or the adapters alone)
             _say(f"mcore_rl: rollout engine {type(self.engine).__name__} ready in {time.perf_counter() - t0:.1f}s"
                  f"{' (sleeps during training)' if self.engine.sleep_enabled else ''}")
         bad_rows = getattr(self.dataset, "bad_rows", [])
