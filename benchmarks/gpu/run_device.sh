@@ -10,6 +10,7 @@
 #   PARTS=.gpuparts source benchmarks/gpu/run_device.sh packing    # packed micro-batches: kernels, toy, 4096/8192 (2 GPUs)
 #   PARTS=.gpuparts source benchmarks/gpu/run_device.sh split      # split placement, 1 training + 1 rollout GPU, staleness 0 and 1
 #   source benchmarks/gpu/run_device.sh lora                       # LoRA vs full: memory of a 7B step at TP=2 (carry .whl only)
+#   PARTS=.gpuparts LORA_RUNS="1.5B:1 7B:2" source benchmarks/gpu/run_device.sh lorarollout  # LoRA rollout: merged vs adapter
 # Logs and JSON land in $OUT (brought back by the tool). Each step has its own time limit so
 # that one hang cannot eat the call's 600 s. pytest runs with `-o addopts=`: pyproject's `-n 2`
 # (pytest-xdist, not on the device) is for the CPU suite, and `-s` shows the gpu-test lines.
@@ -112,6 +113,20 @@ perf2)
     echo "perf2 $_p2: $(( $(date +%s) - _p2_t0 )) s"
   done
   ;;
+lorarollout)
+  # LoRA rollout, merged weights vs vLLM serving the adapters (and full fine-tuning): sync, wake/sleep,
+  # generation tokens/s, rollout/trainer mismatch. LORA_RUNS: "size:tp" pairs, one after the other
+  source benchmarks/gpu/setup.sh device2 || return 1
+  for _lr in ${LORA_RUNS:-1.5B:1}; do
+    _left=$(( 575 - ($(date +%s) - _t_call) ))
+    [ $_left -gt 60 ] || { echo "lorarollout: no time left for $_lr"; break; }
+    timeout $_left python3 benchmarks/lora_rollout.py --size ${_lr%%:*} --tp ${_lr##*:} --out "$OUT" \
+      --timeout $(( _left - 5 )) ${LORA_ROLLOUT_ARGS:-} > "$OUT/lora_rollout_${_lr%%:*}.log" 2>&1
+    echo "lorarollout $_lr: rc $?"
+    grep -E "^=== |rc [0-9]|Error|error:|out of memory" "$OUT/lora_rollout_${_lr%%:*}.log" | cut -c1-300 | tail -12
+  done
+  python3 benchmarks/lora_rollout.py --table --out "$OUT"
+  ;;
 lora)
   # LoRA against full fine-tuning: GPU memory of a 7B-shaped actor's training step at TP=2. Megatron
   # only, so one call that carries just .whl (the working tree and the vLLM part 1 pass 64 MiB)
@@ -161,5 +176,5 @@ split)
   done
   ;;
 *)
-  echo "usage: source benchmarks/gpu/run_device.sh megatron|vllm|sync|rollout|toy|grpo|multi|perf2|packing|split|lora" >&2; return 2 ;;
+  echo "usage: source benchmarks/gpu/run_device.sh megatron|vllm|sync|rollout|toy|grpo|multi|perf2|packing|split|lora|lorarollout" >&2; return 2 ;;
 esac
