@@ -25,6 +25,41 @@ def lora_meta(lora) -> dict:
     return {"rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.targets)}
 
 
+def base_fingerprint(hf_dir: str) -> str:
+    """A digest of the HF model in `hf_dir` that a LoRA checkpoint records of its frozen base, so that
+    adapters are never put on another model: its config.json, and of each safetensors file the name,
+    size, header and 16 samples of 64 KiB spread over its data. Reads about 1 MiB a file; a copy of
+    the model elsewhere has the same digest."""
+    import glob
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(os.path.join(hf_dir, "config.json"), "rb") as f:
+        h.update(f.read())
+    for path in sorted(glob.glob(os.path.join(hf_dir, "*.safetensors"))):
+        size = os.path.getsize(path)
+        h.update(f"{os.path.basename(path)}:{size}".encode())
+        with open(path, "rb") as f:
+            head = int.from_bytes(f.read(8), "little")
+            h.update(f.read(head))
+            data = size - 8 - head
+            for i in range(16):
+                f.seek(8 + head + data * i // 16)
+                h.update(f.read(min(1 << 16, data)))
+    return h.hexdigest()[:32]
+
+
+def check_base(meta_lora: dict, hf_dir: str, what: str) -> None:
+    """Refuse to put a checkpoint's adapters (its `mcore_rl.json` ``lora``) on a base they were not
+    trained on: `hf_dir` must have the fingerprint recorded at save."""
+    want = meta_lora.get("base_fingerprint")
+    if want is None or base_fingerprint(hf_dir) == want:
+        return
+    raise ValueError(f"{what}: its LoRA adapters were trained on the base model {meta_lora.get('base_model')} "
+                     f"(fingerprint {want}), but {hf_dir} is another model (fingerprint {base_fingerprint(hf_dir)}); "
+                     f"give the base model the adapters were trained on")
+
+
 def merge(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
     """``weight + scaling * b @ a`` in fp32 (one addmm: one fp32 temporary of the weight), in
     `weight`'s dtype. The live sync (on each TP shard) and the offline export both merge here."""

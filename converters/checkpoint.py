@@ -30,7 +30,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from converters.adapter import ADAPTER_DIR, lora_meta, merge, write_adapter
+from converters.adapter import ADAPTER_DIR, check_base, lora_meta, merge, write_adapter
 from converters.hf_io import CheckpointError, HFReader, HFWriter, copy_side_files, shard_source
 from converters.mapping import LAYER, LORA, NameIndex, Rule, hf_module, is_lora, lora_rules, rules_for
 from converters.mapping import mcore_to_hf as mapping_mcore_to_hf
@@ -376,6 +376,8 @@ def _write_hf(ckpt: str, spec: ArchSpec, hf_side: str, out: str, shard_mb: int, 
     base = {k: v for k, v in tensors.items() if not is_lora(k)}
     # a LoRA training checkpoint holds its adapters alone: the base is the HF model it started from
     reader = HFReader(lora["base_model"]) if adapters and not base else None
+    if reader is not None:
+        check_base(lora, lora["base_model"], f"checkpoint {os.path.dirname(ckpt)}")
     dtype = resolve_dtype(lora["dtype"], {}) if reader is not None else None
     order = hf_order(spec) if reader is not None else export_order(spec, base)
     writer = None

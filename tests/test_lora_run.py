@@ -7,9 +7,11 @@
   the same merged model and peft adapter as the trainer's own export at the end of the run.
 - The trained adapter is not a fresh one (B moved away from zero), and the merged model differs
   from the base model exactly where adapters sit.
+- The adapters resume only on the base they were trained on (its fingerprint is recorded).
 """
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -76,3 +78,37 @@ def test_export_of_the_checkpoint_is_the_end_of_run_export(reference, tmp_path):
     assert set(merged) == set(base)
     for k in base:
         assert torch.equal(merged[k], base[k]) == (k not in adapted), k
+
+
+def _other_base(src, dst):
+    """A copy of the HF model in `src` at `dst` with one weight changed (same architecture and files)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    (f,) = dst.glob("*.safetensors")
+    tensors = load_file(str(f))
+    name = sorted(k for k in tensors if k.endswith("down_proj.weight"))[-1]
+    tensors[name] = tensors[name] + 1e-3
+    save_file(tensors, str(f), metadata={"format": "pt"})
+
+
+def test_adapters_resume_only_on_their_base(reference, tmp_path):
+    """The checkpoint records its base's fingerprint: a copy of the base elsewhere has the same one,
+    another model with the same files (one weight changed) does not, and resuming the adapters on
+    it stops with both paths, before any step."""
+    from converters.adapter import base_fingerprint, check_base
+
+    ref_out, _ = reference
+    base = ref_out / "toy_model"
+    meta = json.loads((ref_out / "checkpoints" / "step_00000002" / "actor" / "mcore_rl.json").read_text())["lora"]
+    assert meta["base_model"] == str(base) and meta["base_fingerprint"] == base_fingerprint(str(base))
+    shutil.copytree(base, tmp_path / "copy")
+    check_base(meta, str(tmp_path / "copy"), "a copy")  # accepted
+    _other_base(base, tmp_path / "other")
+    with pytest.raises(ValueError, match="trained on the base model"):
+        check_base(meta, str(tmp_path / "other"), "another model")
+    p = _run(_args(tmp_path / "resumed", f"trainer.resume={ref_out / 'checkpoints' / 'step_00000002'}",
+                   f"actor_rollout_ref.model.path={tmp_path / 'other'}", "trainer.export_hf_at_end=false"))
+    assert p.returncode != 0, _log(p)
+    assert "trained on the base model" in p.stdout + p.stderr and str(tmp_path / "other") in p.stdout + p.stderr, _log(p)
+    assert not (tmp_path / "resumed" / "metrics.jsonl").exists() or not _metrics(tmp_path / "resumed")

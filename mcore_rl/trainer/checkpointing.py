@@ -37,8 +37,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from converters.adapter import lora_meta
-from converters.checkpoint import last_line, load_model, model_state, save_model, save_sharded, write_side
+from converters.adapter import base_fingerprint, check_base, lora_meta
+from converters.checkpoint import META, last_line, load_model, model_state, save_model, save_sharded, write_side
 from converters.hf_io import CheckpointError
 from mcore_rl.distributed.comm import agree, all_reduce_scalars
 from mcore_rl.lifetime import die_with_parent, graceful_signals_blocked, owner
@@ -377,7 +377,8 @@ def save_checkpoint(root: str, step: int, *, actor, actor_opt, critic=None, crit
         lora = lora_of(inner)
         write_side(os.path.join(tmp, "actor"), hf_side_dir, inner.mcore_rl_spec, inner.config.params_dtype,
                    trainer_state.get("layout", {}),
-                   lora={**lora_meta(lora), "base_model": os.path.abspath(hf_side_dir)} if lora else None)
+                   lora={**lora_meta(lora), "base_model": os.path.abspath(hf_side_dir),
+                         "base_fingerprint": base_fingerprint(hf_side_dir)} if lora else None)
         with open(os.path.join(tmp, STATE), "w") as f:  # last file inside: marks the dir complete
             json.dump({**trainer_state, "step": step, "saved_at": time.time(),
                        "save_seconds": time.perf_counter() - t0, "files": file_sizes(tmp)}, f, indent=2)
@@ -396,6 +397,17 @@ def save_checkpoint(root: str, step: int, *, actor, actor_opt, critic=None, crit
                 shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+def check_lora_base(ckpt: str, base: str) -> None:
+    """A LoRA checkpoint holds its adapters alone: refuse to resume them on another base model than the
+    one they were trained on (ValueError)."""
+    meta_path = os.path.join(ckpt, "actor", META)
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            lora = json.load(f).get("lora")
+        if lora:
+            check_base(lora, base, f"checkpoint {ckpt} (actor_rollout_ref.model.path={base})")
 
 
 def load_checkpoint(ckpt: str, *, actor, actor_opt, critic=None, critic_opt=None, layout: dict) -> dict:

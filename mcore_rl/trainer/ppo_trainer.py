@@ -201,6 +201,8 @@ class PPOTrainer:
                 _say(f"mcore_rl: no checkpoint under {self.checkpoint_root}: starting at step 0")
             return
         t0 = time.perf_counter()
+        if lora_of(self.actor) is not None:  # the adapters go on this run's base: the one they were trained on?
+            checkpointing.check_lora_base(ckpt, self.model_path)
         state = checkpointing.load_checkpoint(ckpt, actor=self.actor, actor_opt=self.actor_opt, critic=self.critic,
                                               critic_opt=self.critic_opt, layout=self.layout.checkpoint_key())
         self.loader.load_state_dict(state["loader"])
