@@ -2,7 +2,8 @@
 
 - The actor's checkpoint holds its adapters alone (the frozen base is the HF model the run starts
   from), and a run resumed from its step-2 checkpoint continues exactly: steps 3-4 equal the
-  uninterrupted run's (every metric that depends on the model, the data and the samples).
+  uninterrupted run's (every metric that depends on the model, the data and the samples), and so
+  do they when it is resumed at DP=2.
 - `mcore-rl export` of the step-4 checkpoint (offline, from the distributed checkpoint) writes
   the same merged model and peft adapter as the trainer's own export at the end of the run.
 - The trained adapter is not a fresh one (B moved away from zero), and the merged model differs
@@ -19,7 +20,7 @@ import pytest
 import torch
 
 from test_lora_export import _tensors
-from test_resume import COMPARED, _env, _log, _metrics, _run
+from test_resume import COMPARED, _assert_same, _env, _log, _metrics, _run, _torchrun
 
 pytestmark = pytest.mark.resume
 LORA = ("configs/toy_grpo.yaml", "actor_rollout_ref.model.lora_rank=8", "actor_rollout_ref.model.lora_alpha=16",
@@ -54,6 +55,19 @@ def test_resumed_lora_run_continues_exactly(reference, tmp_path):
         for k in COMPARED:
             if k in ref[s]:
                 assert got[s][k] == ref[s][k], (s, k, got[s][k], ref[s][k])
+
+
+def test_lora_run_resumed_at_dp2_matches(reference, tmp_path):
+    """The step-2 checkpoint continued at DP=2 (2 gloo ranks, each with its half of the batch; the
+    adapters' gradients are averaged over DP): steps 3-4 equal the single-process run to float noise."""
+    ref_out, ref = reference
+    p = _torchrun(_args(tmp_path / "dp2", f"trainer.resume={ref_out / 'checkpoints' / 'step_00000002'}",
+                        "trainer.export_hf_at_end=false"))
+    assert p.returncode == 0, _log(p)
+    assert "TP=1 PP=1 DP=2" in p.stdout, _log(p)
+    got = _metrics(tmp_path / "dp2")
+    assert sorted(got) == [3, 4]
+    _assert_same(got, ref, [3, 4], tol=1e-4)
 
 
 def test_export_of_the_checkpoint_is_the_end_of_run_export(reference, tmp_path):
