@@ -113,6 +113,21 @@ def test_split_staleness1_trains_on_batches_one_step_behind(runs):
     assert _mismatches(rows[1:2], _golden()[1:2], ("reward/mean", "actor/loss"))
 
 
+def test_split_with_a_lora_actor_reproduces_the_colocated_lora_run(tmp_path):
+    """LoRA on the actor, split placement (2 training ranks at DP=2, 1 rollout rank), staleness 0: the
+    rollout rank receives the merged weights every step and the run follows the colocated LoRA run's
+    golden curve (tests/golden/toy_grpo_lora.jsonl)."""
+    from test_lora import TOY_LORA
+
+    if torch.cuda.is_available():
+        pytest.skip("CPU runs (the golden curve is the CPU's)")
+    rows = _rows(_start(tmp_path, "lora", *TOY_LORA), tmp_path / "run")
+    golden = [json.loads(line) for line in (GOLDEN.parent / "toy_grpo_lora.jsonl").read_text().splitlines() if line]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert not _mismatches(rows, golden)
+    assert all(r["rollout/logprob_diff_max"] < 1e-4 for r in rows)  # the engine's policy is the actor's, merged
+
+
 def test_split_sigterm_saves_the_batch_in_flight_and_resumes_exactly(runs, tmp_path):
     out = tmp_path / "run"
     proc = _start(tmp_path, "terminated", "trainer.max_steps=4", "async_training.staleness=1")
