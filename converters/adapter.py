@@ -10,6 +10,7 @@ base HF model and vLLM serves as a LoRA. The adapters' names are the converter's
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -25,11 +26,13 @@ def lora_meta(lora) -> dict:
     return {"rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.targets)}
 
 
+@functools.lru_cache(maxsize=8)
 def base_fingerprint(hf_dir: str) -> str:
     """A digest of the HF model in `hf_dir` that a LoRA checkpoint records of its frozen base, so that
     adapters are never put on another model: its config.json, and of each safetensors file the name,
-    size, header and 16 samples of 64 KiB spread over its data. Reads about 1 MiB a file; a copy of
-    the model elsewhere has the same digest."""
+    size, header and 16 samples of 64 KiB spread over its data. Reads about 1 MiB a file, once per
+    process and path (a run's base does not change under it: every checkpoint reuses the digest); a
+    copy of the model elsewhere has the same digest."""
     import glob
     import hashlib
 
@@ -53,10 +56,10 @@ def check_base(meta_lora: dict, hf_dir: str, what: str) -> None:
     """Refuse to put a checkpoint's adapters (its `mcore_rl.json` ``lora``) on a base they were not
     trained on: `hf_dir` must have the fingerprint recorded at save."""
     want = meta_lora.get("base_fingerprint")
-    if want is None or base_fingerprint(hf_dir) == want:
+    if want is None or (got := base_fingerprint(hf_dir)) == want:
         return
     raise ValueError(f"{what}: its LoRA adapters were trained on the base model {meta_lora.get('base_model')} "
-                     f"(fingerprint {want}), but {hf_dir} is another model (fingerprint {base_fingerprint(hf_dir)}); "
+                     f"(fingerprint {want}), but {hf_dir} is another model (fingerprint {got}); "
                      f"give the base model the adapters were trained on")
 
 
