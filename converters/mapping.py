@@ -252,6 +252,44 @@ def hf_to_mcore(rule: Rule, hf: list[torch.Tensor], spec: ArchSpec, tp_rank: int
     raise ValueError(f"unknown transform {kind!r}")
 
 
+VLLM_VOCAB_PAD = 64  # vLLM pads a vocab-parallel layer's rows to a multiple of this, then splits them
+
+
+def rollout_part(rule: Rule, part: int, shape: torch.Size, spec: ArchSpec, tp_rank: int,
+                 tp_size: int) -> tuple[int, int, int] | None:
+    """What TP rank `tp_rank` of a rollout engine of TP `tp_size` reads of an HF tensor: ``(dim,
+    start, length)``, or None for all of it. `part` is the tensor's place in ``rule.hf``.
+
+    vLLM's loaders take a full HF tensor and narrow it to exactly this, so a rank that is sent only
+    this part can hand its loader any full-shaped tensor holding it there. Key/value heads fewer
+    than the ranks are replicated: rank r reads group ``r // (tp_size / groups)``."""
+    kind = rule.kind
+    if tp_size == 1 or kind == "repl":
+        return None
+    if kind in ("col", "gate_up"):
+        return 0, *_even(shape[0], tp_rank, tp_size)
+    if kind == "row":
+        return 1, *_even(shape[1], tp_rank, tp_size)
+    if kind == "vocab":
+        per = -(-shape[0] // VLLM_VOCAB_PAD) * VLLM_VOCAB_PAD // tp_size
+        start = min(tp_rank * per, shape[0])
+        return 0, start, min(start + per, shape[0]) - start
+    if kind == "qkv":
+        g, d = spec.num_query_groups, spec.head_dim
+        if part == 0 or g >= tp_size:
+            return 0, *_even(shape[0], tp_rank, tp_size)
+        if tp_size % g:
+            raise ValueError(f"{g} key/value heads cannot be replicated over rollout TP={tp_size}")
+        return 0, tp_rank // (tp_size // g) * d, d
+    raise ValueError(f"unknown transform {kind!r}")
+
+
+def _even(n: int, rank: int, size: int) -> tuple[int, int]:
+    if n % size:
+        raise ValueError(f"dimension of size {n} is not divisible by TP={size}")
+    return rank * n // size, n // size
+
+
 def mcore_to_hf(rule: Rule, shards: list[torch.Tensor], spec: ArchSpec) -> list[torch.Tensor]:
     """Inverse of `hf_to_mcore`: `shards` are the TP ranks' tensors in rank order."""
     kind = rule.kind

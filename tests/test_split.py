@@ -98,7 +98,60 @@ def test_split_staleness0_reproduces_the_colocated_run(runs):
     assert not _mismatches(rows, _golden())
     assert [r["rollout/staleness"] for r in rows] == [0] * 5
     assert all(r["rollout/logprob_diff_max"] < 1e-4 for r in rows)  # generated with the weights trained from
-    assert all(r["sync/bytes"] > 0 for r in rows[1:])  # the weights went out every step after the first
+    model, rank0 = _toy_bytes_at_rollout_tp2()
+    assert all(r["sync/bytes"] == model for r in rows[1:])  # the weights went out every step after the first
+    assert all(r["rollout/sync_bytes"] == rank0 for r in rows)  # rollout TP rank 0 received its part only
+
+
+def _toy_bytes_at_rollout_tp2() -> tuple[int, int]:
+    """Bytes of the toy model (fp32), and of what rank 0 of a TP-2 engine reads of it: half of
+    every linear, every norm, and the vocabulary rows vLLM gives it (the rows padded to 64, then
+    halved: rows 0-31 hold all 15)."""
+    from mcore_rl.toy import TOY_MODEL_CONFIG, TOY_VOCAB
+
+    c = TOY_MODEL_CONFIG
+    h, layers, v = c["hidden_size"], c["num_hidden_layers"], len(TOY_VOCAB)
+    assert c["num_key_value_heads"] == c["num_attention_heads"] and not c["tie_word_embeddings"]
+    linears = layers * (4 * h * h + 3 * h * c["intermediate_size"])
+    rest = (2 * layers + 1) * h + 2 * v * h  # norms, embedding and output layer
+    return 4 * (linears + rest), 4 * (linears // 2 + rest)
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4, 8])
+def test_rollout_parts_are_what_vllm_loads(tp):
+    """`rollout_part` for a Qwen2.5-1.5B-shaped model (12 heads, 2 key/value heads, a vocabulary
+    that vLLM pads): the parts of all TP ranks tile each tensor the way vLLM's layers split it:
+    vocabulary rows by vLLM's own range function, key/value heads replicated beyond 2 ranks."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import pad_vocab_size, vocab_range_from_global_vocab_size
+
+    from converters.mapping import NameIndex, rollout_part
+    from mcore_rl.models.arch import ArchSpec
+
+    spec = ArchSpec("qwen2", "Qwen2ForCausalLM", num_layers=1, hidden_size=1536, ffn_hidden_size=8960,
+                    num_attention_heads=12, num_query_groups=2, head_dim=128, vocab_size=151_665,
+                    max_position_embeddings=32, qkv_bias=True)
+    index, d = NameIndex(spec), 128
+    shapes = {"model.embed_tokens.weight": (151_665, 1536), "lm_head.weight": (151_665, 1536),
+              "model.layers.0.self_attn.q_proj.weight": (1536, 1536), "model.layers.0.self_attn.k_proj.bias": (256,),
+              "model.layers.0.self_attn.v_proj.weight": (256, 1536), "model.layers.0.self_attn.o_proj.weight": (1536, 1536),
+              "model.layers.0.mlp.up_proj.weight": (8960, 1536), "model.layers.0.mlp.down_proj.weight": (1536, 8960),
+              "model.layers.0.input_layernorm.weight": (1536,)}
+    for name, shape in shapes.items():
+        rule, layer = index.hf(name)
+        part = rule.hf_names(layer).index(name)
+        got = [rollout_part(rule, part, torch.Size(shape), spec, r, tp) for r in range(tp)]
+        if tp == 1 or name.endswith("layernorm.weight"):
+            assert got == [None] * tp, name
+        elif name.endswith(("embed_tokens.weight", "lm_head.weight")):
+            want = [vocab_range_from_global_vocab_size(pad_vocab_size(shape[0]), r, tp) for r in range(tp)]
+            want = [(0, min(a, shape[0]), min(b, shape[0]) - min(a, shape[0])) for a, b in want]
+            assert got == want, name
+        elif ("k_proj" in name or "v_proj" in name) and tp > 2:
+            assert got == [(0, r // (tp // 2) * d, d) for r in range(tp)], name  # heads replicated
+        else:
+            dim = 1 if "o_proj" in name or "down_proj" in name else 0
+            n = shape[dim] // tp
+            assert got == [(dim, r * n, n) for r in range(tp)], name
 
 
 def test_split_staleness1_trains_on_batches_one_step_behind(runs):

@@ -77,7 +77,8 @@ def _split(cfg):
     from mcore_rl.distributed.bridge import start_split
 
     check_sizes(cfg, launch_world_size())  # before any process group forms
-    return start_split(cfg.actor_rollout_ref.rollout.n_gpus, cfg.trainer.dist_timeout_s)
+    r = cfg.actor_rollout_ref.rollout
+    return start_split(r.n_gpus, r.tensor_model_parallel_size, cfg.trainer.dist_timeout_s)
 
 
 if __name__ == "__main__":

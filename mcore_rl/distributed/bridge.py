@@ -6,11 +6,12 @@ only generate and the others only train. Each side gets a default process group 
 joins the world it finds), so the training side's collectives never wait for a rollout rank and
 the reverse. Both are formed from the job's one rendezvous store under different prefixes.
 
-The bridge is two more groups, built directly on that store (not registered with
+The bridge is more groups, built directly on that store (not registered with
 torch.distributed, whose default group is a side's): `all` holds every rank of the job, for
-the samples sent point-to-point from the rollout engines to the training ranks; `weights`
-holds training rank 0 and the rollout ranks, for the weight broadcast. NCCL on GPU, gloo on
-CPU, like the sides; every tensor handed to a bridge op lives on `device()`.
+the samples sent point-to-point from the rollout engines to the training ranks; one weights
+group per rollout TP rank ("shard") j holds training rank 0 and the rollout ranks of TP rank j
+in every engine, for the broadcast of the weights' TP-j parts. NCCL on GPU, gloo on CPU, like
+the sides; every tensor handed to a bridge op lives on `device()`.
 """
 
 from __future__ import annotations
@@ -31,8 +32,15 @@ class Bridge:
     world: int                # ranks in the job
     train_world: int          # the first train_world ranks train, the others generate
     all: object               # every rank of the job (point-to-point)
-    weights: object | None    # training rank 0 + rollout ranks (None on other training ranks)
+    weights: dict             # rollout TP rank -> its weights group: on training rank 0 every one,
+                              # on a rollout rank its own, on other training ranks none
     timeout_s: float
+    rollout_tp: int = 1
+
+    @property
+    def shard(self) -> int | None:
+        """A rollout rank's TP rank in its engine (which part of the weights it receives)."""
+        return None if self.side == "train" else self.side_rank % self.rollout_tp
 
     @property
     def side_rank(self) -> int:
@@ -51,24 +59,30 @@ class Bridge:
         return buf.cpu()
 
     # ---------------------------------------------------------------- weights group
-    def broadcast(self, t: torch.Tensor) -> torch.Tensor:
-        """`t` from training rank 0 to the rollout ranks (in place on the receivers' buffer)."""
+    def broadcast(self, t: torch.Tensor, shard: int | None = None) -> torch.Tensor:
+        """`t` from training rank 0 to the rollout ranks of TP rank `shard` (a receiver: its own;
+        in place on the receivers' buffer)."""
         x = _on_device(t)
         opts = dist.BroadcastOptions()
         opts.rootRank = 0
-        self.weights.broadcast([x], opts).wait()
+        self.weights[self.shard if shard is None else shard].broadcast([x], opts).wait()
         return x
 
-    def broadcast_object(self, obj=None):
-        """A picklable object from training rank 0 to the rollout ranks."""
+    def broadcast_object(self, obj=None, shard: int | None = None):
+        """A picklable object from training rank 0 to the rollout ranks of TP rank `shard`."""
         if self.rank == 0:
             data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
-            self.broadcast(torch.tensor([data.numel()], dtype=torch.int64))
-            self.broadcast(data)
+            self.broadcast(torch.tensor([data.numel()], dtype=torch.int64), shard)
+            self.broadcast(data, shard)
             return obj
         n = int(self.broadcast(torch.zeros(1, dtype=torch.int64)).item())
         data = self.broadcast(torch.empty(n, dtype=torch.uint8))
         return pickle.loads(data.cpu().numpy().tobytes())
+
+    def tell_rollout(self, obj) -> None:
+        """Training rank 0: a picklable object to every rollout rank."""
+        for shard in range(self.rollout_tp):
+            self.broadcast_object(obj, shard)
 
     # ---------------------------------------------------------------- the end
     def close(self) -> None:
@@ -82,10 +96,9 @@ class Bridge:
         self.all.allreduce([done]).wait()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        for group in (self.weights, self.all):
-            if group is not None:
-                group.shutdown()
-        self.weights = self.all = None
+        for group in (*self.weights.values(), self.all):
+            group.shutdown()
+        self.weights, self.all = {}, None
         from mcore_rl.distributed.parallel import destroy
 
         destroy()
@@ -118,7 +131,7 @@ def _job_store(rank: int, world: int, timeout: datetime.timedelta):
                          wait_for_workers=False)
 
 
-def start_split(rollout_ranks: int, timeout_s: float) -> Bridge:
+def start_split(rollout_ranks: int, rollout_tp: int, timeout_s: float) -> Bridge:
     """This rank's side as its default process group, and the bridge. Collective over the job.
 
     Afterwards RANK / WORLD_SIZE in the environment are the side's (vLLM's external launcher and
@@ -142,8 +155,16 @@ def start_split(rollout_ranks: int, timeout_s: float) -> Bridge:
                             world_size=side_world, timeout=timeout)
     os.environ["RANK"], os.environ["WORLD_SIZE"] = str(side_rank), str(side_world)
     all_ranks = _direct_group(dist.PrefixStore("mcore_rl/bridge", store), rank, world, timeout)
-    weights = None
-    if rank == 0 or side == "rollout":
-        wrank = 0 if rank == 0 else rank - train_world + 1
-        weights = _direct_group(dist.PrefixStore("mcore_rl/weights", store), wrank, rollout_ranks + 1, timeout)
-    return Bridge(side, rank, world, train_world, all_ranks, weights, timeout_s)
+    engines = rollout_ranks // rollout_tp
+
+    def weights_group(shard: int, wrank: int):  # training rank 0 is 0, engine e's rank is e + 1
+        return _direct_group(dist.PrefixStore(f"mcore_rl/weights/{shard}", store), wrank, engines + 1, timeout)
+
+    if rank == 0:
+        weights = {j: weights_group(j, 0) for j in range(rollout_tp)}
+    elif side == "rollout":
+        engine, shard = divmod(rank - train_world, rollout_tp)
+        weights = {shard: weights_group(shard, engine + 1)}
+    else:
+        weights = {}
+    return Bridge(side, rank, world, train_world, all_ranks, weights, timeout_s, rollout_tp)

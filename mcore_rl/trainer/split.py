@@ -3,10 +3,12 @@
 Each side runs its own loop over the bridge (`mcore_rl.distributed.bridge`). Per step k:
 
 * weights: the training ranks walk the actor's HF tensors together (`iter_hf_tensors`: TP
-  gathers, PP broadcasts); training rank 0 broadcasts them to the rollout ranks in buckets of
-  at most ``rollout.sync_bucket_mb`` (plus the largest tensor), and each engine loads them
-  through its own update protocol. No rank holds more of the model than a bucket beyond its
-  own shard.
+  gathers, PP broadcasts); training rank 0 cuts each into the parts the rollout engines' TP
+  ranks read and broadcasts part j to the rollout ranks of TP rank j (one group per j), in
+  buckets of at most ``rollout.sync_bucket_mb`` (plus the largest tensor). Each engine loads
+  them through its own update protocol. A rollout rank receives its engine shard's share of
+  the model (``rollout/sync_bytes``), not all of it; no rank holds more of the model than a
+  bucket and one full-shaped tensor beyond its own shard.
 * samples: the rollout engines split the step's prompts into contiguous slices; the first rank
   of each engine scores its samples and sends each training rank the part of its slice that
   rank's colocated counterpart would have generated (`train_layout.rollout_slice`), so from
@@ -34,6 +36,7 @@ import torch
 from omegaconf import DictConfig
 
 from converters.gather import global_params, iter_hf_tensors
+from converters.mapping import NameIndex, rollout_part
 from mcore_rl.distributed.bridge import Bridge
 from mcore_rl.distributed.layout import rank_layout
 from mcore_rl.trainer import build, rollouts
@@ -46,8 +49,9 @@ _TAG_SAMPLES, _TAG_REPORT = 1, 2
 # (its key -> the name the training side logs it under)
 REPORT_NAMES = {"timing/generate": "rollout/generate_s", "timing/reward": "rollout/reward_s",
                 "timing/sync": "rollout/sync_s", "rollout/weight_version": "rollout/weight_version",
-                "rollout/wait_s": "rollout/wait_s"}
+                "rollout/wait_s": "rollout/wait_s", "rollout/sync_bytes": "rollout/sync_bytes"}
 REPORT = tuple(REPORT_NAMES)
+_LOAD_REPORT = ("timing/sync", "rollout/wait_s", "rollout/sync_bytes")  # what a weights message's load took
 
 
 def engine_slice(batch: int, engines: int, e: int) -> list[int]:
@@ -70,58 +74,85 @@ def _dtype(name: str) -> torch.dtype:
 # ------------------------------------------------------------------------- weights
 class WeightSender:
     """Training side: the actor's weights, streamed to the rollout ranks (collective over the
-    training ranks; only training rank 0 talks to the bridge)."""
+    training ranks; only training rank 0 talks to the bridge). Rollout TP rank j's ranks receive
+    only the parts of each tensor their engine shard reads (`converters.mapping.rollout_part`)."""
 
     def __init__(self, actor, bridge: Bridge, bucket_mb: int):
         self.model, self.bridge, self.bucket_bytes = actor, bridge, bucket_mb * 2**20
         inner = actor.module if hasattr(actor, "module") else actor
         self.params = global_params(inner)
+        self.spec, self.index = inner.mcore_rl_spec, NameIndex(inner.mcore_rl_spec)
+
+    def _parts(self, name: str, t: torch.Tensor):
+        """(shard, where in the full tensor, the part) for every rollout TP rank."""
+        rule, layer = self.index.hf(name)
+        part = rule.hf_names(layer).index(name)
+        for j in range(self.bridge.rollout_tp):
+            where = rollout_part(rule, part, t.shape, self.spec, j, self.bridge.rollout_tp)
+            yield j, where, t if where is None else t.narrow(*where)
 
     @torch.no_grad()
     def send(self, header: dict) -> dict:
-        """`header` (kind "weights", version, ...) then the weights, bucket by bucket."""
-        root = self.bridge.rank == 0
+        """`header` (kind "weights", version, ...) then the weights, bucket by bucket (a bucket
+        holds the parts for every rollout TP rank; each goes out over that rank's group)."""
+        root, shards = self.bridge.rank == 0, range(self.bridge.rollout_tp)
         t0 = time.perf_counter()
         if root:
-            self.bridge.broadcast_object(header)
-        meta, parts, size, total = [], [], 0, 0
+            self.bridge.tell_rollout(header)
+        meta, parts = {j: [] for j in shards}, {j: [] for j in shards}
+        size = total = 0
         for name, t in iter_hf_tensors(self.model, params=self.params):
             if not root:
                 continue
-            nbytes = t.numel() * t.element_size()
-            if parts and size + nbytes > self.bucket_bytes:
-                self._flush(meta, parts)
-                meta, parts, size = [], [], 0
-            flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
-            pad = -nbytes % _ALIGN
-            meta.append((name, str(t.dtype), tuple(t.shape), nbytes + pad))
-            parts.append(torch.cat([flat, flat.new_zeros(pad)]) if pad else flat)
-            size += nbytes + pad
-            total += nbytes
+            total += t.numel() * t.element_size()
+            for j, where, p in self._parts(name, t):
+                nbytes = p.numel() * p.element_size()
+                if size and size + nbytes > self.bucket_bytes:
+                    self._flush(meta, parts)
+                    size = 0
+                flat = p.contiguous().reshape(-1).view(torch.uint8)
+                pad = -nbytes % _ALIGN
+                meta[j].append((name, str(t.dtype), tuple(p.shape), nbytes + pad,
+                                None if where is None else (tuple(t.shape), *where[:2])))
+                parts[j].append(torch.cat([flat, flat.new_zeros(pad)]) if pad else flat)
+                size += nbytes + pad
         if root:
-            if parts:
-                self._flush(meta, parts)
-            self.bridge.broadcast_object(None)  # end of this transfer
+            self._flush(meta, parts)
+            self.bridge.tell_rollout(None)  # end of this transfer
         return {"sync/seconds": time.perf_counter() - t0, "sync/bytes": float(total)}
 
-    def _flush(self, meta: list, parts: list) -> None:
-        self.bridge.broadcast_object(meta)
-        self.bridge.broadcast(torch.cat(parts))
+    def _flush(self, meta: dict, parts: dict) -> None:
+        for j in meta:
+            if meta[j]:
+                self.bridge.broadcast_object(meta[j], j)
+                self.bridge.broadcast(torch.cat(parts[j]), j)
+                meta[j], parts[j] = [], []
 
     def stop(self) -> None:
         if self.bridge.rank == 0:
-            self.bridge.broadcast_object({"kind": "stop"})
+            self.bridge.tell_rollout({"kind": "stop"})
 
 
-def receive_weights(bridge: Bridge):
-    """Rollout side: (name, tensor) pairs of one transfer, bucket by bucket, until its end marker."""
+def receive_weights(bridge: Bridge, received: list | None = None):
+    """Rollout side: (HF name, full-shaped tensor) pairs of one transfer, bucket by bucket, until
+    its end marker. A tensor sent as this rank's part only is placed in a NaN-filled tensor of its
+    full shape: the engine's loader reads exactly that part (a loader reading more would load
+    NaNs, not stale values). Appends the bytes received to `received`."""
     while (meta := bridge.broadcast_object()) is not None:
         buf = bridge.broadcast(torch.empty(sum(m[3] for m in meta), dtype=torch.uint8))
+        if received is not None:
+            received.append(buf.numel())
         at = 0
-        for name, dtype, shape, nbytes in meta:
+        for name, dtype, shape, nbytes, whole in meta:
             dt = _dtype(dtype)
             n = torch.Size(shape).numel() * torch.empty((), dtype=dt).element_size()
-            yield name, buf[at:at + n].view(dt).view(shape)
+            t = buf[at:at + n].view(dt).view(shape)
+            if whole is not None:
+                full_shape, dim, start = whole
+                full = torch.full(full_shape, float("nan"), dtype=dt, device=t.device)
+                full.narrow(dim, start, t.size(dim)).copy_(t)
+                t = full
+            yield name, t
             at += nbytes
 
 
@@ -183,16 +214,21 @@ class RolloutSide:
         self.engine = build.build_engine(cfg, self.model_path, sleep=False)  # its GPUs are its own
 
     def _load(self) -> dict | None:
-        """The next message from the training side: weights (loaded into the engine) or stop (None)."""
+        """The next message from the training side: weights (loaded into the engine; returns the
+        header and what the load took) or stop (None)."""
         t = time.perf_counter()
         header = self.bridge.broadcast_object()
         wait = time.perf_counter() - t
         if header["kind"] == "stop":
             return None
-        stats = self.engine.update_weights(lambda target: target.load_hf(receive_weights(self.bridge)))
-        return {**header, "timing/sync": stats.get("timing/sync", 0.0), "rollout/wait_s": wait}
+        received: list[int] = []
+        stats = self.engine.update_weights(lambda target: target.load_hf(receive_weights(self.bridge, received)))
+        return {**header, "timing/sync": stats.get("timing/sync", 0.0), "rollout/wait_s": wait,
+                "rollout/sync_bytes": float(sum(received))}
 
-    def _generate(self, step: int, version: int, waited: float, sync_s: float) -> None:
+    def _generate(self, step: int, weights: dict) -> None:
+        """Step `step`'s batch, with the weights of the message `weights` (whose load it reports;
+        zeros when this batch follows another with the same weights)."""
         cfg, r = self.cfg, self.cfg.actor_rollout_ref.rollout
         rows = self.loader.next_batch()
         e = self.layout.me.rollout_dp
@@ -208,8 +244,8 @@ class RolloutSide:
             send_samples(self.bridge, local, slice_, self.tlayout, len(rows),
                          cfg.actor_rollout_ref.actor.ppo_mini_batch_size)
         if self.bridge.side_rank == 0:
-            send_report(self.bridge, {**timing, "timing/sync": sync_s, "rollout/weight_version": version,
-                                      "rollout/wait_s": waited})
+            send_report(self.bridge, {**timing, **{k: weights[k] for k in _LOAD_REPORT},
+                                      "rollout/weight_version": weights["version"]})
 
     def run(self) -> None:
         """Until the training side says stop. SIGTERM and Ctrl-C are the training side's to act on
@@ -224,24 +260,22 @@ class RolloutSide:
               f"generating until the training ranks stop", flush=True)
 
     def _loop(self) -> None:
-        first = self._load()
-        if first is None:
+        msg = self._load()
+        if msg is None:
             return
-        self.loader.load_state_dict(first["loader"])
-        for _ in range(first["skip"]):  # batches the training side already holds
+        self.loader.load_state_dict(msg["loader"])
+        for _ in range(msg["skip"]):  # batches the training side already holds
             self.loader.next_batch()
-        version, step = first["version"], first["version"] + 1 + first["skip"]
-        sync_s, waited = first["timing/sync"], first["rollout/wait_s"]
-        if self.cfg.async_training.staleness == 1 and first["skip"] == 0:
-            self._generate(step, version, waited, sync_s)
-            step, sync_s, waited = step + 1, 0.0, 0.0
+        step = msg["version"] + 1 + msg["skip"]
+        if self.cfg.async_training.staleness == 1 and msg["skip"] == 0:
+            self._generate(step, msg)
+            step, msg = step + 1, {**msg, **dict.fromkeys(_LOAD_REPORT, 0.0)}
         while True:
-            self._generate(step, version, waited, sync_s)
+            self._generate(step, msg)
             step += 1
             msg = self._load()
             if msg is None:
                 return
-            version, sync_s, waited = msg["version"], msg["timing/sync"], msg["rollout/wait_s"]
 
     def close(self) -> None:
         if self.rewards is not None:
