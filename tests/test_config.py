@@ -322,7 +322,6 @@ def test_split_placement_sizes_are_checked_before_any_process_group():
         "async_training.staleness=1 needs rollout.placement=split": (["async_training.staleness=1"], 1),
         "is not divisible by rollout TP=2": (split + ["actor_rollout_ref.rollout.tensor_model_parallel_size=2"], 3),
         "training ranks 3 is not divisible by TP=2": (split + ["actor_rollout_ref.actor.megatron.tensor_model_parallel_size=2"], 4),
-        "validation runs only with colocated placement": (split + ["trainer.test_freq=2", "data.val_files=toy"], 3),
     }
     for message, (overrides, world) in cases.items():
         with pytest.raises(ConfigError, match=message):

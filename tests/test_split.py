@@ -181,6 +181,27 @@ def test_split_with_a_lora_actor_reproduces_the_colocated_lora_run(tmp_path):
     assert all(r["rollout/logprob_diff_max"] < 1e-4 for r in rows)  # the engine's policy is the actor's, merged
 
 
+def test_split_validation_on_the_rollout_ranks(runs, tmp_path):
+    """Validation with split placement, staleness 1 (3 ranks: 2 train at DP=2, 1 generates),
+    val_before_train and test_freq=2 over 4 steps: val rows at steps 0, 2 and 4, computed by the
+    rollout rank; at step 0 the greedy reward of the initial model and at step 4 that of the
+    exported actor (plain transformers decoding, `test_validation._greedy_reference`); and the
+    training rows are the run's without validation: the early weights change no batch."""
+    from test_validation import _greedy_reference
+
+    rows = _rows(_start(tmp_path, "val", "trainer.max_steps=4", "async_training.staleness=1", "data.val_files=toy",
+                        "trainer.test_freq=2", "trainer.export_hf_at_end=true"), tmp_path / "run")
+    val = [r for r in rows if "val/reward/mean@1" in r]
+    assert [r["step"] for r in val] == [0, 2, 4]
+    for row, model in ((val[0], tmp_path / "run" / "toy_model"), (val[-1], tmp_path / "run" / "hf_model")):
+        reward, length = _greedy_reference(str(model))
+        assert math.isclose(row["val/reward/mean@1"], reward, abs_tol=1e-9), (row, reward)
+        assert math.isclose(row["val/response/length_mean"], length, abs_tol=1e-9), (row, length)
+    train = [r for r in rows if "actor/loss" in r]
+    assert [r["rollout/weight_version"] for r in train] == [0, 0, 1, 2]
+    assert not _mismatches(train, runs["s1"])
+
+
 def test_split_sigterm_saves_the_batch_in_flight_and_resumes_exactly(runs, tmp_path):
     out = tmp_path / "run"
     proc = _start(tmp_path, "terminated", "trainer.max_steps=4", "async_training.staleness=1")

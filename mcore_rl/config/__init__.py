@@ -320,8 +320,6 @@ def check_sizes(cfg: DictConfig, world_size: int, spec=None) -> None:
                             f"the {job} ranks started")
         elif rollout_world % rtp:
             problems.append(f"rollout.n_gpus={rollout_world} is not divisible by rollout TP={rtp}")
-        if cfg.trainer.test_freq > 0:
-            problems.append("trainer.test_freq > 0 with placement=split: validation runs only with colocated placement")
     else:
         if a.rollout.n_gpus:
             problems.append(f"rollout.n_gpus={a.rollout.n_gpus} needs rollout.placement=split")

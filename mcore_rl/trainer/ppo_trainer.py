@@ -42,7 +42,7 @@ from mcore_rl.trainer.batch import Shard, last_token_rewards
 from mcore_rl.trainer.inputs import load_inputs
 from mcore_rl.trainer.ppo_update import compute_logprobs, compute_values, update_actor, update_critic
 from mcore_rl.trainer.tracking import Tracker, console_line
-from mcore_rl.trainer.validation import load_val_dataset, val_line, validate
+from mcore_rl.trainer.validation import load_val_dataset, sums_size, val_line, validate
 
 # vLLM logs at INFO per call (prefix-cache resets, weight reloads); keep the console to our lines.
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # VLLM_LOGGING_LEVEL=INFO shows them again
@@ -163,6 +163,7 @@ class PPOTrainer:
                  f"parameters ({100 * n / self.spec.num_params():.2f}% of the actor); base weights frozen")
 
         self.pending = None  # split placement, staleness 1: (samples, rollout report) of the next step
+        self._weights_out = None  # split placement: the version of the weights the rollout ranks have
         if self.bridge is not None:
             self.engine = self.resharder = None
             self.sender = split.WeightSender(self.actor, self.bridge, a.rollout.sync_bucket_mb)
@@ -287,10 +288,22 @@ class PPOTrainer:
             cfg.data.max_prompt_length, cfg.data.max_response_length, self.pad_id, timing)
 
     # ---------------------------------------------------------------- split placement
-    def _send_weights(self, version: int, timing: dict, **header) -> None:
-        """The actor's weights after `version` steps to the rollout ranks (collective)."""
-        stats = self.sender.send({"kind": "weights", "version": version, **header})
-        timing["timing/sync"], timing["sync/bytes"] = stats["sync/seconds"], stats["sync/bytes"]
+    def _send_weights(self, version: int, timing: dict, kind: str = "weights", **header) -> None:
+        """The actor's weights after `version` steps to the rollout ranks (collective), unless they
+        have them already (sent for a validation): then the header alone."""
+        attached = self._weights_out != version
+        stats = self.sender.send({"kind": kind, "version": version, "attached": attached, **header}, attached)
+        self._weights_out = version
+        if attached:
+            timing["timing/sync"], timing["sync/bytes"] = stats["sync/seconds"], stats["sync/bytes"]
+
+    def validate_on_rollout_ranks(self) -> list[float]:
+        """Split placement: validation's sums for the current weights, which go out now (the next
+        batch's message then carries none)."""
+        self._send_weights(self.step, {}, kind="validate")
+        n = sums_size(self.cfg.actor_rollout_ref.rollout.val_kwargs.n)
+        sums = split.recv_val(self.bridge, n) if self.rank == 0 else [0.0] * n
+        return comm.all_reduce(torch.tensor(sums, dtype=torch.float64)).tolist()  # to every training rank
 
     def _receive_batch(self, timing: dict) -> tuple:
         """This rank's slice of the next batch from the rollout engines, and their report."""

@@ -15,6 +15,11 @@ Each side runs its own loop over the bridge (`mcore_rl.distributed.bridge`). Per
   there on the training side runs the colocated code unchanged. Sampling seeds are per prompt,
   so with ``async_training.staleness=0`` the samples are the colocated run's.
 
+Validation (`trainer.test_freq`, `val_before_train`) runs on the rollout ranks, in a message of
+its own: the weights of the step to validate go out at its end (``V_k``); the rollout ranks load
+them, validate, send the sums to training rank 0 and wait for the next message, whose header
+then says its weights are those already loaded. The batches are a run's without validation.
+
 Staleness (`async_training.staleness`): 0 -- batch k is generated with the weights after step
 k-1, the engines idle while the trainer trains; 1 -- batch k+1 is generated while step k trains,
 with the weights after step k-1 (one step behind). The order of messages on the bridge:
@@ -42,9 +47,10 @@ from mcore_rl.distributed.layout import rank_layout
 from mcore_rl.trainer import build, rollouts
 from mcore_rl.trainer.batch import Shard
 from mcore_rl.trainer.inputs import load_inputs
+from mcore_rl.trainer.validation import engine_sums, load_val_dataset
 
 _ALIGN = 64          # bytes: every tensor of a bucket starts aligned for any dtype
-_TAG_SAMPLES, _TAG_REPORT = 1, 2
+_TAG_SAMPLES, _TAG_REPORT, _TAG_VAL = 1, 2, 3
 # what the rollout side reports each step (first rollout rank -> training rank 0), in this order
 # (its key -> the name the training side logs it under)
 REPORT_NAMES = {"timing/generate": "rollout/generate_s", "timing/reward": "rollout/reward_s",
@@ -92,13 +98,15 @@ class WeightSender:
             yield j, where, t if where is None else t.narrow(*where)
 
     @torch.no_grad()
-    def send(self, header: dict) -> dict:
-        """`header` (kind "weights", version, ...) then the weights, bucket by bucket (a bucket
+    def send(self, header: dict, weights: bool = True) -> dict:
+        """`header` (kind, version, ...) then, with `weights`, the weights, bucket by bucket (a bucket
         holds the parts for every rollout TP rank; each goes out over that rank's group)."""
         root, shards = self.bridge.rank == 0, range(self.bridge.rollout_tp)
         t0 = time.perf_counter()
         if root:
             self.bridge.tell_rollout(header)
+        if not weights:
+            return {}
         meta, parts = {j: [] for j in shards}, {j: [] for j in shards}
         size = total = 0
         for name, t in iter_hf_tensors(self.model, params=self.params):
@@ -195,6 +203,16 @@ def recv_report(bridge: Bridge) -> dict:
     return dict(zip(REPORT, t.tolist()))
 
 
+def send_val(bridge: Bridge, sums: list[float]) -> None:
+    """First rollout rank -> training rank 0: a validation's batch-wide sums (`validation.engine_sums`)."""
+    work, _ = bridge.isend(torch.tensor(sums, dtype=torch.float64), 0, _TAG_VAL)
+    work.wait()
+
+
+def recv_val(bridge: Bridge, n: int) -> list[float]:
+    return bridge.recv(torch.empty(n, dtype=torch.float64), bridge.train_world, _TAG_VAL).tolist()
+
+
 # ------------------------------------------------------------------------- the rollout side
 class RolloutSide:
     """The loop of a rollout rank: receive weights, generate and score the step's prompts, send the
@@ -211,20 +229,28 @@ class RolloutSide:
         self.layout = rank_layout(rollout_world, self.rtp, 1, rollout_tp=self.rtp, rank=bridge.side_rank)
         self.engines = rollout_world // self.rtp
         self.tlayout = train_layout(cfg, bridge.train_world)
+        self.val_dataset = load_val_dataset(cfg, self.tokenizer)
         self.engine = build.build_engine(cfg, self.model_path, sleep=False)  # its GPUs are its own
 
     def _load(self) -> dict | None:
-        """The next message from the training side: weights (loaded into the engine; returns the
-        header and what the load took) or stop (None)."""
-        t = time.perf_counter()
-        header = self.bridge.broadcast_object()
-        wait = time.perf_counter() - t
-        if header["kind"] == "stop":
-            return None
-        received: list[int] = []
-        stats = self.engine.update_weights(lambda target: target.load_hf(receive_weights(self.bridge, received)))
-        return {**header, "timing/sync": stats.get("timing/sync", 0.0), "rollout/wait_s": wait,
-                "rollout/sync_bytes": float(sum(received))}
+        """The next batch's message from the training side, after the validations that come before
+        it: its header (its weights loaded into the engine) and what the load took; None: stop."""
+        while True:
+            t = time.perf_counter()
+            header = self.bridge.broadcast_object()
+            wait = time.perf_counter() - t
+            if header["kind"] == "stop":
+                return None
+            received: list[int] = []
+            stats = {}
+            if header["attached"]:
+                stats = self.engine.update_weights(lambda target: target.load_hf(receive_weights(self.bridge, received)))
+            if header["kind"] == "weights":
+                return {**header, "timing/sync": stats.get("timing/sync", 0.0), "rollout/wait_s": wait,
+                        "rollout/sync_bytes": float(sum(received))}
+            sums = engine_sums(self.engine, self.rewards, self.tokenizer, self.layout, self.val_dataset, self.cfg)
+            if self.bridge.side_rank == 0:
+                send_val(self.bridge, sums)
 
     def _generate(self, step: int, weights: dict) -> None:
         """Step `step`'s batch, with the weights of the message `weights` (whose load it reports;

@@ -53,6 +53,11 @@ def prompt_sums(scores: list[list[float]], n: int) -> list[float]:
     return sums
 
 
+def sums_size(n: int) -> int:
+    """Length of `engine_sums`' result for n samples per prompt."""
+    return 3 + len(pass_ks(n)) + 2
+
+
 def val_metrics(sums: list[float], n: int, response_tokens: float) -> dict[str, float]:
     """`val/...` metrics from batch-wide `prompt_sums` and the total response tokens."""
     prompts = max(sums[0], 1.0)
@@ -77,22 +82,35 @@ def load_val_dataset(cfg, tokenizer):
 
 
 def validate(trainer) -> dict[str, float]:
-    """Collective: generate and score the validation prompts at the actor's current weights."""
-    cfg, layout = trainer.cfg, trainer.layout
-    v = cfg.actor_rollout_ref.rollout.val_kwargs
+    """Collective over the training ranks: generate and score the validation prompts at the actor's
+    current weights (with split placement the rollout ranks do, see `mcore_rl.trainer.split`)."""
     t0 = time.perf_counter()
-    timing: dict = {}
-    trainer._sync_weights(timing)
-    rows = trainer.val_dataset
-    engines = layout.rollout_dp
-    mine = list(range(layout.me.rollout_dp, len(rows), engines))
+    if trainer.bridge is not None:
+        total = trainer.validate_on_rollout_ranks()
+    else:
+        trainer._sync_weights({})
+        total = engine_sums(trainer.engine, trainer.rewards, trainer.tokenizer, trainer.layout, trainer.val_dataset,
+                            trainer.cfg)
+    metrics = val_metrics(total[:-2], trainer.cfg.actor_rollout_ref.rollout.val_kwargs.n, total[-2])
+    if total[-1]:
+        metrics["val/reward_errors"] = total[-1]
+    metrics["timing/val"] = time.perf_counter() - t0
+    return metrics
+
+
+def engine_sums(engine, rewards, tokenizer, layout, rows, cfg) -> list[float]:
+    """Collective over the ranks of the rollout engines: each engine generates and scores its share
+    of the validation prompts `rows`; returns the batch-wide `prompt_sums`, then the response tokens
+    and the reward errors."""
+    v = cfg.actor_rollout_ref.rollout.val_kwargs
+    mine = list(range(layout.me.rollout_dp, len(rows), layout.rollout_dp))
     sampling = SliceSampling(n=v.n, temperature=v.temperature if v.do_sample else 0.0, top_p=v.top_p, top_k=v.top_k,
                              max_tokens=cfg.data.max_response_length,
                              seed=cfg.trainer.seed * 1_000_003 + 999_983, prompts=tuple(mine))
-    outs = trainer.engine.generate([rows[j].input_ids for j in mine], sampling) if mine else []
-    trainer.engine.release()
-    texts = trainer.tokenizer.batch_decode([o.token_ids for o in outs], skip_special_tokens=True)
-    scores, errors = score_once(trainer.rewards, layout, [rows[mine[o.prompt_index]].prompt for o in outs], texts,
+    outs = engine.generate([rows[j].input_ids for j in mine], sampling) if mine else []
+    engine.release()
+    texts = tokenizer.batch_decode([o.token_ids for o in outs], skip_special_tokens=True)
+    scores, errors = score_once(rewards, layout, [rows[mine[o.prompt_index]].prompt for o in outs], texts,
                                 [rows[mine[o.prompt_index]].ground_truth for o in outs], cfg.reward.strict)
     per_prompt: list[list[float]] = [[] for _ in mine]
     for o, s in zip(outs, scores):
@@ -100,12 +118,7 @@ def validate(trainer) -> dict[str, float]:
     local = prompt_sums(per_prompt, v.n) + [float(sum(len(o.token_ids) for o in outs)), float(len(errors))]
     if not layout.leads_engine:
         local = [0.0] * len(local)  # the engine's other ranks hold the same samples, unscored
-    total = comm.all_reduce(torch.tensor(local, dtype=torch.float64)).tolist()
-    metrics = val_metrics(total[:-2], v.n, total[-2])
-    if total[-1]:
-        metrics["val/reward_errors"] = total[-1]
-    metrics["timing/val"] = time.perf_counter() - t0
-    return metrics
+    return comm.all_reduce(torch.tensor(local, dtype=torch.float64)).tolist()
 
 
 def val_line(step: int, m: dict) -> str:
