@@ -64,7 +64,7 @@ def run(name: str, args, ckpt: str, data: str, dtype: str, gpu: bool, timeout: f
         f"actor_rollout_ref.rollout.n_gpus={args.rollout_gpus if 'split' in name else 0}",
         f"reward.name={os.path.join(HERE, 'grpo_step.py')}:reward", "reward.strict=true",
         f"trainer.device={'cuda' if gpu else 'cpu'}", "trainer.logger=[console]", f"trainer.output_dir={out}",
-        f"trainer.max_steps={args.warmup + args.steps}", "trainer.export_hf_at_end=false", "trainer.save_freq=-1",
+        f"trainer.max_steps={args.warmup + args.steps}", "trainer.export_hf_at_end=false", "trainer.save_at_end=false",
         f"trainer.dist_timeout_s={args.timeout}", *RUNS[name], *args.overrides]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.gpus}", f"--master_port={_port()}",
            "-m", "mcore_rl.cli", "train", *cfg]

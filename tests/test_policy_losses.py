@@ -198,12 +198,15 @@ def _fit(out, mode):
             "actor_rollout_ref.rollout.name=hf", "trainer.max_steps=2", "data.train_batch_size=8",
             "actor_rollout_ref.actor.ppo_mini_batch_size=4", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8",
             "actor_rollout_ref.actor.ppo_epochs=2", f"actor_rollout_ref.actor.policy_loss={mode}",
-            "trainer.logger=[console]", "trainer.export_hf_at_end=false", f"trainer.output_dir={out}"] + clip
+            "trainer.logger=[console]", "trainer.export_hf_at_end=false", f"trainer.output_dir={out}",
+            f"trainer.save_at_end={mode != 'gspo'}"] + clip  # (and checks that save_at_end=false saves nothing)
     trainer = PPOTrainer(load_config(preset, args))
     try:
-        return trainer.fit()
+        rows = trainer.fit()
     finally:
         trainer.close()
+    ckpt = os.path.join(out, "checkpoints")
+    return rows, sorted(os.listdir(ckpt)) if os.path.isdir(ckpt) else []
 
 
 @pytest.fixture(scope="module")
@@ -219,8 +222,9 @@ def policy_loss_runs(request, tmp_path_factory):
 @pytest.mark.train
 @pytest.mark.parametrize("mode", ["gspo", "cispo"])
 def test_trainer_runs_with_policy_loss(mode, policy_loss_runs):
-    rows = policy_loss_runs[mode]
+    rows, checkpoints = policy_loss_runs[mode]
     assert [r["step"] for r in rows] == [1, 2]
+    assert checkpoints == ([] if mode == "gspo" else ["latest", "step_00000002"])  # gspo's run: trainer.save_at_end=false
     if mode == "gspo":  # second PPO epoch is off-policy: GSPO's tiny range clips some responses
         assert max(r["actor/pg_clipfrac"] for r in rows) > 0
     for r in rows:

@@ -423,7 +423,8 @@ class PPOTrainer:
 
     # ---------------------------------------------------------------- loop
     def fit(self) -> list[dict]:
-        """Train to `trainer.max_steps`, checkpointing every `save_freq` steps and at the end.
+        """Train to `trainer.max_steps`, checkpointing every `save_freq` steps and at the end
+        (`save_at_end`).
 
         SIGTERM (Slurm's warning before preemption or the time limit) and a first Ctrl-C (SIGINT)
         finish the current step, save a checkpoint and return; `self.stopped_by_signal` is then
@@ -485,7 +486,7 @@ class PPOTrainer:
                     _say(f"mcore_rl: {self._stop_signal or 'signal'}: stopped after step {self.step} with a checkpoint; "
                          f"rerun with trainer.resume=auto to continue")
                     return history
-            if self.last_saved_step != self.step:
+            if t.save_at_end and self.last_saved_step != self.step:
                 self.save_checkpoint()
             self._stop_split()
             if t.export_hf_at_end:
