@@ -68,6 +68,11 @@ def _train(argv: list[str], after_fit) -> int:
         trainer.close()
     if bridge is not None:  # the rollout ranks were told to stop: both sides leave together
         bridge.close()
+    else:
+        from mcore_rl.distributed import comm, destroy
+
+        comm.agree(True)  # every rank is past its last collective before any communicator goes
+        destroy()  # (torch warns of process groups left to the interpreter's exit)
     return rc
 
 
