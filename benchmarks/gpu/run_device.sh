@@ -104,7 +104,8 @@ perf2)
       done ;;
     split)
       # split placement (1 training GPU + 1 rollout GPU, staleness 1 and 0) against colocated DP=2, 1.5B,
-      # 2048 new tokens: step tokens/s and each side's wait; the runs share what is left of the call
+      # 2048 new tokens: step tokens/s and each side's wait; the runs share what is left of the call.
+      # SPLIT_ARGS="--lengths realistic ..." for long-tailed response lengths
       _left=$(( 580 - ($(date +%s) - _t_call) ))
       timeout $_left python3 benchmarks/split_step.py --out "$OUT" --budget-s $(( _left - 15 )) ${SPLIT_ARGS:-} 2>&1 | tee "$OUT/split_step.log" \
         | grep -v -i "warn\|INFO" | tail -10 ;;
