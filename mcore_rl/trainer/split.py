@@ -42,6 +42,7 @@ from omegaconf import DictConfig
 
 from converters.gather import global_params, iter_hf_tensors
 from converters.mapping import NameIndex, rollout_part
+from mcore_rl.distributed import device
 from mcore_rl.distributed.bridge import Bridge
 from mcore_rl.distributed.layout import rank_layout
 from mcore_rl.trainer import build, rollouts
@@ -147,7 +148,8 @@ def receive_weights(bridge: Bridge, received: list | None = None):
     full shape: the engine's loader reads exactly that part (a loader reading more would load
     NaNs, not stale values). Appends the bytes received to `received`."""
     while (meta := bridge.broadcast_object()) is not None:
-        buf = bridge.broadcast(torch.empty(sum(m[3] for m in meta), dtype=torch.uint8))
+        # the buffer is made where it is received (a host buffer would cost an upload per bucket)
+        buf = bridge.broadcast(torch.empty(sum(m[3] for m in meta), dtype=torch.uint8, device=device()))
         if received is not None:
             received.append(buf.numel())
         at = 0
