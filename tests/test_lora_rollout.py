@@ -8,6 +8,7 @@ engine serves the adapters being trained at every step, not the ones of an earli
 """
 
 import json
+import os
 
 import pytest
 import torch
@@ -108,3 +109,25 @@ def test_bad_lora_sync_fails_at_load(overrides, msg):
 
     with pytest.raises(ConfigError, match=msg):
         load_config(None, overrides, world_size=2)
+
+
+def test_adapter_folders_of_dead_processes_are_removed(tmp_path):
+    """A run killed with -9 leaves its adapter folder behind (in /dev/shm: memory); the next run's
+    adapter root removes it, and nothing of a live process or not ours."""
+    import subprocess
+    import sys
+
+    from mcore_rl.resharding import adapter_root
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = tmp_path / f"mcore_rl_adapter_{gone.pid}_abc"
+    (stale / "3").mkdir(parents=True)
+    live, other = tmp_path / f"mcore_rl_adapter_{os.getppid()}_def", tmp_path / "mcore_rl_other_1"
+    live.mkdir()
+    other.mkdir()
+    root = adapter_root(str(tmp_path))
+    assert not stale.exists() and live.exists() and other.exists()
+    assert os.path.basename(root.name).startswith(f"mcore_rl_adapter_{os.getpid()}_")
+    root.cleanup()
+    assert not os.path.exists(root.name)

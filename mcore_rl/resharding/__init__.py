@@ -33,6 +33,31 @@ FAST_PATH_MODES = ("auto", "off")
 LORA_SYNC_MODES = ("merged", "adapter")
 
 
+_ADAPTER_PREFIX = "mcore_rl_adapter_"
+
+
+def adapter_root(parent: str | None = None) -> tempfile.TemporaryDirectory:
+    """This process's folder for adapter hand-overs (in /dev/shm where there is one), named by its
+    pid. Folders of processes that are gone (killed before they could remove theirs) are removed
+    first: /dev/shm is memory."""
+    parent = parent or ("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
+    for name in os.listdir(parent):
+        pid = name.removeprefix(_ADAPTER_PREFIX).split("_")[0]
+        if name.startswith(_ADAPTER_PREFIX) and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+    return tempfile.TemporaryDirectory(prefix=f"{_ADAPTER_PREFIX}{os.getpid()}_", dir=parent)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's
+    return True
+
+
 def _say(msg: str) -> None:
     import torch.distributed as dist
 
@@ -171,8 +196,7 @@ class Resharder:
         if target.load_adapter is None:
             raise RuntimeError("lora_sync='adapter': the rollout engine does not serve LoRA adapters")
         if self._adapter_root is None:
-            self._adapter_root = tempfile.TemporaryDirectory(
-                prefix="mcore_rl_adapter_", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+            self._adapter_root = adapter_root()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         t0 = time.perf_counter()
