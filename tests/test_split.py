@@ -6,6 +6,8 @@ some that only run the vLLM engine (`rollout.placement=split rollout.n_gpus=N`).
 - staleness 1: batch k is generated with the weights after step k-2 (one step behind the
   weights it is trained from): step 1 is the golden step 1 (both use the initial weights), from
   step 2 on the rollout log-probs differ from the trainer's by an update's worth;
+- validation (both runs validate) runs on the rollout ranks and changes no batch;
+- rollout TP 2 reads only its part of the weights, also of a model with one key/value head;
 - SIGTERM to every process of a staleness-1 run (as Slurm sends it): the training ranks finish the
   step, save a checkpoint with the batch that was in flight, the rollout rank waits for their word;
   the resumed run continues exactly;
@@ -70,17 +72,27 @@ def _rows(proc: subprocess.Popen, out: Path, rc: int | None = 0) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
 
 
+VAL = ["data.val_files=toy", "trainer.test_freq=2"]  # and val_before_train (the default)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Started at once: staleness 0 on 4 ranks (2 train at PP=2, 2 run one vLLM engine of TP 2), 5 steps;
-    staleness 1 on 3 ranks (2 train at DP=2, 1 generates), 4 steps."""
+    """Started at once, both validating: staleness 0 on 4 ranks (2 train at PP=2, 2 run one vLLM
+    engine of TP 2), 5 steps, exporting the actor; staleness 1 on 3 ranks (2 train at DP=2, 1
+    generates), 4 steps. {run: its training rows, run/val: its validation rows}."""
     if torch.cuda.is_available():
         pytest.skip("CPU runs (the golden curve is the CPU's)")
     t0, t1 = tmp_path_factory.mktemp("split0"), tmp_path_factory.mktemp("split1")
     p0 = _start(t0, "s0", "trainer.max_steps=5", "actor_rollout_ref.actor.megatron.pipeline_model_parallel_size=2",
-                "actor_rollout_ref.rollout.n_gpus=2", "actor_rollout_ref.rollout.tensor_model_parallel_size=2", nproc=4)
-    p1 = _start(t1, "s1", "trainer.max_steps=4", "async_training.staleness=1")
-    return {"s0": _rows(p0, t0 / "run"), "s1": _rows(p1, t1 / "run")}
+                "actor_rollout_ref.rollout.n_gpus=2", "actor_rollout_ref.rollout.tensor_model_parallel_size=2", *VAL,
+                "trainer.export_hf_at_end=true", nproc=4)
+    p1 = _start(t1, "s1", "trainer.max_steps=4", "async_training.staleness=1", *VAL)
+    out = {"s0/dir": t0 / "run"}
+    for name, p, t in (("s0", p0, t0), ("s1", p1, t1)):
+        rows = _rows(p, t / "run")
+        out[name] = [r for r in rows if "actor/loss" in r]
+        out[f"{name}/val"] = [r for r in rows if "val/reward/mean@1" in r]
+    return out
 
 
 def _golden() -> list[dict]:
@@ -93,14 +105,35 @@ def _mismatches(rows: list[dict], golden: list[dict], keys=KEYS) -> list[str]:
 
 
 def test_split_staleness0_reproduces_the_colocated_run(runs):
+    """(With validations at steps 0, 2, 4 and 5: they change no batch.)"""
     rows = runs["s0"]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     assert not _mismatches(rows, _golden())
     assert [r["rollout/staleness"] for r in rows] == [0] * 5
     assert all(r["rollout/logprob_diff_max"] < 1e-4 for r in rows)  # generated with the weights trained from
+    # The weights of step k-1 go out before step k's batch, unless a validation at step k-1 sent them
+    # (steps 1, 3, 5: a header alone); rollout TP rank 0 receives its part of the model only
     model, rank0 = _toy_bytes_at_rollout_tp2()
-    assert all(r["sync/bytes"] == model for r in rows[1:])  # the weights went out every step after the first
-    assert all(r["rollout/sync_bytes"] == rank0 for r in rows)  # rollout TP rank 0 received its part only
+    assert [r.get("sync/bytes") for r in rows] == [None, model, None, model, None]
+    assert [r["rollout/sync_bytes"] for r in rows] == [0, rank0, 0, rank0, 0]
+
+
+def test_split_validation_runs_on_the_rollout_ranks(runs):
+    """Validation rows at step 0, every test_freq steps and the last, computed by the rollout
+    engines: at step 0 the greedy reward of the initial model (both runs), at the last step that of
+    the exported actor, as plain transformers decoding finds them (`test_validation._greedy_reference`).
+    That the batches stay a run's without validation: the golden curve (staleness 0) and the
+    SIGTERM test's uninterrupted run (staleness 1, compared with a run without validation)."""
+    from test_validation import _greedy_reference
+
+    s0, s1 = runs["s0/val"], runs["s1/val"]
+    assert [r["step"] for r in s0] == [0, 2, 4, 5] and [r["step"] for r in s1] == [0, 2, 4]
+    for row, model in ((s0[0], runs["s0/dir"] / "toy_model"), (s1[0], runs["s0/dir"] / "toy_model"),
+                       (s0[-1], runs["s0/dir"] / "hf_model")):
+        reward, length = _greedy_reference(str(model))
+        assert math.isclose(row["val/reward/mean@1"], reward, abs_tol=1e-9), (row, reward)
+        assert math.isclose(row["val/response/length_mean"], length, abs_tol=1e-9), (row, length)
+    assert s0[0]["val/reward/mean@1"] != s0[-1]["val/reward/mean@1"]  # the actor trained in between
 
 
 def _toy_bytes_at_rollout_tp2() -> tuple[int, int]:
@@ -181,25 +214,21 @@ def test_split_with_a_lora_actor_reproduces_the_colocated_lora_run(tmp_path):
     assert all(r["rollout/logprob_diff_max"] < 1e-4 for r in rows)  # the engine's policy is the actor's, merged
 
 
-def test_split_validation_on_the_rollout_ranks(runs, tmp_path):
-    """Validation with split placement, staleness 1 (3 ranks: 2 train at DP=2, 1 generates),
-    val_before_train and test_freq=2 over 4 steps: val rows at steps 0, 2 and 4, computed by the
-    rollout rank; at step 0 the greedy reward of the initial model and at step 4 that of the
-    exported actor (plain transformers decoding, `test_validation._greedy_reference`); and the
-    training rows are the run's without validation: the early weights change no batch."""
-    from test_validation import _greedy_reference
+def test_split_rollout_tp2_reads_a_replicated_kv_head_and_tied_embeddings(tmp_path):
+    """A toy model with one key/value head and tied embeddings; 1 training rank and one engine of
+    rollout TP 2: both rollout ranks are sent the one key/value head (vLLM replicates it) and no
+    output layer. Every step the engine's log-probs equal the actor's (NaN does not compare)."""
+    from mcore_rl.toy import build_toy_model
 
-    rows = _rows(_start(tmp_path, "val", "trainer.max_steps=4", "async_training.staleness=1", "data.val_files=toy",
-                        "trainer.test_freq=2", "trainer.export_hf_at_end=true"), tmp_path / "run")
-    val = [r for r in rows if "val/reward/mean@1" in r]
-    assert [r["step"] for r in val] == [0, 2, 4]
-    for row, model in ((val[0], tmp_path / "run" / "toy_model"), (val[-1], tmp_path / "run" / "hf_model")):
-        reward, length = _greedy_reference(str(model))
-        assert math.isclose(row["val/reward/mean@1"], reward, abs_tol=1e-9), (row, reward)
-        assert math.isclose(row["val/response/length_mean"], length, abs_tol=1e-9), (row, length)
-    train = [r for r in rows if "actor/loss" in r]
-    assert [r["rollout/weight_version"] for r in train] == [0, 0, 1, 2]
-    assert not _mismatches(train, runs["s1"])
+    if torch.cuda.is_available():
+        pytest.skip("CPU run")
+    model = build_toy_model(tmp_path / "gqa", num_key_value_heads=1, tie_word_embeddings=True)
+    rows = _rows(_start(tmp_path, "gqa", f"actor_rollout_ref.model.path={model}", "trainer.max_steps=3",
+                        "actor_rollout_ref.rollout.n_gpus=2", "actor_rollout_ref.rollout.tensor_model_parallel_size=2",
+                        "actor_rollout_ref.actor.optim.lr=1e-2"), tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["rollout/logprob_diff_max"] < 1e-4 for r in rows), [r["rollout/logprob_diff_max"] for r in rows]
+    assert rows[0]["reward/mean"] != rows[-1]["reward/mean"] or rows[0]["actor/loss"] != rows[-1]["actor/loss"]
 
 
 def test_split_sigterm_saves_the_batch_in_flight_and_resumes_exactly(runs, tmp_path):
