@@ -137,7 +137,8 @@ def main(argv=None) -> int:
     ap.add_argument("--gpu-mem", type=float, default=0.3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--runs", default=",".join(RUNS), help=f"comma list of: {', '.join(RUNS)}")
+    ap.add_argument("--runs", default=",".join(RUNS),
+                    help=f"comma list of: {', '.join(RUNS)} (spaces may be left out: split s=1 or splits=1)")
     ap.add_argument("--timeout", type=int, default=185, help="seconds per run")
     ap.add_argument("--budget-s", type=float, default=None, help="seconds for all runs (each gets at most --timeout)")
     ap.add_argument("--tmp", default="/tmp/mcore_rl_bench")
@@ -145,6 +146,10 @@ def main(argv=None) -> int:
     ap.add_argument("--name", default=None)
     ap.add_argument("overrides", nargs="*", help="more key=value overrides for every run")
     args = ap.parse_args(argv)
+    names = {k.replace(" ", ""): k for k in RUNS}
+    runs = [names.get(given.replace(" ", "")) for given in args.runs.split(",")]
+    if None in runs:
+        ap.error(f"--runs {args.runs!r}: runs are {', '.join(RUNS)}")
     import torch
 
     gpu = torch.cuda.is_available()
@@ -155,7 +160,7 @@ def main(argv=None) -> int:
     data = write_prompts(os.path.join(args.tmp, f"grpo-prompts-{args.prompt_len}.jsonl"), max(4 * args.prompts, 64),
                          args.prompt_len)
     results, t0 = [], time.perf_counter()
-    for name in args.runs.split(","):
+    for name in runs:
         left = args.timeout if args.budget_s is None else args.budget_s - (time.perf_counter() - t0)
         if left < 30:
             results.append({"run": name, "rc": "skipped (no time left)"})
