@@ -6,7 +6,7 @@ only generate and the others only train. Each side gets a default process group 
 joins the world it finds), so the training side's collectives never wait for a rollout rank and
 the reverse. Both are formed from the job's one rendezvous store under different prefixes.
 
-The bridge is more groups, built directly on that store (not registered with
+The bridge is a few more groups, built directly on that store (not registered with
 torch.distributed, whose default group is a side's): `all` holds every rank of the job, for
 the samples sent point-to-point from the rollout engines to the training ranks; one weights
 group per rollout TP rank ("shard") j holds training rank 0 and the rollout ranks of TP rank j

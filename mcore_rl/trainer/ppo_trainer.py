@@ -303,7 +303,7 @@ class PPOTrainer:
         self._send_weights(self.step, {}, kind="validate")
         n = sums_size(self.cfg.actor_rollout_ref.rollout.val_kwargs.n)
         sums = split.recv_val(self.bridge, n) if self.rank == 0 else [0.0] * n
-        return comm.all_reduce(torch.tensor(sums, dtype=torch.float64)).tolist()  # to every training rank
+        return comm.all_reduce_scalars(sums)  # to every training rank
 
     def _receive_batch(self, timing: dict) -> tuple:
         """This rank's slice of the next batch from the rollout engines, and their report."""
