@@ -20,9 +20,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,8 +46,11 @@ SPLIT = [str(REPO / "configs" / "toy_grpo.yaml"), "actor_rollout_ref.rollout.pla
 
 
 def _start(tmp: Path, name: str, *args: str, script: Path | None = None, nproc: int = 3) -> subprocess.Popen:
+    # a temp dir with a short path: vLLM's Unix sockets (rollout TP > 1) may not exceed 107 bytes,
+    # which one under a test's tmp_path can under pytest-xdist
+    short = tempfile.mkdtemp(prefix="mcore_rl_split_")
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
-               TMPDIR=str(tmp))
+               TMPDIR=short)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     log = open(tmp / f"{name}.log", "w")
@@ -53,7 +58,7 @@ def _start(tmp: Path, name: str, *args: str, script: Path | None = None, nproc: 
            *([str(script)] if script else ["-m", "mcore_rl.cli", "train"]), *SPLIT, f"trainer.output_dir={tmp / 'run'}",
            *args]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    proc.log_path = tmp / f"{name}.log"
+    proc.log_path, proc.tmpdir = tmp / f"{name}.log", short
     return proc
 
 
@@ -63,6 +68,7 @@ def _wait(proc: subprocess.Popen) -> int:
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, 9)
+        shutil.rmtree(proc.tmpdir, ignore_errors=True)
 
 
 def _rows(proc: subprocess.Popen, out: Path, rc: int | None = 0) -> list[dict]:
