@@ -163,14 +163,15 @@ packing)
   ;;
 split)
   # the toy GRPO task as the layout matrix runs it (bf16, CUDA graphs), on GPU 0 (training) and GPU 1
-  # (rollout), 10 steps at staleness 0 and at staleness 1; metrics.jsonl of each to $OUT
+  # (rollout), 10 steps at staleness 0 and at staleness 1; metrics.jsonl of each to $OUT.
+  # SPLIT_EXTRA="key=value ...": more overrides (e.g. data.val_files=toy trainer.test_freq=3)
   source benchmarks/gpu/setup.sh device2 || return 1
   _sp="configs/toy_grpo.yaml actor_rollout_ref.model.dtype=bfloat16 actor_rollout_ref.rollout.gpu_memory_utilization=0.2
     actor_rollout_ref.rollout.placement=split actor_rollout_ref.rollout.n_gpus=1 trainer.max_steps=10
     trainer.logger=[console] trainer.export_hf_at_end=false trainer.dist_timeout_s=90"
   for _s in ${SPLIT_STALENESS:-0 1}; do
     timeout 170 torchrun --nproc_per_node=2 --master_port=$((29700 + _s)) -m mcore_rl.cli train $_sp \
-      async_training.staleness=$_s trainer.output_dir=/tmp/split_s$_s > "$OUT/split_s$_s.log" 2>&1
+      async_training.staleness=$_s trainer.output_dir=/tmp/split_s$_s ${SPLIT_EXTRA:-} > "$OUT/split_s$_s.log" 2>&1
     echo "split, staleness $_s: rc $?"
     cp /tmp/split_s$_s/metrics.jsonl "$OUT/metrics_split_s$_s.jsonl" 2>/dev/null
     grep -E "^ *step |Error|error" "$OUT/split_s$_s.log" | cut -c1-240 | tail -12
