@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -84,15 +83,18 @@ def run(name: str, args, ckpt: str, data: str, dtype: str, gpu: bool, timeout: f
                PYTHONPATH=os.pathsep.join(filter(None, [common.REPO, os.environ.get("PYTHONPATH")])))
     t0 = time.perf_counter()
     with open(out + ".log", "w") as log:
-        # its own session: a run out of time is killed with all its ranks (torchrun alone would leave
-        # them holding the GPUs the next run needs)
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        # A run out of time gets SIGTERM: torchrun then stops its ranks, which it starts in sessions of
+        # their own (killing torchrun alone left them holding the GPUs the next run needs).
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            time.sleep(5)  # the killed ranks' GPU memory is freed once they are reaped
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
             rc = 124
     wall = time.perf_counter() - t0
     if rc != 0:
