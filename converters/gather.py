@@ -62,8 +62,8 @@ def iter_hf_tensors(model, source: str = "param", params: list[GlobalParam] | No
 
     `source="grad"` yields the accumulated gradients (`main_grad`) in HF layout instead. With
     LoRA adapters (enabled), a weight they adapt is yielded merged: ``W + scaling * B @ A``.
-    A tensor that needs no gather or merge (TP=1) is a view of the parameter itself: copy it to
-    keep it past the next optimizer step.
+    At TP=1, on the pipeline stage that holds it, a tensor without a LoRA merge is a view of the
+    parameter (or of its gradient): copy it to keep it past the next optimizer step.
     """
     from mcore_rl.models.lora import adapters
 
