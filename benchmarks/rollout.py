@@ -18,6 +18,20 @@ Workloads (ignore_eos, so every sample has exactly max_tokens tokens):
   ``64x1x256``: 64 prompts of 64 tokens, n=1, 256 new tokens, T=1 (the baseline of earlier measurements)
   ``32x8x512``: 32 prompts of 128 tokens, n=8, 512 new tokens, T=1 (a GRPO step)
 
+``--lengths realistic``: every sample is its own request, held to a length drawn from
+`grpo_step.length_sampler` (10% at the maximum, mean a quarter of it; the same lengths for every
+engine and repetition) and seeded per sample, as the trainer samples. Only the rows that call
+``vllm.LLM.generate`` take per-request parameters: ``standalone``, ``standalone-nolp``,
+``wrapper-raw`` (the wrapper's engine, no sleep mode: a split-placement rollout rank's engine) and
+``wrapper-sleep-raw`` (the sleep-mode engine: a colocated rank's). With such lengths a step's
+generation is bound by its longest samples, a decode step at a time: ``ms_per_step`` is the time
+over the longest sample's tokens. ``--mp`` builds standalone vLLM with its multiprocess engine core
+(a process of its own, its default) instead of in this process, as the trainer must run it:
+
+    python benchmarks/rollout.py --lengths realistic --workloads 16x8x4096,32x8x4096 --max-model-len 4352 \
+        --engines standalone,wrapper-raw,wrapper-sleep-raw --reps 1
+    python benchmarks/rollout.py --lengths realistic ... --engines standalone,standalone-nolp --mp --name rollout_mp
+
     python benchmarks/rollout.py                 # GPU
     python benchmarks/rollout.py --size 0.5B --layers 2 --workloads 4x2x16 --reps 1   # CPU dry run
 
@@ -40,10 +54,23 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu"))
 import common  # noqa: E402
+from grpo_step import length_sampler  # noqa: E402
 
 import torch  # noqa: E402
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+if "--mp" not in sys.argv:  # (read by vLLM when an engine is built)
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+# rows that call vllm.LLM.generate themselves, so can take one SamplingParams per request
+PER_REQUEST = {"standalone", "standalone-nolp", "wrapper-raw", "wrapper-sleep-raw"}
+
+
+def _held(params, max_tokens: int, k: int):
+    """Request k of a realistic workload: `params` for one sample of `max_tokens` tokens, seed k."""
+    p = params.clone()
+    p.n, p.max_tokens, p.seed = 1, max_tokens, 1234 + k
+    return p
 
 
 def parse_workload(w: str, prompt_len: dict) -> dict:
@@ -67,6 +94,11 @@ def main(argv=None):
     ap.add_argument("--engines", default=None, help="comma list of wrapper, wrapper-raw, wrapper-seeded, standalone, "
                     "standalone-nolp, wrapper-sleep (default: all that fit: TP=1 all, TP>1 one engine per process)")
     ap.add_argument("--name", default=None, help="JSON name (default rollout, rollout_cpu on CPU)")
+    ap.add_argument("--lengths", choices=("max", "realistic"), default="max",
+                    help="max: every sample runs to max_tokens; realistic: per-sample lengths (see above)")
+    ap.add_argument("--length-seed", type=int, default=0)
+    ap.add_argument("--mp", action="store_true", help="standalone vLLM with its multiprocess engine core "
+                    "(standalone rows only)")
     ap.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), default=None,
                     help="print A's tokens/s over B's per workload (two --engines runs) and exit")
     args = ap.parse_args(argv)
@@ -83,6 +115,12 @@ def main(argv=None):
                                    else "wrapper")).split(","))
     if args.tp > 1 and len(wanted & {"wrapper", "standalone", "wrapper-sleep"}) > 1:
         raise SystemExit("--tp > 1: one engine per process (--engines wrapper, or standalone[,standalone-nolp])")
+    if args.lengths == "realistic" and not wanted <= PER_REQUEST:
+        raise SystemExit(f"--lengths realistic: per-request lengths reach only {sorted(PER_REQUEST)}")
+    if args.mp:
+        if not wanted <= {"standalone", "standalone-nolp"}:
+            raise SystemExit("--mp: standalone rows only (the wrapper runs vLLM in this process)")
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
 
     import vllm
 
@@ -102,7 +140,7 @@ def main(argv=None):
     if args.tp > 1:
         gpu_kw["distributed_executor_backend"] = "external_launcher"  # what the wrapper uses under torchrun
     engines, start_s = {}, {}
-    if "wrapper" in wanted:
+    if wanted & {"wrapper", "wrapper-raw", "wrapper-seeded"}:
         t = time.perf_counter()
         engines["wrapper"] = make_engine("vllm", model_path=path, enable_sleep_mode=False, kv_cache_gib_cpu=1.0,
                                          **common_kw, **({"gpu_memory_utilization": args.gpu_mem} if gpu else {}))
@@ -113,7 +151,7 @@ def main(argv=None):
                                          **common_kw, **gpu_kw)
         start_s["standalone"] = time.perf_counter() - t
     errors = {}
-    if gpu and not args.no_sleep_row and "wrapper-sleep" in wanted:
+    if gpu and not args.no_sleep_row and wanted & {"wrapper-sleep", "wrapper-sleep-raw"}:
         try:
             t = time.perf_counter()
             engines["wrapper-sleep"] = make_engine("vllm", model_path=path, gpu_memory_utilization=args.gpu_mem,
@@ -138,6 +176,14 @@ def main(argv=None):
         params_nolp = vllm.SamplingParams(n=w["n"], temperature=1.0, max_tokens=w["max_tokens"], ignore_eos=True,
                                           detokenize=False)
         tok_prompts = [{"prompt_token_ids": p} for p in prompts]
+        want_tokens = w["prompts"] * w["n"] * w["max_tokens"]
+        longest = w["max_tokens"]
+        if args.lengths == "realistic":  # one request per sample, its own length and seed
+            draw = length_sampler(w["max_tokens"], random.Random(args.length_seed))
+            lengths = [draw() for _ in range(w["prompts"] * w["n"])]
+            tok_prompts = [q for q in tok_prompts for _ in range(w["n"])]
+            params, params_nolp = ([_held(p, n, k) for k, n in enumerate(lengths)] for p in (params, params_nolp))
+            want_tokens, longest = sum(lengths), max(lengths)
 
         def run_wrapper(e):
             outs = e.generate(prompts, sampling)
@@ -157,9 +203,11 @@ def main(argv=None):
                  "standalone-nolp": lambda: run_standalone(params_nolp),
                  "wrapper-sleep": lambda: run_wrapper(engines["wrapper-sleep"]),
                  "wrapper-raw": lambda: run_standalone(params, engines["wrapper"].llm),
+                 "wrapper-sleep-raw": lambda: run_standalone(params, engines["wrapper-sleep"].llm),
                  "wrapper-seeded": lambda: run_seeded(engines["wrapper"])}
-        cases = {k: fn for k, fn in cases.items()
-                 if k in wanted and (k in engines or k == "standalone-nolp" or k in ("wrapper-raw", "wrapper-seeded") and "wrapper" in engines)}
+        needs = {"standalone-nolp": "standalone", "wrapper-raw": "wrapper", "wrapper-seeded": "wrapper",
+                 "wrapper-sleep-raw": "wrapper-sleep"}
+        cases = {k: fn for k, fn in cases.items() if k in wanted and needs.get(k, k) in engines}
         times = {k: [] for k in cases}
         ntok = {}
         for k, fn in cases.items():  # warm-up (first batch of this shape)
@@ -172,12 +220,13 @@ def main(argv=None):
                 t = time.perf_counter()
                 n = fn()
                 times[k].append(time.perf_counter() - t)
-                assert n == ntok[k] == w["prompts"] * w["n"] * w["max_tokens"], (k, n)
+                assert n == ntok[k] == want_tokens, (k, n)
         ref = times.get("standalone")
         for k in cases:
             tps = ntok[k] / common.med(times[k])
-            rows.append({"workload": w["name"], "engine": k, "seconds": common.med(times[k]),
-                         "spread": [min(times[k]), max(times[k])], "tokens": ntok[k], "tokens_per_s": tps,
+            rows.append({"workload": w["name"], "engine": k + ("-mp" if args.mp else ""), "lengths": args.lengths,
+                         "seconds": common.med(times[k]), "spread": [min(times[k]), max(times[k])],
+                         "tokens": ntok[k], "tokens_per_s": tps, "ms_per_step": common.med(times[k]) / longest * 1e3,
                          "vs_standalone": tps * common.med(ref) / ntok[k] if ref else None,
                          "best_vs_best": min(ref) / min(times[k]) if ref else None, "all_s": times[k]})
             if rank == 0:
@@ -191,7 +240,8 @@ def main(argv=None):
     out = common.save(args.name or ("rollout" + ("" if gpu else "_cpu")), res, args.out)
     print(f"\n{env['date']}  {env['device']}  torch {env['torch']}  vllm {env.get('vllm')}  "
           f"({'eager' if eager else 'CUDA graphs'}; {out})")
-    print(common.table(rows, ["workload", "engine", "seconds", "tokens", "tokens_per_s", "vs_standalone", "best_vs_best"],
+    print(common.table(rows, ["workload", "engine", "seconds", "tokens", "tokens_per_s", "ms_per_step", "vs_standalone",
+                              "best_vs_best"],
                        f"rollout, Qwen2.5-{args.size}-shaped ({cfg['num_hidden_layers']} layers), random weights"))
     return 0
 
