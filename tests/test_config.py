@@ -138,6 +138,12 @@ def test_bad_values_name_the_key_and_what_it_must_be(override, msg):
     assert msg in str(e.value) and "\n" not in str(e.value)
 
 
+def test_rollout_is_needs_the_engines_log_probs():
+    with pytest.raises(ConfigError, match="rollout_is=true .* needs actor_rollout_ref.rollout.calculate_log_probs=true"):
+        load_config(None, ["algorithm.rollout_is=true", "actor_rollout_ref.rollout.calculate_log_probs=false"])
+    load_config(None, ["algorithm.rollout_is=true"])
+
+
 def test_values_in_range_pass():
     cfg = load_config(None, ["actor_rollout_ref.rollout.kv_cache_gib_cpu=1.5", "trainer.nnodes=1",
                              "trainer.n_gpus_per_node=1", "actor_rollout_ref.rollout.top_p=1",

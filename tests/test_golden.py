@@ -139,6 +139,27 @@ def test_toy_run_matches_golden_curve(algo, runs, capsys):
     rows = runs(algo)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     check_golden(f"toy_{algo}", rows, GOLDEN_KEYS[algo], capsys)
+    assert all(MISMATCH_KEYS <= set(r) for r in rows)  # the engine's log-probs are compared by default
+
+
+MISMATCH_KEYS = {"rollout/logprob_diff_max", "mismatch/kl", "mismatch/k3_kl"}
+
+
+def test_toy_grpo_without_rollout_log_probs_is_the_same_run(tmp_path):
+    """`rollout.calculate_log_probs=false` only stops the engine returning log-probs: the samples
+    (per-prompt seeds) and the updates are the golden run's, and the metrics that compare the
+    engine's log-probs with the actor's are left out rather than computed from zeros."""
+    if torch.cuda.is_available():
+        pytest.skip("the golden curves are the CPU runs'")
+    steps = 2
+    rows, _ = finish(start_train(RUNS["grpo"] + [f"trainer.max_steps={steps}",
+                                                 "actor_rollout_ref.rollout.calculate_log_probs=false"], tmp_path))
+    golden = [json.loads(line) for line in (GOLDEN / "toy_grpo.jsonl").read_text().splitlines() if line][:steps]
+    assert [r["step"] for r in rows] == [g["step"] for g in golden]
+    bad = [f"step {g['step']} {k}: golden {g[k]!r}, got {r[k]!r}"
+           for g, r in zip(golden, rows) for k in GOLDEN_KEYS["grpo"] if not _close(r[k], g[k])]
+    assert not bad, "\n".join(bad)
+    assert not any(k in MISMATCH_KEYS or k.startswith("mismatch/") for r in rows for k in r), sorted(rows[0])
 
 
 def check_golden(name: str, rows: list[dict], keys, capsys) -> None:

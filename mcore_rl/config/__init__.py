@@ -197,6 +197,9 @@ def _check_settings(cfg: DictConfig) -> None:
         if r.placement == "split":
             problems.append("actor_rollout_ref.rollout.lora_sync=adapter works with colocated placement only "
                             "(split placement sends merged weights: use lora_sync=merged)")
+    if cfg.algorithm.rollout_is and not r.calculate_log_probs:
+        problems.append("algorithm.rollout_is=true weighs by the rollout engine's log-probs: it needs "
+                        "actor_rollout_ref.rollout.calculate_log_probs=true")
     if cfg.trainer.test_freq > 0 and cfg.data.val_files is None:
         problems.append(f"trainer.test_freq={cfg.trainer.test_freq} needs data.val_files (toy: the toy task's split)")
     if problems:

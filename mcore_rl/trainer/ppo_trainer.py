@@ -282,7 +282,8 @@ class PPOTrainer:
         slice_ = self.layout.rollout_slice(len(rows), cfg.actor_rollout_ref.actor.ppo_mini_batch_size)
         sampling = rollouts.SliceSampling(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                                           max_tokens=cfg.data.max_response_length,
-                                          seed=cfg.trainer.seed * 1_000_003 + self.step * 100_003, prompts=tuple(slice_))
+                                          seed=cfg.trainer.seed * 1_000_003 + self.step * 100_003, prompts=tuple(slice_),
+                                          logprobs=r.calculate_log_probs)
         return rollouts.generate_and_score(
             self.engine, self.rewards, self.tokenizer, self.layout, rows, slice_, sampling, cfg.reward.strict,
             cfg.data.max_prompt_length, cfg.data.max_response_length, self.pad_id, timing)
@@ -412,13 +413,14 @@ class PPOTrainer:
         if self.need_ref:
             sums += [((shard.old_logp - shard.ref_logp) * mask).sum(), mask.sum().float()]
         sums = comm.all_reduce(torch.stack(sums), self.dp_group)
-        diff = (shard.old_logp - shard.rollout_logprobs).abs()[mask]
-        diff_max = comm.all_reduce(diff.max() if diff.numel() else torch.zeros(()), self.dp_group, op="max")
         out = {"response/length_mean": float(sums[0] / sums[1]), "response/clip_ratio": float(sums[2]) / float(sums[1]),
                "_tokens": float(sums[3])}
         if self.need_ref:
             out["actor/kl"] = float(sums[4] / sums[5].clamp(min=1))
-        out["rollout/logprob_diff_max"] = float(diff_max)
+        if self.cfg.actor_rollout_ref.rollout.calculate_log_probs:  # (else the engine returned none)
+            diff = (shard.old_logp - shard.rollout_logprobs).abs()[mask]
+            diff_max = comm.all_reduce(diff.max() if diff.numel() else torch.zeros(()), self.dp_group, op="max")
+            out["rollout/logprob_diff_max"] = float(diff_max)
         return out
 
     # ---------------------------------------------------------------- loop

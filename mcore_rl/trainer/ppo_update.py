@@ -136,9 +136,13 @@ def mini_batch_denominators(shard: Shard, minis: list[range], agg: str, dp_group
     return [max(c, 1.0) for c in all_reduce_scalars(local, dp_group)]
 
 
-def rollout_correction(shard: Shard, alg, dp_group) -> tuple[torch.Tensor | None, torch.Tensor | None, dict]:
+def rollout_correction(shard: Shard, cfg, dp_group) -> tuple[torch.Tensor | None, torch.Tensor | None, dict]:
     """(importance weights, loss mask) of this rank's shard, both None unless
-    `algorithm.rollout_is`, and the step's rollout/training mismatch metrics (over DP)."""
+    `algorithm.rollout_is`, and the step's rollout/training mismatch metrics (over DP; none when
+    the engine returned no log-probs, `rollout.calculate_log_probs=false`)."""
+    if not cfg.actor_rollout_ref.rollout.calculate_log_probs:
+        return None, None, {}
+    alg = cfg.algorithm
     kw = dict(threshold=alg.rollout_is_threshold, threshold_lower=alg.rollout_is_threshold_lower,
               level=alg.rollout_is_level, mode=alg.rollout_is_mode, veto_threshold=alg.rollout_is_veto_threshold)
     mask = shard.mask
@@ -160,7 +164,7 @@ def update_actor(actor, opt, shard: Shard, cfg, minis: list[range], dp_group) ->
     use_kl = a.use_kl_loss and shard.ref_logp is not None
     want_ent = a.entropy_coeff != 0
     # rollout correction: weights in the policy loss; rejected tokens leave the whole actor loss
-    is_weights, keep, mismatch = rollout_correction(shard, cfg.algorithm, dp_group)
+    is_weights, keep, mismatch = rollout_correction(shard, cfg, dp_group)
     cols = {} if keep is None else {"mask": keep, "is_weights": is_weights}
     keys = ["input_ids", "old_logp", "advantages", "mask"] + (["ref_logp"] if use_kl else []) + \
         (["is_weights"] if cols else [])

@@ -263,7 +263,8 @@ class RolloutSide:
         slice_ = engine_slice(len(rows), self.engines, e)
         sampling = rollouts.SliceSampling(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                                           max_tokens=cfg.data.max_response_length,
-                                          seed=cfg.trainer.seed * 1_000_003 + step * 100_003, prompts=tuple(slice_))
+                                          seed=cfg.trainer.seed * 1_000_003 + step * 100_003, prompts=tuple(slice_),
+                                          logprobs=r.calculate_log_probs)
         timing: dict = {}
         local = rollouts.generate_and_score(self.engine, self.rewards, self.tokenizer, self.layout, rows, slice_,
                                             sampling, cfg.reward.strict, cfg.data.max_prompt_length,

@@ -106,7 +106,8 @@ def engine_sums(engine, rewards, tokenizer, layout, rows, cfg) -> list[float]:
     mine = list(range(layout.me.rollout_dp, len(rows), layout.rollout_dp))
     sampling = SliceSampling(n=v.n, temperature=v.temperature if v.do_sample else 0.0, top_p=v.top_p, top_k=v.top_k,
                              max_tokens=cfg.data.max_response_length,
-                             seed=cfg.trainer.seed * 1_000_003 + 999_983, prompts=tuple(mine))
+                             seed=cfg.trainer.seed * 1_000_003 + 999_983, prompts=tuple(mine),
+                             logprobs=False)  # (validation scores the text only)
     outs = engine.generate([rows[j].input_ids for j in mine], sampling) if mine else []
     engine.release()
     texts = tokenizer.batch_decode([o.token_ids for o in outs], skip_special_tokens=True)
