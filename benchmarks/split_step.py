@@ -20,7 +20,8 @@ others lognormal with a mean over all of a quarter of the maximum, as on reasoni
 generation waits on its longest samples whatever the batch, which is where overlap pays most;
 the token counts differ a little between runs (other draws), tokens/s compares them.
 
-Each run's metrics.jsonl gives, per step after the warm-up steps: step seconds, tokens/s (prompt
+Each run's metrics.jsonl gives, per step after the warm-up steps (one more with staleness 1,
+whose first batch after them was generated during the warm-up): step seconds, tokens/s (prompt
 + response tokens trained per second of step), the training side's wait for samples
 (`timing/wait_rollout`) and the rollout side's wait for weights (`rollout/wait_s`): the overlap
 shows as the first shrinking. The table has the medians and the speedup over colocated.
@@ -62,6 +63,9 @@ def _port() -> int:
 
 def run(name: str, args, ckpt: str, data: str, dtype: str, gpu: bool, timeout: float) -> dict:
     out = os.path.join(args.tmp, "split-" + name.replace(" ", "").replace("=", ""))
+    # one step off-policy: the first batch after the warm-up was generated while the warm-up step
+    # trained (compiling, allocating), so it is left out too
+    warmup = args.warmup + ("async_training.staleness=1" in RUNS[name])
     subprocess.run(["rm", "-rf", out], check=True)
     cfg = [
         os.path.join(common.REPO, "configs", "grpo.yaml"),
@@ -73,7 +77,7 @@ def run(name: str, args, ckpt: str, data: str, dtype: str, gpu: bool, timeout: f
         f"actor_rollout_ref.rollout.n_gpus={args.rollout_gpus if 'split' in name else 0}",
         f"reward.name={os.path.join(HERE, 'grpo_step.py')}:reward", "reward.strict=true",
         f"trainer.device={'cuda' if gpu else 'cpu'}", "trainer.logger=[console]", f"trainer.output_dir={out}",
-        f"trainer.max_steps={args.warmup + args.steps}", "trainer.export_hf_at_end=false", "trainer.save_at_end=false",
+        f"trainer.max_steps={warmup + args.steps}", "trainer.export_hf_at_end=false", "trainer.save_at_end=false",
         f"trainer.dist_timeout_s={args.timeout}", *RUNS[name], *args.overrides]
     entry = ["-m", "mcore_rl.cli", "train"] if args.lengths == "max" else \
         [os.path.abspath(__file__), HELD, str(args.response_len), str(args.length_seed)]
@@ -100,7 +104,7 @@ def run(name: str, args, ckpt: str, data: str, dtype: str, gpu: bool, timeout: f
     if rc != 0:
         tail = open(out + ".log").read()[-3000:]
         return {"run": name, "rc": rc, "log_tail": tail}
-    rows = [json.loads(ln) for ln in open(os.path.join(out, "metrics.jsonl")) if ln.strip()][args.warmup:]
+    rows = [json.loads(ln) for ln in open(os.path.join(out, "metrics.jsonl")) if ln.strip()][warmup:]
 
     def med(key: str) -> float:
         return statistics.median(r.get(key, 0.0) for r in rows)
@@ -195,7 +199,7 @@ def main(argv=None) -> int:
                        f"GRPO, Qwen2.5-{args.size}-shaped, {args.prompts} prompts x {args.samples}, "
                        f"{'up to ' if args.lengths == 'realistic' else ''}{args.response_len} new tokens "
                        f"({args.lengths} lengths), {args.gpus} GPU(s) ({args.rollout_gpus} rollout when split); "
-                       f"medians of {args.steps} steps after {args.warmup}"))
+                       f"medians of {args.steps} steps after {args.warmup} (split s=1: {args.warmup + 1})"))
     return 0 if all(r["rc"] == 0 for r in results) else 1
 
 
