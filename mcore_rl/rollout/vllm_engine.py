@@ -276,8 +276,8 @@ class VLLMEngine(RolloutEngine):
             params = [self._params(sampling, i) for i in range(len(prompt_token_ids))]
         prompts = [{"prompt_token_ids": [int(t) for t in p]} for p in prompt_token_ids]
         # On CPU the engine is eager, but vLLM's sampler ranks the sampled token (for its log-prob) with a
-        # torch.compile'd helper: its first call builds C++ code for about 14 s in every process. Eager
-        # computes the same integers.
+        # torch.compile'd helper, whose first call builds C++ code in every process (longer than a toy
+        # run's whole training). Eager computes the same integers.
         with torch.compiler.set_stance("force_eager") if self.on_cpu else contextlib.nullcontext():
             request_outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self._lora)
         results: list[RolloutOutput] = []
