@@ -26,7 +26,8 @@ engine and repetition) and seeded per sample, as the trainer samples. Only the r
 ``wrapper-sleep-raw`` (the sleep-mode engine: a colocated rank's). With such lengths a step's
 generation is bound by its longest samples, a decode step at a time: ``ms_per_step`` is the time
 over the longest sample's tokens. ``--mp`` builds standalone vLLM with its multiprocess engine core
-(a process of its own, its default) instead of in this process, as the trainer must run it:
+(vLLM's default: the engine in a process of its own) instead of in this process, where the
+trainer must run it:
 
     python benchmarks/rollout.py --lengths realistic --workloads 16x8x4096,32x8x4096 --max-model-len 4352 \
         --engines standalone,wrapper-raw,wrapper-sleep-raw --reps 1
@@ -92,7 +93,8 @@ def main(argv=None):
     ap.add_argument("--tmp", default="/tmp/mcore_rl_bench")
     ap.add_argument("--tp", type=int, default=1, help="rollout TP (> 1: run under torchrun with that many processes)")
     ap.add_argument("--engines", default=None, help="comma list of wrapper, wrapper-raw, wrapper-seeded, standalone, "
-                    "standalone-nolp, wrapper-sleep (default: all that fit: TP=1 all, TP>1 one engine per process)")
+                    "standalone-nolp, wrapper-sleep, wrapper-sleep-raw (default: wrapper, standalone, standalone-nolp, "
+                    "wrapper-sleep at TP=1; TP>1 one engine per process)")
     ap.add_argument("--name", default=None, help="JSON name (default rollout, rollout_cpu on CPU)")
     ap.add_argument("--lengths", choices=("max", "realistic"), default="max",
                     help="max: every sample runs to max_tokens; realistic: per-sample lengths (see above)")
