@@ -278,12 +278,9 @@ class PPOTrainer:
     def _rollout(self, rows: list, timing: dict) -> Shard:
         """Generate and score this engine's slice of the step's prompts (every rank of the engine
         holds the result; its first rank scored it)."""
-        cfg, r = self.cfg, self.cfg.actor_rollout_ref.rollout
+        cfg = self.cfg
         slice_ = self.layout.rollout_slice(len(rows), cfg.actor_rollout_ref.actor.ppo_mini_batch_size)
-        sampling = rollouts.SliceSampling(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                                          max_tokens=cfg.data.max_response_length,
-                                          seed=cfg.trainer.seed * 1_000_003 + self.step * 100_003, prompts=tuple(slice_),
-                                          logprobs=r.calculate_log_probs)
+        sampling = rollouts.step_sampling(cfg, self.step, slice_)
         return rollouts.generate_and_score(
             self.engine, self.rewards, self.tokenizer, self.layout, rows, slice_, sampling, cfg.reward.strict,
             cfg.data.max_prompt_length, cfg.data.max_response_length, self.pad_id, timing)

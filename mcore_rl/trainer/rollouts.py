@@ -30,6 +30,15 @@ class SliceSampling(Sampling):
         return None if self.seed is None else self.seed + self.prompts[prompt_index] * self.n
 
 
+def step_sampling(cfg, step: int, slice_: list[int]) -> SliceSampling:
+    """Step `step`'s sampling for the prompts `slice_` of its batch. Colocated and split ranks both
+    build it here, so split at staleness 0 samples exactly what colocated does."""
+    r = cfg.actor_rollout_ref.rollout
+    return SliceSampling(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                         max_tokens=cfg.data.max_response_length, seed=cfg.trainer.seed * 1_000_003 + step * 100_003,
+                         prompts=tuple(slice_), logprobs=r.calculate_log_probs)
+
+
 def score_once(rewards, layout, prompts: list, texts: list[str], truths: list, strict: bool):
     """(scores, errors) from the engine's first rank; the others get ([0.0, ...], []) and must
     take the scores from it (`share_scores`). Collective: with `strict`, a reward function that

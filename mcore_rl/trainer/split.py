@@ -257,14 +257,10 @@ class RolloutSide:
     def _generate(self, step: int, weights: dict) -> None:
         """Step `step`'s batch, with the weights of the message `weights` (whose load it reports;
         zeros when this batch follows another with the same weights)."""
-        cfg, r = self.cfg, self.cfg.actor_rollout_ref.rollout
+        cfg = self.cfg
         rows = self.loader.next_batch()
-        e = self.layout.me.rollout_dp
-        slice_ = engine_slice(len(rows), self.engines, e)
-        sampling = rollouts.SliceSampling(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                                          max_tokens=cfg.data.max_response_length,
-                                          seed=cfg.trainer.seed * 1_000_003 + step * 100_003, prompts=tuple(slice_),
-                                          logprobs=r.calculate_log_probs)
+        slice_ = engine_slice(len(rows), self.engines, self.layout.me.rollout_dp)
+        sampling = rollouts.step_sampling(cfg, step, slice_)
         timing: dict = {}
         local = rollouts.generate_and_score(self.engine, self.rewards, self.tokenizer, self.layout, rows, slice_,
                                             sampling, cfg.reward.strict, cfg.data.max_prompt_length,
