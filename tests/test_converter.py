@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -75,7 +76,8 @@ def test_round_trip_bit_exact(arch, tp, pp, round_trips, request):
 
 def _streamed_and_megatron_saved_worker(hf_path, streamed, saved):
     """The same TP=2 shards written by the streaming converter and by megatron's own writer,
-    then read back tensor by tensor from both; returns the tensors that differ."""
+    then read back tensor by tensor from both; returns the tensors that differ, their number
+    and the processes the save left running."""
     from converters.checkpoint import export_order, hf_to_mcore, save_model
     from converters.hf_io import load_hf_into_model
     from converters.streaming import checkpoint_tensors, iter_checkpoint
@@ -87,18 +89,22 @@ def _streamed_and_megatron_saved_worker(hf_path, streamed, saved):
     model = build_model(spec, dtype=torch.bfloat16, device=torch.device("cpu"))
     load_hf_into_model(model, spec, hf_path)
     save_model(model, saved)
+    left = [p.cmdline() for p in psutil.Process().children(recursive=True)]
     a, b = checkpoint_tensors(os.path.join(streamed, "model")), checkpoint_tensors(saved)
     assert a == b  # same keys, global shapes, dtypes
     keys = [(key, layer) for key, layer, _ in export_order(spec, a)]
     pairs = zip(iter_checkpoint(os.path.join(streamed, "model"), keys), iter_checkpoint(saved, keys))
-    return [(k, layer) for (k, layer, x), (_, _, y) in pairs if not torch.equal(x, y)], len(keys)
+    return [(k, layer) for (k, layer, x), (_, _, y) in pairs if not torch.equal(x, y)], len(keys), left
 
 
 def test_streamed_checkpoint_matches_megatron_writer(tiny_model_factory, tmp_path):
+    """...and a save leaves no process behind: megatron's writer would spawn a helper on the first
+    save, which a SIGTERM or Ctrl-C to the job kills before the save that signal asks for."""
     src = tiny_model_factory("qwen2", dtype=torch.bfloat16)
-    for differing, n in run_ranks(_streamed_and_megatron_saved_worker, 2, src, str(tmp_path / "streamed"),
-                                  str(tmp_path / "saved")):
+    for differing, n, left in run_ranks(_streamed_and_megatron_saved_worker, 2, src, str(tmp_path / "streamed"),
+                                        str(tmp_path / "saved")):
         assert n > 10 and differing == []
+        assert left == []
 
 
 def _logits_from_ckpt(mcore_path, tp, pp, ids):

@@ -2,8 +2,8 @@
 
 Each run is a separate process in its own session, stopped for real (SIGINT to the whole
 group as a terminal's Ctrl-C does, SIGTERM to a torchrun job, SIGKILL); afterwards no
-process of the session may be left (the checkpoint-writer and reward helpers die with their
-rank). Bad inputs go through the public CLI in-process and must fail with one line, exit
+process of the session may be left (the reward helper and the checkpoint writer's forked
+children die with their rank). Bad inputs go through the public CLI in-process and must fail with one line, exit
 code 2, before any process group exists.
 """
 
@@ -144,8 +144,8 @@ def test_fresh_start_in_another_runs_dir_is_refused(finished, tmp_path, capsys):
 
 def test_move_aside_keeps_the_old_run_and_a_sigkilled_rank_leaves_no_helper(finished, tmp_path):
     """on_previous_run=move_aside: the old run's files go to previous/<its run id>/ untouched and
-    the new run starts its own lineage. The new run is then SIGKILLed: its checkpoint-writer
-    helper (started with the loop, ignoring SIGINT/SIGTERM) and reward helper die with it."""
+    the new run starts its own lineage. The new run is then SIGKILLed: no process of it is left
+    (its reward helper dies with it)."""
     out = _copy(finished, tmp_path)
     old_id = json.loads((out / "checkpoints" / "step_00000002" / "trainer_state.json").read_text())["run_id"]
     old = {f: _tree(out / f) if (out / f).is_dir() else (out / f).read_bytes() for f in ("checkpoints", "metrics.jsonl")}

@@ -49,8 +49,8 @@ def _cmd(script: Path | None = None) -> list[str]:
 
 
 def _run(args, script=None, timeout=300, cmd=None) -> subprocess.CompletedProcess:
-    """Run to the end in its own session; output goes to files, not pipes: after a SIGKILL,
-    megatron's checkpoint-writer helper process would hold pipes open. Leftovers are killed."""
+    """Run to the end in its own session; output goes to files, not pipes: after a SIGKILL, a
+    helper process left behind would hold pipes open. Leftovers are killed."""
     cmd = cmd or _cmd(script) + args
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=out, stderr=err, text=True, start_new_session=True)
@@ -159,7 +159,7 @@ def save_then_die(model, opt, where):
         os.kill(os.getpid(), signal.SIGKILL)
     return original(model, opt, where)
 ck.save_model_and_optimizer = save_then_die
-if __name__ == "__main__":  # megatron's checkpoint writer spawns a helper process that imports this file
+if __name__ == "__main__":  # a spawned helper process (the reward scorer's) imports this file
     from mcore_rl.commands.train import main
     sys.exit(main(sys.argv[1:]))
 '''
@@ -237,7 +237,7 @@ def train_step(self):
     state["step"] = self.step
     return original_step(self)
 ppo_update.policy_loss, PPOTrainer.train_step = nan_loss, train_step
-if __name__ == "__main__":  # megatron's checkpoint writer spawns a helper process that imports this file
+if __name__ == "__main__":  # a spawned helper process (the reward scorer's) imports this file
     from mcore_rl.commands.train import main
     sys.exit(main(sys.argv[1:]))
 '''

@@ -41,7 +41,6 @@ from converters.adapter import base_fingerprint, check_base, lora_meta
 from converters.checkpoint import META, last_line, load_model, model_state, save_model, save_sharded, write_side
 from converters.hf_io import CheckpointError
 from mcore_rl.distributed.comm import agree, all_reduce_scalars
-from mcore_rl.lifetime import die_with_parent, graceful_signals_blocked, owner
 from mcore_rl.models.lora import lora_of
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
@@ -291,33 +290,6 @@ def load_model_and_optimizer(model, opt, where: str) -> None:
             raise NotImplementedError(why)
         sd = opt.sharded_state_dict(model_state(_inner(model), adapters_only), is_loading=True, metadata=OPTIM_METADATA)
         opt.load_state_dict(dist_checkpointing.load(sd, os.path.join(where, "optim")))
-
-
-_writer_manager = None  # keeps megatron's writer helper alive for the process's lifetime
-
-
-def start_writer_helper() -> None:
-    """megatron's checkpoint writer reports through a helper process (a multiprocessing Manager,
-    spawned at the first save). Slurm sends SIGTERM to every process of a job before preemption
-    or the time limit and a terminal sends Ctrl-C's SIGINT to the whole process group: the
-    helper would die with them and the very save they ask for would fail. And a rank killed
-    outright (torchrun's SIGKILL after its shutdown timeout) would leave it running. Start it
-    now, ourselves, as a helper that ignores both signals and dies with this process."""
-    global _writer_manager
-    try:
-        from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
-    except ImportError:
-        return
-    if getattr(fa, "_results_queue", True) is not None:
-        return  # already started, or a megatron-core without the helper
-    import multiprocessing as mp
-    from multiprocessing.managers import SyncManager
-
-    manager = SyncManager(ctx=mp.get_context("spawn"))
-    with graceful_signals_blocked():
-        manager.start(die_with_parent, owner())
-    fa._results_queue = manager.Queue()
-    _writer_manager = manager
 
 
 # ------------------------------------------------------------------------------ RNG

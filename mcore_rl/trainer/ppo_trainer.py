@@ -439,7 +439,6 @@ class PPOTrainer:
         self._stop_signal, self._first_sigint = None, None
         previous = {}
         if threading.current_thread() is threading.main_thread():
-            checkpointing.start_writer_helper()
             previous = {sig: signal.signal(sig, self._on_stop_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         t0 = time.perf_counter()
         history = []
