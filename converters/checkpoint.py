@@ -134,10 +134,10 @@ def save_sharded(sharded_state_dict: dict, ckpt_dir: str) -> None:
 def _results_queue_in_process() -> None:
     """megatron's torch_dist writer collects each save's file list through one queue per process,
     which it makes on the first save with a spawned `multiprocessing` Manager: a helper process
-    that takes seconds to start (3.4 s on a 2-core CPU) and, being in the job's process group,
-    dies of the SIGTERM or Ctrl-C that asks for the very save. That queue is for an async save,
-    whose writing runs in another process; a synchronous save, as here, puts and takes in this
-    process, so a plain queue serves, and no helper exists."""
+    that takes seconds to start and, being in the job's process group, dies of the SIGTERM or
+    Ctrl-C that asks for the very save. That queue is for an async save, whose writing runs in
+    another process; a synchronous save, as here, puts and takes in this process, so a plain
+    queue serves, and no helper exists."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if getattr(filesystem_async, "_results_queue", False) is None:
