@@ -89,4 +89,6 @@ def _convert(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mcore_rl.cli import exiting
+
+    sys.exit(exiting(main()))

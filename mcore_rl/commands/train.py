@@ -87,4 +87,6 @@ def _split(cfg):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mcore_rl.cli import exiting
+
+    sys.exit(exiting(main()))
