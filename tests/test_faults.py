@@ -357,6 +357,24 @@ def test_cli_user_errors_are_one_line_and_debug_shows_the_traceback(finished, tm
         assert "Traceback (most recent call last)" in err and err.strip().splitlines()[-1].startswith(message)
 
 
+def test_installed_console_script_keeps_the_exit_codes(tmp_path):
+    """The `mcore-rl` script pip wrote from pyproject.toml (the entry that also skips Python's
+    exit-time garbage collection): a bad key is one line and exit code 2, --version exit code 0."""
+    script = Path(sys.executable).parent / "mcore-rl"
+    if not script.exists():
+        pytest.skip("mcore-rl is not installed in this environment (pip install -e .)")
+    bad = subprocess.run([str(script), "train", "no_such_section.key=1"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2, bad.stderr[-2000:]
+    assert bad.stderr.strip().splitlines() == [
+        "mcore-rl train: error: unknown config key 'no_such_section' (from command line); valid sections: data, "
+        "actor_rollout_ref, critic, algorithm, async_training, reward, trainer"]
+    from mcore_rl import __version__
+
+    version = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=60)
+    assert version.returncode == 0 and version.stdout.strip() == __version__
+
+
 def test_resume_auto_with_nothing_to_resume_moves_the_old_files_aside(tmp_path):
     """A job killed before its first checkpoint and started again with resume=auto (a Slurm
     requeue): its metrics are kept, aside, and the new start proceeds; resume=off refuses."""
