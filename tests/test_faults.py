@@ -3,8 +3,8 @@
 Each run is a separate process in its own session, stopped for real (SIGINT to the whole
 group as a terminal's Ctrl-C does, SIGTERM to a torchrun job, SIGKILL); afterwards no
 process of the session may be left (the reward helper and the checkpoint writer's forked
-children die with their rank). Bad inputs go through the public CLI in-process and must fail with one line, exit
-code 2, before any process group exists.
+children die with their rank). Bad inputs go through the public CLI in-process and must fail
+with one line, exit code 2, before any process group exists.
 """
 
 from __future__ import annotations
